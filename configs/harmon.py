@@ -1,0 +1,154 @@
+"""Harmon: a shared MAR encoder + Qwen2.5 LM + per-token diffusion head.
+
+Usage: ``--config=configs/harmon.py:tiny`` (CPU tests and the built-in demo),
+``:small`` (the benchmark's main case), ``:0.5b`` and ``:1.5b`` (exactly the official
+architectures: Qwen2.5-0.5B-Instruct + MAR-B + head 6x1024, Qwen2.5-1.5B-Instruct +
+MAR-H + head 12x1536, KL-16 VAE, 256 px, 16x16 tokens, 64 buffer tokens).
+"""
+import ml_collections
+
+VARIANTS = ("tiny", "small", "0.5b", "1.5b")
+
+
+def llm_config(variant: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.vocab_size = 151936                 # tokenizer vocabulary (Qwen2.5: 151936)
+    c.hidden_size = 896                   # residual stream width
+    c.num_layers = 24                     # decoder layers
+    c.num_heads = 14                      # query heads
+    c.num_kv_heads = 2                    # key/value heads (GQA); divides num_heads
+    c.head_dim = 64                       # per-head width (hidden_size // num_heads in Qwen2)
+    c.intermediate_size = 4864            # SwiGLU hidden width
+    c.rms_norm_eps = 1e-6                 # RMSNorm epsilon
+    c.rope_theta = 1e6                    # rotary base frequency
+    c.tie_word_embeddings = True          # lm_head shares embed_tokens
+    c.max_position_embeddings = 32768     # longest sequence the KV cache may hold
+    c.dtype = "float32"                   # compute dtype (params stay float32)
+    if variant == "1.5b":
+        c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads = 1536, 28, 12, 2
+        c.head_dim, c.intermediate_size = 128, 8960
+    elif variant == "small":
+        c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads = 1024, 256, 4, 4, 2
+        c.head_dim, c.intermediate_size, c.max_position_embeddings = 64, 704, 1024
+    elif variant == "tiny":
+        c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads = 512, 64, 2, 4, 2
+        c.head_dim, c.intermediate_size, c.max_position_embeddings = 16, 128, 512
+    return c
+
+
+def mar_config(variant: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.token_dim = 16                      # latent channels per token (vae embed_dim * patch**2)
+    c.grid = 16                           # tokens per side of the image grid (img / vae_stride)
+    c.width = 768                         # encoder_embed_dim
+    c.encoder_depth = 12                  # encoder blocks
+    c.decoder_width = 768                 # decoder_embed_dim
+    c.decoder_depth = 12                  # decoder blocks
+    c.num_heads = 12                      # heads in encoder and decoder blocks
+    c.mlp_ratio = 4.0                     # timm Block MLP ratio
+    c.buffer_size = 64                    # buffer tokens (hold fake_latent in Harmon)
+    c.mask_ratio_min = 0.7                # truncated-normal mask ratio lower bound
+    c.layer_norm_eps = 1e-6               # LayerNorm epsilon
+    c.dtype = "float32"                   # compute dtype
+    if variant == "1.5b":  # MAR-H
+        c.width = c.decoder_width = 1280
+        c.encoder_depth = c.decoder_depth = 20
+        c.num_heads = 16
+    elif variant == "small":
+        c.grid, c.width, c.decoder_width, c.encoder_depth, c.decoder_depth = 8, 256, 256, 4, 4
+        c.num_heads, c.buffer_size = 4, 16
+    elif variant == "tiny":
+        c.token_dim = 48                  # 3 * 4 * 4 pixel-patch channels
+        c.grid, c.width, c.decoder_width, c.encoder_depth, c.decoder_depth = 4, 64, 64, 2, 2
+        c.num_heads, c.buffer_size = 4, 4
+    return c
+
+
+def diffusion_config(variant: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.width = 1024                        # SimpleMLPAdaLN model_channels
+    c.depth = 6                           # residual blocks
+    c.num_timesteps = 1000                # training diffusion steps
+    c.num_sampling_steps = "100"          # respacing for sampling (guided-diffusion syntax)
+    c.noise_schedule = "cosine"           # beta schedule
+    c.batch_mul = 4                       # diffusion_batch_mul: repeats per token in the loss
+    c.dtype = "float32"                   # compute dtype
+    if variant == "1.5b":
+        c.width, c.depth = 1536, 12
+    elif variant == "small":
+        c.width, c.depth = 512, 3
+    elif variant == "tiny":
+        c.width, c.depth, c.num_sampling_steps = 64, 2, "10"
+    return c
+
+
+def vae_config(variant: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = "kl16"                       # "kl16" (LDM AutoencoderKL) or "patch" (pixel patches)
+    c.embed_dim = 16                      # latent channels
+    c.ch = 128                            # base channels
+    c.ch_mult = (1, 1, 2, 2, 4)           # per-level channel multipliers (stride 2**(len-1))
+    c.num_res_blocks = 2                  # resnet blocks per level
+    c.attn_resolutions = (16,)            # encoder attention at these feature sizes (256 px input)
+    c.resolution = 256                    # nominal input resolution (for attn_resolutions)
+    c.scale = 0.2325                      # latent scale factor
+    c.patch_size = 16                     # "patch" kind: pixels per token side
+    if variant == "tiny":
+        # Pixel patches as tokens (token_dim = 3 * patch_size**2): no VAE weights needed.
+        # The `small` benchmark config keeps the KL-16 geometry but feeds latents directly.
+        c.kind = "patch"
+        c.patch_size = 4
+    return c
+
+
+def model_config(variant: str) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.variant = variant                   # which preset built this
+    m.image_size = {"tiny": 16, "small": 128}.get(variant, 256)   # pixels per side
+    m.llm = llm_config(variant)
+    m.mar = mar_config(variant)
+    m.diffusion = diffusion_config(variant)
+    m.vae = vae_config(variant)
+    m.understanding_grad_scale = 0.1      # I2T loss gradient into MAR encoder / proj_in
+    return m
+
+
+def sharding_config() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.mesh = {"data": -1, "fsdp": 1, "tensor": 1}   # mesh axis sizes; -1 = remaining devices
+    # Logical axis -> mesh axes (MaxText base.yml style). Axes that do not divide a
+    # dimension are dropped for it (unimm.sharding.logical_to_spec).
+    s.logical_axis_rules = (
+        # activations
+        ("batch", ("data", "fsdp")),
+        # language model
+        ("vocab", "tensor"),               # embedding rows / lm_head columns
+        ("embed", "fsdp"),                 # residual width
+        ("mlp", "tensor"),                 # SwiGLU / MLP hidden
+        ("heads", "tensor"),               # fused query heads * head_dim
+        ("kv_heads", "tensor"),            # fused kv heads * head_dim
+        ("norm", None),                    # norm scales and biases: replicated
+        # MAR, diffusion head, projectors
+        ("seq", None),                     # position-embedding rows
+        ("token", None),                   # latent token channels (16)
+        ("qkv", "tensor"),                 # fused qkv projection output
+        ("cond", "fsdp"),                  # adaLN conditioning width
+        # VAE convolutions
+        ("conv_in", None),
+        ("conv_out", "tensor"),
+        ("kernel_h", None),
+        ("kernel_w", None),
+    )
+    return s
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = (arg or "tiny").lower()
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/harmon.py: unknown variant {arg!r}; choose one of {VARIANTS}")
+    config = ml_collections.ConfigDict()
+    config.model = model_config(variant)
+    config.sharding = sharding_config()
+    config.seed = 0                       # base PRNG seed
+    config.init_from = ""                 # converted checkpoint to start from ("" = random init)
+    return config

@@ -1,0 +1,37 @@
+"""unimm: JAX/Flax unified multimodal models (Harmon, UAE + Unified-GRPO)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="unimm",
+    version="0.1.0",
+    description="Unified multimodal models (image understanding + generation) in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["unimm", "unimm.*"]),
+    install_requires=[
+        "jax>=0.7.0",
+        "flax>=0.12.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "tensorflow-datasets>=4.9.6",
+        "grain>=0.2.10",
+        "ml_collections>=1.0.0",
+        "chex>=0.1.88",
+        "clu>=0.0.12",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "safetensors>=0.4.3",
+        "tokenizers>=0.20",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        # Reading official .pth / .ckpt checkpoints (torch.load(weights_only=True)).
+        "torch": ["torch>=2.4"],
+        "test": [
+            "pytest>=8.0",
+            "torch==2.13.0",
+            "transformers>=4.45",
+        ],
+    },
+)
