@@ -1,0 +1,177 @@
+"""Qwen2 LM: parity with HF transformers (logits, greedy decoding), conversion, sampling."""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from unimm.convert import CheckpointMismatchError  # noqa: E402
+from unimm.convert.qwen2_hf import (config_from_hf, params_from_hf_state,  # noqa: E402
+                                    params_to_hf_state, qwen2_from_hf)
+from unimm.models import qwen2  # noqa: E402
+
+VOCAB = 256
+
+
+def _hf_model(tied: bool, seed: int):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rope_theta=1e6, tie_word_embeddings=tied, attn_implementation="eager")
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    # HF's 0.02 init gives near-zero logits; larger weights, non-unit norms and non-zero
+    # biases make the parity checks sensitive to every term.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """{tied: (HF model, cfg, params)}; the tied model goes through a sharded folder."""
+    out = {}
+    for tied in (True, False):
+        model = _hf_model(tied, seed=int(tied))
+        path = tmp_path_factory.mktemp("qwen2")
+        model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": "100KB"} if tied else {}))
+        assert (path / "model.safetensors.index.json").exists() == tied
+        cfg, params = qwen2_from_hf(str(path))
+        assert cfg.tie_word_embeddings == tied and ("lm_head" in params) != tied
+        out[tied] = model, cfg, params
+    return out
+
+
+both_heads = pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+
+
+def _left_padded(rng, lengths, total):
+    tokens = np.zeros((len(lengths), total), np.int64)
+    mask = np.zeros((len(lengths), total), np.int64)
+    for i, n in enumerate(lengths):
+        tokens[i, total - n:] = rng.randint(1, VOCAB, n)
+        mask[i, total - n:] = 1
+    return tokens, mask
+
+
+@both_heads
+def test_logits_match_hf(converted, tied):
+    model, cfg, params = converted[tied]
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    out = np.asarray(qwen2.logits(params, cfg, jnp.asarray(tokens)))
+    assert out.dtype == np.float32 and out.shape == (2, 16, VOCAB)
+    diff = np.abs(out - ref).max()
+    print(f"logits max abs diff {diff:.2e} (|logits| max {np.abs(ref).max():.1f})")
+    assert diff <= 1e-4
+
+    tokens, mask = _left_padded(rng, [16, 9], 16)
+    pos = np.maximum(mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(pos)).logits.numpy()
+    out = np.asarray(qwen2.logits(params, cfg, jnp.asarray(tokens), jnp.asarray(mask)))
+    assert np.isfinite(out).all()  # fully masked padding rows stay finite
+    diff = np.abs(out - ref)[mask.astype(bool)].max()
+    print(f"left-padded logits max abs diff {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_greedy_generate_matches_hf(converted):
+    model, cfg, params = converted[True]
+    tokens, mask = _left_padded(np.random.RandomState(1), [5, 9], 9)
+
+    def hf(eos):
+        with torch.no_grad():
+            out = model.generate(torch.tensor(tokens), attention_mask=torch.tensor(mask), do_sample=False,
+                                 max_new_tokens=32, eos_token_id=eos, pad_token_id=0).numpy()
+        return np.pad(out, ((0, 0), (0, 9 + 32 - out.shape[1])))  # HF stops when all rows end
+
+    ours = np.asarray(qwen2.generate(params, cfg, jnp.asarray(tokens), 32, attention_mask=jnp.asarray(mask),
+                                     pad_token_id=0))
+    assert ours.dtype == np.int32 and ours.shape == (2, 41)
+    np.testing.assert_array_equal(ours, hf(None))
+    # An eos that row 0 emits mid-way: afterwards that row emits pad, exactly as in HF.
+    eos = int(ours[0, 9 + 4])
+    ours = np.asarray(qwen2.generate(params, cfg, jnp.asarray(tokens), 32, attention_mask=jnp.asarray(mask),
+                                     eos_token_id=eos, pad_token_id=0))
+    np.testing.assert_array_equal(ours, hf(eos))
+    assert (ours[0, 9 + 5:] == 0).all()
+
+
+def test_sampling_reproducible_and_compiled_once(converted):
+    _, cfg, params = converted[False]
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, VOCAB, (2, 6)))
+
+    def sample(seed, toks=tokens):
+        return np.asarray(qwen2.generate(params, cfg, toks, 12, temperature=0.9, top_p=0.9,
+                                         rng=jax.random.key(seed)))
+
+    a = sample(0)
+    compiled = qwen2._generate._cache_size()
+    np.testing.assert_array_equal(a, sample(0))
+    assert (a != sample(1)).any()
+    assert (a[:, :6] == np.asarray(tokens)).all() and ((a >= 0) & (a < VOCAB)).all()
+    sample(0, tokens[::-1])  # new values, same shapes
+    assert qwen2._generate._cache_size() == compiled
+    # top_p -> 0 keeps only the best token: sampling collapses to greedy.
+    greedy = np.asarray(qwen2.generate(params, cfg, tokens, 12))
+    nucleus = np.asarray(qwen2.generate(params, cfg, tokens, 12, temperature=1.0, top_p=1e-6,
+                                        rng=jax.random.key(3)))
+    np.testing.assert_array_equal(greedy, nucleus)
+
+
+@both_heads
+def test_round_trip_and_mismatch(converted, tied):
+    _, cfg, params = converted[tied]
+    state = params_to_hf_state(params, cfg)
+    back = params_from_hf_state(state, cfg)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+
+    bad = dict(state)
+    bad["model.layers.0.self_attn.o_proj.bias"] = np.zeros(64, np.float32)      # extra
+    del bad["model.layers.1.mlp.up_proj.weight"]                                 # missing
+    bad["model.norm.weight"] = np.ones(65, np.float32)                           # mis-shaped
+    with pytest.raises(CheckpointMismatchError) as err:
+        params_from_hf_state(bad, cfg, source="bad.safetensors")
+    for key in ("o_proj.bias", "layers.1.mlp.up_proj.weight", "model.norm.weight", "bad.safetensors"):
+        assert key in str(err.value)
+
+    if cfg.tie_word_embeddings:  # a saved tied head is accepted only if it is the embedding
+        emb = state["model.embed_tokens.weight"]
+        params_from_hf_state({**state, "lm_head.weight": emb.copy()}, cfg)
+        with pytest.raises(CheckpointMismatchError, match="lm_head.weight"):
+            params_from_hf_state({**state, "lm_head.weight": emb + 1}, cfg)
+
+
+def test_config_validation():
+    base = dict(model_type="qwen2", hidden_act="silu", vocab_size=8, hidden_size=8, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, intermediate_size=16, rope_theta=5.0)
+    cfg = config_from_hf(base)
+    assert (cfg.head_dim, cfg.rope_theta, cfg.tie_word_embeddings) == (4, 5.0, False)
+    for change, word in [({"model_type": "llama"}, "model_type"), ({"hidden_act": "gelu"}, "hidden_act"),
+                         ({"vocab_size": None}, "vocab_size")]:
+        with pytest.raises(ValueError, match=word):
+            config_from_hf({k: v for k, v in {**base, **change}.items() if v is not None})
+
+
+def test_cached_forward_matches_full():
+    """Chunked prefill through the cache equals one full pass (the path Harmon reuses)."""
+    from configs.harmon import llm_config
+    cfg = llm_config("tiny")
+    params = qwen2.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    full, _ = qwen2.forward(params, cfg, tokens, pos, jnp.ones((2, 10), bool))
+    cache = qwen2.init_cache(cfg, 2, 16)
+    kv_mask = jnp.arange(16)[None].repeat(2, 0) < 10
+    h1, cache = qwen2.forward(params, cfg, tokens[:, :6], pos[:, :6], kv_mask, cache=cache)
+    h2, _ = qwen2.forward(params, cfg, qwen2.embed(params, cfg, tokens[:, 6:]), pos[:, 6:], kv_mask,
+                          cache=cache, cache_offset=jnp.int32(6))
+    np.testing.assert_allclose(jnp.concatenate([h1, h2], 1), full, atol=1e-5)

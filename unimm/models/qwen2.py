@@ -1,0 +1,253 @@
+"""Qwen2 / Qwen2.5 decoder-only language model (HF ``Qwen2ForCausalLM`` semantics).
+
+Structure is an ``nnx`` module whose param tree reads like the HF state dict
+(``layers[i].self_attn.q_proj.kernel`` ...); compute is exposed as pure functions of
+``(params, cfg, ...)``: :func:`forward` (hidden states, optional KV cache),
+:func:`logits` (the public scoring API) and :func:`generate` (greedy / nucleus sampling
+with a KV cache, compiled once per shape).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unimm.models import layers
+
+_INIT = layers.normal(0.02)  # HF initializer_range
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
+        self.scale = layers.param(rngs, layers.ones, (dim,), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        # float32 statistics as in HF: bf16 mean-of-squares loses too much precision.
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * h.astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotate-half rotary embedding of ``x`` [B, T, N, D] at integer ``positions`` [B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq        # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        h, d, dt = cfg.hidden_size, cfg.head_dim, jnp.dtype(cfg.dtype)
+        lin = functools.partial(layers.linear, rngs=rngs, kernel_init=_INIT, dtype=dt)
+        self.q_proj = lin(h, cfg.num_heads * d, ("embed", "heads"))
+        self.k_proj = lin(h, cfg.num_kv_heads * d, ("embed", "kv_heads"))
+        self.v_proj = lin(h, cfg.num_kv_heads * d, ("embed", "kv_heads"))
+        self.o_proj = lin(cfg.num_heads * d, h, ("heads", "embed"), use_bias=False)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.theta = cfg.rope_theta
+
+    def __call__(self, x, positions, mask, cache=None, cache_offset=0):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        if cache is not None:
+            start = (0, cache_offset, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        # Fewer KV heads than query heads (GQA) is handled by dot_product_attention itself.
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        h, m, dt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.dtype)
+        lin = functools.partial(layers.linear, rngs=rngs, kernel_init=_INIT, use_bias=False, dtype=dt)
+        self.gate_proj = lin(h, m, ("embed", "mlp"))
+        self.up_proj = lin(h, m, ("embed", "mlp"))
+        self.down_proj = lin(m, h, ("mlp", "embed"))
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, mask, cache=None, cache_offset=0):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_offset)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Qwen2(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+            embedding_init=nnx.with_partitioning(_INIT, ("vocab", "embed")), rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = layers.linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
+                                         rngs=rngs, use_bias=False, kernel_init=_INIT)
+
+    def __call__(self, x, positions, kv_mask, cache=None, cache_offset=0):
+        t, s = x.shape[1], kv_mask.shape[1]
+        q_slot = cache_offset + jnp.arange(t)[:, None]
+        mask = (jnp.arange(s)[None, :] <= q_slot) & kv_mask[:, None, :]          # [B, T, S]
+        # A query with no valid key (a left-padding slot) attends to itself only, so its
+        # softmax stays finite on every backend; real queries are unaffected.
+        diag = jnp.arange(s)[None, :] == q_slot
+        mask = mask | (diag & ~mask.any(-1, keepdims=True))
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_offset)
+            new_cache.append(c)
+        return self.norm(x), (None if cache is None else new_cache)
+
+    def lm_logits(self, hidden):
+        h = hidden.astype(jnp.float32)
+        if hasattr(self, "lm_head"):
+            return h @ self.lm_head.kernel[...].astype(jnp.float32)
+        return h @ self.embed_tokens.embedding[...].astype(jnp.float32).T
+
+
+# ----------------------------------------------------------------------------- pure API
+
+def init(cfg, rng: jax.Array) -> Any:
+    return layers.init_params(Qwen2, cfg, rng)
+
+
+def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32) -> list[dict[str, jax.Array]]:
+    """Per-layer ``{"k", "v"}`` arrays of shape [B, max_len, KV heads, head_dim]."""
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+
+
+def embed(params, cfg, tokens) -> jax.Array:
+    return layers.bind(Qwen2, cfg, params).embed_tokens(tokens)
+
+
+def forward(params, cfg, inputs, positions, kv_mask, *, cache=None, cache_offset=0):
+    """Hidden states after the final norm, and the updated cache (None without one).
+
+    ``inputs``: int tokens [B, T] or embeddings [B, T, H]; ``positions``: RoPE positions
+    [B, T]; ``kv_mask``: bool [B, S] valid key slots (S = T, or the cache length). Query t
+    sits at slot ``cache_offset + t`` and attends to valid key slots at or before it.
+    """
+    model = layers.bind(Qwen2, cfg, params)
+    x = model.embed_tokens(inputs) if jnp.issubdtype(inputs.dtype, jnp.integer) \
+        else inputs.astype(jnp.dtype(cfg.dtype))
+    return model(x, positions, kv_mask.astype(bool), cache, cache_offset)
+
+
+def lm_logits(params, cfg, hidden) -> jax.Array:
+    return layers.bind(Qwen2, cfg, params).lm_logits(hidden)
+
+
+def positions_from_mask(attention_mask) -> jax.Array:
+    """HF positions for left padding: cumsum(mask) - 1, padding slots clipped to 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _logits(params, cfg, tokens, attention_mask):
+    hidden, _ = forward(params, cfg, tokens, positions_from_mask(attention_mask), attention_mask)
+    return lm_logits(params, cfg, hidden)
+
+
+def logits(params, cfg, tokens, attention_mask=None) -> jax.Array:
+    """float32 next-token logits [B, T, vocab]; ``attention_mask`` 1 = token, 0 = left pad."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, bool)
+    return _logits(params, layers.freeze(cfg), tokens, attention_mask)
+
+
+def _sample(logits, rng, temperature, top_p):
+    """Temperature + nucleus sampling: keep the smallest top set with mass >= top_p."""
+    logits = logits / temperature
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # the top token is always kept
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jax.random.categorical(rng, jnp.where(logits >= cutoff, logits, -jnp.inf))
+
+
+@functools.partial(jax.jit, static_argnums=1, static_argnames=("max_new_tokens", "greedy"))
+def _generate(params, cfg, tokens, attention_mask, rng, temperature, top_p, eos, pad, *,
+              max_new_tokens: int, greedy: bool):
+    b, t = tokens.shape
+    total = t + max_new_tokens
+    kv_mask = jnp.concatenate([attention_mask.astype(bool), jnp.ones((b, max_new_tokens), bool)], 1)
+    n_real = attention_mask.astype(jnp.int32).sum(-1)
+
+    def pick(hidden, rng, done):
+        lg = lm_logits(params, cfg, hidden[:, -1])
+        tok = jnp.argmax(lg, -1) if greedy else _sample(lg, rng, temperature, top_p)
+        tok = jnp.where(done, pad, tok).astype(jnp.int32)
+        return tok, done | (tok == eos)
+
+    cache = init_cache(cfg, b, total, jnp.dtype(cfg.dtype))
+    hidden, cache = forward(params, cfg, tokens, positions_from_mask(attention_mask), kv_mask,
+                            cache=cache)
+    rng, sub = jax.random.split(rng)
+    tok, done = pick(hidden, sub, jnp.zeros((b,), bool))
+    out = jnp.concatenate([tokens.astype(jnp.int32), jnp.full((b, max_new_tokens), pad, jnp.int32)], 1)
+    out = out.at[:, t].set(tok)
+
+    def cond(carry):
+        i, _, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~done.all()
+
+    def body(carry):
+        i, tok, cache, out, done, rng = carry
+        # Feed token i-1 (slot t+i-1) and pick token i.
+        hidden, cache = forward(params, cfg, tok[:, None], (n_real + i - 1)[:, None], kv_mask,
+                                cache=cache, cache_offset=t + i - 1)
+        rng, sub = jax.random.split(rng)
+        tok, done = pick(hidden, sub, done)
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, t + i))
+        return i + 1, tok, cache, out, done, rng
+
+    carry = (jnp.int32(1), tok, cache, out, done, rng)
+    return jax.lax.while_loop(cond, body, carry)[3]
+
+
+def generate(params, cfg, tokens, max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, rng: jax.Array | None = None, attention_mask=None,
+             eos_token_id: int | None = None, pad_token_id: int | None = None) -> jax.Array:
+    """Prompt + ``max_new_tokens`` continuation, int32 [B, T + max_new_tokens].
+
+    Greedy when ``temperature == 0``, else temperature + nucleus (``top_p``) sampling with
+    ``rng``. Prompts are left-padded (``attention_mask`` 0 = pad). After ``eos_token_id``
+    a row emits ``pad_token_id`` (default: eos); decoding stops once every row is done.
+    """
+    greedy = temperature == 0.0
+    if not greedy and rng is None:
+        raise ValueError("generate: sampling (temperature > 0) needs an rng")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, bool)
+    eos = -1 if eos_token_id is None else eos_token_id  # -1 never matches a token
+    pad = pad_token_id if pad_token_id is not None else max(eos, 0)
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(params, layers.freeze(cfg), jnp.asarray(tokens), jnp.asarray(attention_mask),
+                     rng, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+                     jnp.int32(eos), jnp.int32(pad), max_new_tokens=max_new_tokens, greedy=greedy)
