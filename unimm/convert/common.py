@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def load_torch_file(path: str, key: str | None = None) -> dict[str, np.ndarray]:
 
 def save_torch_file(state: Mapping[str, np.ndarray], path: str) -> None:
     import torch
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, path)
 
 
 def load_safetensors_dir(path: str) -> dict[str, np.ndarray]:
@@ -147,3 +147,60 @@ def conv_from_torch(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.nda
 
 def shapes_of(state: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def zero_views(abstract: Any) -> Any:
+    """Zero-stride numpy views shaped like an abstract params tree: layout maps run on
+    them to derive expected names and shapes without allocating."""
+    import jax
+
+    return jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), abstract)
+
+
+# Generic nnx-tree <-> torch-name mapping (``kernel`` leaves are Linears, ``scale`` norms).
+def _torch_name(key: Any) -> str:
+    # `mlp_0` -> `mlp.0`: attribute names standing in for nn.Sequential indices.
+    name = str(key)
+    head, _, tail = name.rpartition("_")
+    return f"{head}.{tail}" if head and tail.isdigit() else name
+
+
+def tree_to_torch(tree: Mapping[Any, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Pure params dict -> flat PyTorch-layout state dict (Linear ``kernel`` transposed)."""
+    out: dict[str, np.ndarray] = {}
+    for key, val in tree.items():
+        name = prefix + _torch_name(key)
+        if isinstance(val, Mapping) and "kernel" in val:
+            out.update(linear_to_torch(val, name))
+        elif isinstance(val, Mapping) and "scale" in val:
+            out.update(norm_to_torch(val, name))
+        elif isinstance(val, Mapping):
+            out.update(tree_to_torch(val, name + "."))
+        else:
+            out[name] = np.asarray(val)
+    return out
+
+
+def tree_from_torch(state: Mapping[str, np.ndarray], abstract: Mapping[Any, Any], prefix: str = "") -> dict:
+    """Inverse of :func:`tree_to_torch` guided by the abstract params tree (dtypes cast)."""
+    out: dict[Any, Any] = {}
+    for key, val in abstract.items():
+        name = prefix + _torch_name(key)
+        if isinstance(val, Mapping) and "kernel" in val:
+            sub = linear_from_torch(state, name, bias="bias" in val)
+        elif isinstance(val, Mapping) and "scale" in val:
+            sub = norm_from_torch(state, name, bias="bias" in val)
+        elif isinstance(val, Mapping):
+            out[key] = tree_from_torch(state, val, name + ".")
+            continue
+        else:
+            out[key] = np.asarray(state[name], val.dtype)
+            continue
+        out[key] = {k: np.asarray(v, val[k].dtype) for k, v in sub.items()}
+    return out
+
+
+def expected_torch_shapes(abstract: Mapping[Any, Any]) -> dict[str, tuple[int, ...]]:
+    """Torch-layout shapes of an abstract params tree, allocating nothing (zero-stride views)."""
+    views = zero_views(abstract)
+    return {k: tuple(v.shape) for k, v in tree_to_torch(views).items()}

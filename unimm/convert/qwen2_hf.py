@@ -76,7 +76,7 @@ def params_from_hf_state(state: Mapping[str, np.ndarray], cfg, source: str = "ch
     """unimm Qwen2 params (float32 numpy) from an HF state dict; raises CheckpointMismatchError."""
     abstract = layers.abstract_params(Qwen2, cfg)
     # Expected HF shapes from zero-stride views: nothing is allocated.
-    views = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), abstract)
+    views = common.zero_views(abstract)
     expected = common.shapes_of(params_to_hf_state(views, cfg))
     ignored = []
     if cfg.tie_word_embeddings and "lm_head.weight" in state:

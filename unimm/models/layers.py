@@ -100,3 +100,23 @@ def param_count(tree: Any) -> int:
 def count_by(fn: Callable[[], Any]) -> int:
     """Parameter count of the pytree returned by ``fn`` computed abstractly."""
     return param_count(jax.eval_shape(fn))
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """Pins the leading (batch) dim of an activation to the data-parallel mesh axes.
+
+    Active only under ``jax.set_mesh(mesh)`` with unimm's axis names; a no-op otherwise.
+    Placed at every transformer-block boundary (MaxText's activation constraints): without
+    it XLA's sharding propagation may pick layouts that are slow or, as observed on CPU
+    for the MAR decoder, wrong.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+        return x
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    if not axes or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))

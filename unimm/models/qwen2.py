@@ -91,6 +91,7 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, mask, cache=None, cache_offset=0):
+        x = layers.shard_batch(x)
         h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_offset)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache

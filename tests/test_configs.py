@@ -1,0 +1,102 @@
+"""The official-size configs, built abstractly, have the parameter counts their architectures imply."""
+import jax
+import pytest
+
+from unimm import config_utils
+from unimm.models import harmon, layers, vae
+
+
+def qwen2_count(v, h, n_layers, heads, kv, hd, inter, tied):
+    attn = h * heads * hd + heads * hd + 2 * (h * kv * hd + kv * hd) + heads * hd * h
+    layer = attn + 3 * h * inter + 2 * h
+    return v * h + n_layers * layer + h + (0 if tied else v * h)
+
+
+def block_count(c, ratio=4):
+    return 2 * c + (3 * c * c + 3 * c) + (c * c + c) + 2 * c + (c * ratio * c + ratio * c) + (ratio * c * c + c)
+
+
+def mar_count(d, c, depth_e, depth_d, seq, buf):
+    enc = c + (d * c + c) + 2 * c + (seq + buf) * c + depth_e * block_count(c) + 2 * c
+    dec = (c * c + c) + c + (seq + buf) * c + depth_d * block_count(c) + 2 * c + seq * c
+    return enc + dec
+
+
+def head_count(d, w, depth, cond):
+    time = 256 * w + w + w * w + w
+    blocks = depth * (2 * w + 2 * (w * w + w) + (w * 3 * w + 3 * w))
+    final = (w * 2 * w + 2 * w) + (w * 2 * d + 2 * d)
+    return (d * w + w) + time + (cond * w + w) + blocks + final
+
+
+def proj_count(c, h):
+    return (c * h + h + h * h + h) + (h * h + h + h * c + c)
+
+
+# (variant, qwen2 dims, MAR width/depth, head depth x width) — the official architectures.
+OFFICIAL = {
+    "0.5b": dict(llm=(151936, 896, 24, 14, 2, 64, 4864), mar=(768, 12, 12), head=(6, 1024), llm_total=494_032_768),
+    "1.5b": dict(llm=(151936, 1536, 28, 12, 2, 128, 8960), mar=(1280, 20, 20), head=(12, 1536), llm_total=1_543_714_304),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(OFFICIAL))
+def test_official_parameter_counts(variant):
+    cfg = config_utils.load_config(f"configs/harmon.py:{variant}").model
+    want = OFFICIAL[variant]
+    abstract = harmon.abstract_params(cfg)   # ShapeDtypeStructs only: nothing allocated
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+
+    llm = qwen2_count(*want["llm"], tied=True)
+    assert llm == want["llm_total"]          # the published Qwen2.5 sizes
+    assert layers.param_count(abstract["llm"]) == llm
+    c, de, dd = want["mar"]
+    assert layers.param_count(abstract["mar"]) == mar_count(16, c, de, dd, 256, 64)
+    depth, width = want["head"]
+    assert layers.param_count(abstract["head"]) == head_count(16, width, depth, c)
+    assert layers.param_count(abstract["proj_in"]) + layers.param_count(abstract["proj_out"]) == proj_count(c, want["llm"][1])
+
+
+def kl_vae_count(ch=128, mult=(1, 1, 2, 2, 4), n_res=2, e=16, attn_levels=(4,)):
+    conv = lambda i, o, k=3: i * o * k * k + o
+    res = lambda i, o: 2 * i + conv(i, o) + 2 * o + conv(o, o) + (conv(i, o, 1) if i != o else 0)
+    attn = lambda c: 2 * c + 4 * conv(c, c, 1)
+    n, c = conv(3, ch), ch
+    for lvl, m in enumerate(mult):                      # encoder
+        for _ in range(n_res):
+            n += res(c, ch * m) + (attn(ch * m) if lvl in attn_levels else 0)
+            c = ch * m
+        n += conv(c, c) if lvl != len(mult) - 1 else 0
+    n += 2 * res(c, c) + attn(c) + 2 * c + conv(c, 2 * e)
+    n += conv(2 * e, 2 * e, 1) + conv(e, e, 1)        # quant / post-quant
+    n += conv(e, c) + 2 * res(c, c) + attn(c)           # decoder in + mid
+    for lvl in reversed(range(len(mult))):
+        for _ in range(n_res + 1):
+            n += res(c, ch * mult[lvl])
+            c = ch * mult[lvl]
+        n += conv(c, c) if lvl != 0 else 0
+    return n + 2 * c + conv(c, 3)
+
+
+def test_kl16_parameter_count():
+    cfg = config_utils.load_config("configs/harmon.py:1.5b").model
+    abstract = jax.eval_shape(lambda: vae.init(cfg.vae, jax.random.key(0)))
+    assert layers.param_count(abstract) == kl_vae_count()
+
+
+@pytest.mark.parametrize("variant", ["tiny", "small", "0.5b", "1.5b"])
+def test_variants_validate(variant):
+    cfg = config_utils.load_config(f"configs/harmon.py:{variant}").model
+    harmon.validate(cfg)
+
+
+def test_unknown_variant_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown variant 'huge'"):
+        config_utils.load_config("configs/harmon.py:huge")
+
+
+def test_inconsistent_token_dim_is_a_clear_error():
+    cfg = config_utils.load_config("configs/harmon.py:tiny").model
+    cfg.mar.token_dim = 17
+    with pytest.raises(ValueError, match="model.mar.token_dim=17"):
+        harmon.validate(cfg)

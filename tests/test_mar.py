@@ -1,0 +1,266 @@
+"""MAR encoder/decoder: static-shape masking vs the reference semantics, utilities, torch layout."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configs.harmon import mar_config, sharding_config
+from unimm.convert import mar_torch
+from unimm.convert.common import CheckpointMismatchError
+from unimm.models import layers, mar
+
+CFG = mar_config("tiny")            # grid 4 (L = 16), width 64, 2 + 2 blocks, buffer 4
+L, BUF = CFG.grid ** 2, CFG.buffer_size
+ENCODE = jax.jit(lambda p, t, i, v, buffer_embed=None, grid=None:
+                 mar.encode(p, CFG, t, i, v, buffer_embed=buffer_embed, grid=grid), static_argnames="grid")
+DECODE = jax.jit(lambda p, x, i, v, grid=None: mar.decode(p, CFG, x, i, v, grid=grid), static_argnames="grid")
+
+
+def _perturbed(params, seed=1, scale=0.05):
+    """Random non-trivial params (LN scales/biases and zero biases get noise too)."""
+    rs = np.random.RandomState(seed)
+    return jax.tree.map(lambda x: jnp.asarray(x + scale * rs.randn(*x.shape).astype(np.float32)), params)
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    return layers.init_params(mar.MAR, CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def params(fresh):
+    return _perturbed(fresh)
+
+
+@pytest.fixture(scope="module")
+def torch_sd(params):
+    return {k: torch.from_numpy(v.copy()) for k, v in mar_torch.mar_to_torch(params, CFG).items()}
+
+
+def _mask(counts, seed=0):
+    """A random mask per row with the given numbers of masked tokens."""
+    rs = np.random.RandomState(seed)
+    m = np.zeros((len(counts), L), np.int32)
+    for b, n in enumerate(counts):
+        m[b, rs.permutation(L)[:n]] = 1
+    return m
+
+
+def test_init_and_logical_axes(fresh):
+    assert fresh["encoder_pos_embed_learned"].shape == (1, L + BUF, CFG.width)
+    assert fresh["diffusion_pos_embed_learned"].shape == (1, L, CFG.decoder_width)
+    assert fresh["mask_token"].shape == (1, 1, CFG.decoder_width) and fresh["fake_latent"].shape == (1, CFG.width)
+    assert abs(float(jnp.std(fresh["encoder_pos_embed_learned"])) - 0.02) < 0.003
+    assert not np.any(fresh["encoder_blocks"][0]["attn"]["qkv"]["bias"])
+    np.testing.assert_array_equal(fresh["z_proj_ln"]["scale"], 1.0)
+    rules = {name for name, _ in sharding_config().logical_axis_rules}
+    names = {n for spec in jax.tree.leaves(layers.logical_specs(mar.MAR, CFG),
+                                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+             for n in spec if n is not None}
+    assert names <= rules, names - rules
+
+
+def test_gather_visible_small():
+    mask = jnp.array([[0, 1, 0, 1, 1], [1, 1, 1, 0, 0]])
+    idx, valid = mar.gather_visible(mask, 3)
+    assert idx.dtype == jnp.int32
+    np.testing.assert_array_equal(idx[:, :2], [[0, 2], [3, 4]])
+    np.testing.assert_array_equal(valid, [[True, True, False], [True, True, False]])
+    assert set(np.asarray(idx[0])) <= {0, 1, 2, 3, 4} and len(set(np.asarray(idx[0]))) == 3
+
+
+@torch.no_grad()
+def _t_block(sd, pre, x, heads, eps):
+    """timm Block (eval) from a state dict."""
+    b, n, c = x.shape
+    g = lambda name: sd[pre + name]  # noqa: E731
+    h = F.layer_norm(x, (c,), g("norm1.weight"), g("norm1.bias"), eps)
+    qkv = F.linear(h, g("attn.qkv.weight"), g("attn.qkv.bias"))
+    q, k, v = qkv.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+    x = x + F.linear(a, g("attn.proj.weight"), g("attn.proj.bias"))
+    h = F.layer_norm(x, (c,), g("norm2.weight"), g("norm2.bias"), eps)
+    h = F.gelu(F.linear(h, g("mlp.fc1.weight"), g("mlp.fc1.bias")))
+    return x + F.linear(h, g("mlp.fc2.weight"), g("mlp.fc2.bias"))
+
+
+def _t_resize(pe, grid, buffer):
+    """Harmon's get_*_pos_embed: F.interpolate (bilinear) of the image part."""
+    if tuple(grid) == (CFG.grid, CFG.grid):
+        return pe
+    img = pe[:, buffer:].reshape(1, CFG.grid, CFG.grid, -1).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=grid, mode="bilinear").permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+    return torch.cat([pe[:, :buffer], img], 1)
+
+
+@torch.no_grad()
+def _t_mar(sd, tokens, mask, grid=(CFG.grid, CFG.grid)):
+    """Harmon's forward_mae_encoder / forward_mae_decoder (fake_latent in the buffer), which
+    drops masked tokens with boolean indexing: every row needs the same visible count."""
+    eps, heads, c = CFG.layer_norm_eps, CFG.num_heads, CFG.width
+    tokens, mask = torch.tensor(np.asarray(tokens)), torch.tensor(np.asarray(mask)).float()
+    b, seq = mask.shape
+    x = F.linear(tokens, sd["z_proj.weight"], sd["z_proj.bias"])
+    x = torch.cat([sd["fake_latent"].expand(b, BUF, c), x], 1) + _t_resize(sd["encoder_pos_embed_learned"], grid, BUF)
+    x = F.layer_norm(x, (c,), sd["z_proj_ln.weight"], sd["z_proj_ln.bias"], eps)
+    keep = (1 - torch.cat([torch.zeros(b, BUF), mask], 1)).nonzero(as_tuple=True)
+    x = x[keep].reshape(b, -1, c)
+    for i in range(CFG.encoder_depth):
+        x = _t_block(sd, f"encoder_blocks.{i}.", x, heads, eps)
+    x_enc = F.layer_norm(x, (c,), sd["encoder_norm.weight"], sd["encoder_norm.bias"], eps)
+    x = F.linear(x_enc, sd["decoder_embed.weight"], sd["decoder_embed.bias"])
+    pad = sd["mask_token"].repeat(b, BUF + seq, 1).clone()
+    pad[keep] = x.reshape(-1, x.shape[-1])
+    x = pad + _t_resize(sd["decoder_pos_embed_learned"], grid, BUF)
+    for i in range(CFG.decoder_depth):
+        x = _t_block(sd, f"decoder_blocks.{i}.", x, heads, eps)
+    x = F.layer_norm(x, (x.shape[-1],), sd["decoder_norm.weight"], sd["decoder_norm.bias"], eps)
+    return x_enc.numpy(), (x[:, BUF:] + _t_resize(sd["diffusion_pos_embed_learned"], grid, 0)).numpy()
+
+
+def test_encode_decode_match_naive_per_sample(params, torch_sd):
+    counts = [12, 15, 11, 16]                 # visible 4, 1, 5, 0 -> padded to K = 6
+    mask = _mask(counts)
+    k = 6
+    tokens = jax.random.normal(jax.random.key(2), (len(counts), L, CFG.token_dim))
+    idx, valid = mar.gather_visible(jnp.asarray(mask), k)
+    x_enc = ENCODE(params, tokens, idx, valid)
+    assert x_enc.shape == (len(counts), BUF + k, CFG.width)
+    z = DECODE(params, x_enc, idx, valid)
+    assert z.shape == (len(counts), L, CFG.decoder_width)
+    for b, n in enumerate(counts):  # the reference, one sample at a time: no padding at all
+        ref_enc, ref_z = _t_mar(torch_sd, np.asarray(tokens[b:b + 1]), mask[b:b + 1])
+        np.testing.assert_allclose(x_enc[b, :BUF + L - n], ref_enc[0], atol=5e-5, rtol=1e-4)
+        np.testing.assert_allclose(z[b], ref_z[0], atol=5e-5, rtol=1e-4)
+    # Padded encoder rows are ignored by the decoder; a visible row's value is not.
+    junk = x_enc + 100.0 * (~jnp.concatenate([jnp.ones((len(counts), BUF), bool), valid], 1))[..., None]
+    np.testing.assert_allclose(DECODE(params, junk, idx, valid), z, atol=1e-5)
+    bumped = x_enc.at[0, BUF].add(1.0)
+    assert not np.allclose(DECODE(params, bumped, idx, valid)[0], z[0], atol=1e-3)
+    # A custom buffer embedding replaces fake_latent.
+    x_fake = ENCODE(params, tokens, idx, valid, jnp.broadcast_to(params["fake_latent"], (len(counts), CFG.width)))
+    np.testing.assert_allclose(x_fake, x_enc, atol=1e-6)
+
+
+def test_other_grid_and_from_torch_match_reference(torch_sd):
+    p = mar_torch.mar_from_torch({k: v.numpy() for k, v in torch_sd.items()}, CFG)
+    h, w = 3, 5                               # resized position embeddings
+    mask = np.zeros((2, h * w), np.int32)
+    mask[0, [1, 4, 7, 8, 13]] = 1
+    mask[1, [0, 2, 3, 6, 14]] = 1
+    tokens = np.random.RandomState(5).randn(2, h * w, CFG.token_dim).astype(np.float32)
+    ref_enc, ref_z = _t_mar(torch_sd, tokens, mask, grid=(h, w))
+    idx, valid = mar.gather_visible(jnp.asarray(mask), h * w - 5)
+    x_enc = ENCODE(p, jnp.asarray(tokens), idx, valid, grid=(h, w))
+    np.testing.assert_allclose(x_enc, ref_enc, atol=5e-5, rtol=1e-4)
+    z = DECODE(p, x_enc, idx, valid, grid=(h, w))
+    np.testing.assert_allclose(z, ref_z, atol=5e-5, rtol=1e-4)
+
+
+def test_no_recompilation_across_mask_ratios(params):
+    k = mar.max_visible_for_training(L, CFG.mask_ratio_min)
+
+    @jax.jit
+    def step(p, tokens, rng, ratio):
+        orders = mar.random_orders(rng, tokens.shape[0], L)
+        mask = mar.mask_by_order(mar.num_masked(L, ratio), orders)
+        idx, valid = mar.gather_visible(mask, k)
+        return mar.decode(p, CFG, mar.encode(p, CFG, tokens, idx, valid), idx, valid), valid.sum(-1)
+
+    tokens = jnp.ones((2, L, CFG.token_dim))
+    for ratio, vis in ((0.8, 3), (0.95, 0), (0.7, 4)):
+        z, n_vis = step(params, tokens, jax.random.key(3), jnp.float32(ratio))
+        assert z.shape == (2, L, CFG.decoder_width)
+        np.testing.assert_array_equal(n_vis, vis)
+    assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("src,dst", [((4, 4), (6, 6)), ((4, 4), (8, 5)), ((8, 8), (5, 5)),
+                                     ((6, 6), (3, 2)), ((5, 7), (2, 9)), ((4, 4), (4, 4))])
+def test_resize_pos_embed_matches_torch(src, dst):
+    pe = np.random.RandomState(0).randn(1, src[0] * src[1], 8).astype(np.float32)
+    ours = mar.resize_pos_embed(jnp.asarray(pe), src, dst)
+    grid = torch.from_numpy(pe).reshape(1, *src, 8).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=dst, mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(1, -1, 8)
+    np.testing.assert_allclose(ours, ref.numpy(), atol=1e-5)
+
+
+# ------------------------------------------------------------------------- torch layout
+
+
+def test_torch_round_trip_is_exact(params):
+    sd = mar_torch.mar_to_torch(params, CFG)
+    assert sd["encoder_blocks.0.attn.qkv.weight"].shape == (3 * CFG.width, CFG.width)
+    assert sd["fake_latent"].shape == (1, CFG.width) and sd["mask_token"].shape == (1, 1, CFG.decoder_width)
+    assert {"z_proj_ln.weight", "encoder_norm.bias", "decoder_blocks.1.mlp.fc2.weight"} <= set(sd)
+    assert not any(k.startswith(("diffloss", "class_emb")) for k in sd)
+    # Keys the Harmon converter owns may ride along.
+    back = mar_torch.mar_from_torch({**sd, "class_emb.weight": np.zeros((10, CFG.width)),
+                           "diffloss.net.input_proj.weight": np.zeros(3)}, CFG)
+    assert jax.tree.structure(back) == jax.tree.structure(jax.tree.map(np.asarray, params))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@pytest.mark.parametrize("edit,name", [
+    (lambda sd: sd.pop("encoder_blocks.1.mlp.fc1.bias"), "encoder_blocks.1.mlp.fc1.bias"),
+    (lambda sd: sd.update({"encoder_blocks.9.norm1.weight": np.zeros(64)}), "encoder_blocks.9.norm1.weight"),
+    (lambda sd: sd.update({"decoder_embed.weight": np.zeros((64, 32))}), "decoder_embed.weight"),
+])
+def test_mismatched_state_dict_names_the_key(params, edit, name):
+    sd = mar_torch.mar_to_torch(params, CFG)
+    edit(sd)
+    with pytest.raises(CheckpointMismatchError, match=name.replace(".", r"\.")):
+        mar_torch.mar_from_torch(sd, CFG)
+
+
+# ------------------------------------------------------------------ masking utilities
+
+
+def test_masking_utilities():
+    orders = mar.random_orders(jax.random.key(6), 3, L)
+    assert orders.dtype == jnp.int32
+    np.testing.assert_array_equal(np.sort(orders, -1), np.tile(np.arange(L), (3, 1)))
+    masker = jax.jit(mar.mask_by_order)
+    for n in (0, 5, L):
+        mask = np.asarray(masker(jnp.int32(n), orders))
+        np.testing.assert_array_equal(mask.sum(-1), n)
+        for b in range(3):
+            assert set(np.nonzero(mask[b])[0]) == set(np.asarray(orders[b, :n]))
+    assert masker._cache_size() == 1
+    per_row = np.asarray(mar.mask_by_order(jnp.array([1, 2, 3]), orders))
+    np.testing.assert_array_equal(per_row.sum(-1), [1, 2, 3])
+
+    assert int(mar.num_masked(16, 0.7)) == 12 and int(mar.num_masked(16, 0.75)) == 12
+    assert int(mar.num_masked(256, 1.0)) == 256 and int(mar.num_masked(256, 0.7)) == 180
+    assert mar.max_visible_for_training(256, 0.7) == 76 and mar.max_visible_for_training(16, 0.7) == 4
+    assert mar.max_visible_for_training(10, 0.7) == 3
+
+    ratios = jax.vmap(lambda k: mar.sample_mask_ratio(k, 0.7))(jax.random.split(jax.random.key(7), 4000))
+    assert float(ratios.min()) >= 0.7 - 1e-6 and float(ratios.max()) <= 1.0
+    # Mean of normal(1, 0.25) truncated to [0.7, 1]: 1 + 0.25 (phi(a) - phi(0)) / (Phi(0) - Phi(a)).
+    a = -1.2
+    phi = math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
+    mean = 1.0 + 0.25 * (phi - 1 / math.sqrt(2 * math.pi)) / (0.5 - 0.5 * (1 + math.erf(a / math.sqrt(2))))
+    assert abs(float(ratios.mean()) - mean) < 0.005
+    # Every training ratio leaves at most K visible.
+    k = mar.max_visible_for_training(L, 0.7)
+    assert int((L - jax.vmap(lambda r: mar.num_masked(L, r))(ratios)).max()) <= k
+
+
+@pytest.mark.parametrize("seq_len,num_iter", [(16, 4), (16, 64), (256, 64), (1024, 10)])
+def test_sampling_schedule_matches_reference(seq_len, num_iter):
+    remaining, ours_rem = seq_len, jnp.int32(seq_len)
+    nxt = jax.jit(mar.next_mask_len, static_argnums=(1, 2))
+    for step in range(num_iter):
+        ref = np.floor(seq_len * np.cos(math.pi / 2.0 * (step + 1) / num_iter))
+        ref = int(max(1, min(remaining - 1, ref)))
+        got = nxt(jnp.int32(step), num_iter, seq_len, ours_rem)
+        assert int(got) == ref, (step, int(got), ref)
+        remaining, ours_rem = ref, got
+    assert remaining == 1  # the last step predicts everything left
+    assert int(mar.next_mask_len(0, num_iter, seq_len, 3)) == 2        # clamp to remaining - 1

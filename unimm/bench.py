@@ -1,0 +1,162 @@
+"""Benchmarks: ``python -m unimm.bench components [--variants tiny,small] [--reps N]``.
+
+Every figure is measured side by side in one process: the fp32 matmul peak of this
+machine (best of square matmuls) and each component's forward+backward, whose FLOPs come
+from XLA's cost analysis of the compiled program. Prints achieved FLOP/s and its fraction
+of the measured peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _time(fn: Callable[[], Any], reps: int) -> float:
+    """Best-of-``reps`` wall seconds of a compiled call (the first call warms up)."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def matmul_peak(reps: int = 5, sizes=(512, 1024, 2048)) -> tuple[float, int]:
+    """fp32 matmul FLOP/s of this machine: the best over a few square sizes."""
+    best, best_n = 0.0, 0
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        f = jax.jit(lambda x, y: x @ y)
+        s = _time(lambda: f(a, b), reps)
+        rate = 2 * n ** 3 / s
+        if rate > best:
+            best, best_n = rate, n
+    return best, best_n
+
+
+def measure(name: str, loss_fn: Callable, args: tuple, reps: int, peak: float) -> dict:
+    """Compiles ``grad(loss_fn)`` w.r.t. the first argument and times it."""
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    compiled = step.lower(*args).compile()
+    flops = _flops(compiled)
+    seconds = _time(lambda: compiled(*args), reps)
+    return dict(component=name, ms=1e3 * seconds, gflop=flops / 1e9,
+                gflops_per_s=flops / seconds / 1e9, peak_fraction=flops / seconds / peak)
+
+
+def component_cases(cfg: Any, rng: jax.Array, batch: int) -> list[tuple[str, Callable, tuple]]:
+    """(name, loss(params, *inputs), (params, *inputs)) for each component at ``cfg``."""
+    from unimm.models import gaussian_diffusion, harmon, mar, qwen2, vae
+
+    m = cfg.model
+    keys = jax.random.split(rng, 8)
+    params = harmon.init(m, keys[0])
+    seq_len = m.mar.grid ** 2
+    text_len = 112 - seq_len - m.mar.buffer_size if m.variant == "small" else 16
+    text_len = max(text_len, 8)
+
+    tokens = jax.random.randint(keys[1], (batch, text_len + seq_len), 0, m.llm.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    kv_mask = jnp.ones(tokens.shape, bool)
+
+    def llm_loss(p, tok):
+        hidden, _ = qwen2.forward(p, m.llm, tok, positions, kv_mask)
+        logits = qwen2.lm_logits(p, m.llm, hidden)
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        return -jnp.take_along_axis(logp, tok[:, 1:, None], -1).mean()
+
+    image_tokens = jax.random.normal(keys[2], (batch, seq_len, m.mar.token_dim))
+    keep = mar.max_visible_for_training(seq_len, m.mar.mask_ratio_min)
+    orders = mar.random_orders(keys[3], batch, seq_len)
+    mask = mar.mask_by_order(seq_len - keep, orders)
+    idx, valid = mar.gather_visible(mask, keep)
+
+    def mar_loss(p, x):
+        z = mar.decode(p, m.mar, mar.encode(p, m.mar, x, idx, valid), idx, valid)
+        return jnp.mean(z ** 2)
+
+    head_cfg = harmon.head_config(m)
+    cond = jax.random.normal(keys[4], (batch * seq_len, m.mar.decoder_width))
+    target = image_tokens.reshape(-1, m.mar.token_dim)
+    tok_mask = mask.reshape(-1).astype(jnp.float32)
+
+    def head_loss(p, z):
+        return gaussian_diffusion.diffusion_loss(p, head_cfg, m.diffusion, target, z, tok_mask, keys[5])
+
+    text_embeds = qwen2.embed(params["llm"], m.llm, tokens[:, :text_len])
+    text_mask = jnp.ones((batch, text_len), bool)
+
+    def harmon_loss(p, x):
+        z = harmon.decoder_condition(p, m, text_embeds, text_mask, x, idx, valid)
+        return gaussian_diffusion.diffusion_loss(
+            p["head"], head_cfg, m.diffusion, target, z.reshape(-1, z.shape[-1]), tok_mask, keys[5])
+
+    cases = [
+        ("llm (LM loss)", llm_loss, (params["llm"], tokens)),
+        ("mar (enc+dec)", mar_loss, (params["mar"], image_tokens)),
+        ("diffusion head loss", head_loss, (params["head"], cond)),
+        ("harmon t2i loss", harmon_loss, (params, image_tokens)),
+    ]
+    if m.vae.kind != "patch":
+        vae_params = vae.init(m.vae, keys[6])
+        images = jax.random.uniform(keys[7], (1, m.image_size, m.image_size, 3), minval=-1, maxval=1)
+
+        def vae_loss(p, x):
+            t = vae.images_to_tokens(p, m.vae, x)
+            return jnp.mean(vae.tokens_to_images(p, m.vae, t, (m.mar.grid, m.mar.grid)) ** 2)
+
+        cases.append(("vae (enc+dec)", vae_loss, (vae_params, images)))
+    return cases
+
+
+def run_components(variants: list[str], reps: int, batch: int) -> list[dict]:
+    from unimm import config_utils
+
+    peak, n = matmul_peak()
+    print(f"backend {jax.default_backend()} x{jax.device_count()}; fp32 matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s (best of square matmuls, n={n})")
+    rows = []
+    for variant in variants:
+        cfg = config_utils.load_config(f"configs/harmon.py:{variant}")
+        for name, fn, args in component_cases(cfg, jax.random.key(0), batch):
+            row = dict(variant=variant, **measure(name, fn, args, reps, peak))
+            rows.append(row)
+            print(f"{variant:>6} {row['component']:<22} fwd+bwd {row['ms']:9.2f} ms  "
+                  f"{row['gflop']:8.3f} GFLOP  {row['gflops_per_s']:7.1f} GFLOP/s  "
+                  f"{100 * row['peak_fraction']:5.1f}% of peak", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unimm.bench", description=__doc__)
+    parser.add_argument("what", choices=("components",))
+    parser.add_argument("--variants", default="tiny,small")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--json", default="", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    rows = run_components(args.variants.split(","), args.reps, args.batch)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

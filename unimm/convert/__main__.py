@@ -1,0 +1,76 @@
+"""``python -m unimm.convert {qwen2,harmon,vae} SRC DST`` -> an orbax checkpoint in DST.
+
+DST gets ``params/`` (orbax, the params pytree) and ``model_config.json`` (the architecture
+the params belong to, so they can be loaded without guessing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+
+def _harmon_variant(src_state) -> str:
+    hidden = src_state.get("llm.model.norm.weight")
+    variants = {896: "0.5b", 1536: "1.5b"}
+    if hidden is None or hidden.shape[0] not in variants:
+        raise SystemExit("error: cannot infer the Harmon variant (no llm.model.norm.weight of width "
+                         "896 or 1536); pass --config=configs/harmon.py:<variant>")
+    return variants[hidden.shape[0]]
+
+
+def save(dst: str, params, model_cfg) -> str:
+    import orbax.checkpoint as ocp
+
+    os.makedirs(dst, exist_ok=True)
+    target = os.path.join(os.path.abspath(dst), "params")
+    if os.path.exists(target):
+        raise SystemExit(f"error: {target} already exists; choose an empty destination")
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(target, jax.tree.map(np.asarray, params))
+    ckptr.wait_until_finished()
+    with open(os.path.join(dst, "model_config.json"), "w", encoding="utf-8") as f:
+        f.write(model_cfg.to_json_best_effort(indent=2))
+    return target
+
+
+def main(argv=None) -> int:
+    from unimm import config_utils
+    from unimm.convert import common
+
+    parser = argparse.ArgumentParser(prog="python -m unimm.convert", description=__doc__)
+    parser.add_argument("kind", choices=("qwen2", "harmon", "vae"))
+    parser.add_argument("src", help="HF folder (qwen2), harmon_*.pth (harmon) or kl16.ckpt (vae)")
+    parser.add_argument("dst", help="output directory")
+    parser.add_argument("--config", default=None,
+                        help="architecture, e.g. configs/harmon.py:1.5b (harmon: inferred; vae: 1.5b's KL-16)")
+    args = parser.parse_args(argv)
+    try:
+        if args.kind == "qwen2":
+            from unimm.convert.qwen2_hf import qwen2_from_hf
+            model_cfg, params = qwen2_from_hf(args.src)
+        elif args.kind == "harmon":
+            from unimm.convert.harmon_pth import harmon_from_torch
+            state = common.load_torch_file(args.src)
+            spec = args.config or f"configs/harmon.py:{_harmon_variant(state)}"
+            model_cfg = config_utils.load_config(spec).model
+            params = harmon_from_torch(state, model_cfg, source=args.src)
+        else:
+            from unimm.convert.vae_ckpt import vae_from_ckpt
+            model_cfg = config_utils.load_config(args.config or "configs/harmon.py:1.5b").model.vae
+            params = vae_from_ckpt(args.src, model_cfg)
+    except (common.CheckpointMismatchError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    target = save(args.dst, params, model_cfg)
+    n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    print(f"wrote {n:,} parameters to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""MAR's per-token diffusion MLP (``SimpleMLPAdaLN`` in LTH14/mar ``models/diffloss.py``).
+
+``cfg`` fields: ``width`` (model channels), ``depth`` (residual blocks), ``token_dim``
+(the noised token's channels), ``cond_dim`` (the MAR decoder width). The output has
+``2 * token_dim`` channels: epsilon, then the learned-range variance interpolation.
+Attribute names ``mlp_0`` / ``adaLN_modulation_1`` stand for the torch ``nn.Sequential``
+indices ``mlp.0`` / ``adaLN_modulation.1``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unimm.models.layers import abstract_params, bind, layer_norm, linear, normal, zeros
+
+FREQ_DIM = 256  # sinusoidal timestep features
+
+
+def timestep_embedding(t: jax.Array, dim: int = FREQ_DIM, max_period: float = 10000.0) -> jax.Array:
+    """``[N] -> [N, dim]`` sinusoidal features, ``[cos, sin]`` order (GLIDE / DiT)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nnx.Module):
+    def __init__(self, width: int, *, rngs: nnx.Rngs, dtype=None):
+        init = normal(0.02)  # the reference re-draws these two after its xavier pass
+        self.mlp_0 = linear(FREQ_DIM, width, (None, "mlp"), rngs=rngs, kernel_init=init, dtype=dtype)
+        self.mlp_2 = linear(width, width, ("mlp", "embed"), rngs=rngs, kernel_init=init, dtype=dtype)
+
+    def __call__(self, t):
+        return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_embedding(t))))
+
+
+class ResBlock(nnx.Module):
+    def __init__(self, width: int, *, rngs: nnx.Rngs, dtype=None):
+        self.in_ln = layer_norm(width, rngs=rngs, eps=1e-6, dtype=dtype)
+        self.mlp_0 = linear(width, width, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.mlp_2 = linear(width, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+        # Zero-initialised adaLN: every block starts as the identity.
+        self.adaLN_modulation_1 = linear(width, 3 * width, ("cond", "mlp"), rngs=rngs,
+                                         kernel_init=zeros, dtype=dtype)
+
+    def __call__(self, x, y):
+        shift, scale, gate = jnp.split(self.adaLN_modulation_1(jax.nn.silu(y)), 3, axis=-1)
+        h = self.mlp_2(jax.nn.silu(self.mlp_0(modulate(self.in_ln(x), shift, scale))))
+        return x + gate * h
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, width: int, out: int, *, rngs: nnx.Rngs, dtype=None):
+        self.norm_final = layer_norm(width, rngs=rngs, eps=1e-6, affine=False, dtype=dtype)
+        self.linear = linear(width, out, ("embed", "token"), rngs=rngs, kernel_init=zeros, dtype=dtype)
+        self.adaLN_modulation_1 = linear(width, 2 * width, ("cond", "mlp"), rngs=rngs,
+                                         kernel_init=zeros, dtype=dtype)
+
+    def __call__(self, x, y):
+        shift, scale = jnp.split(self.adaLN_modulation_1(jax.nn.silu(y)), 2, axis=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiffusionHead(nnx.Module):
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+        w = cfg.width
+        dt = jnp.dtype(cfg.get("dtype", "float32"))
+        self.time_embed = TimestepEmbedder(w, rngs=rngs, dtype=dt)
+        self.cond_embed = linear(cfg.cond_dim, w, ("embed", "mlp"), rngs=rngs, dtype=dt)
+        self.input_proj = linear(cfg.token_dim, w, ("token", "mlp"), rngs=rngs, dtype=dt)
+        self.res_blocks = nnx.List([ResBlock(w, rngs=rngs, dtype=dt) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(w, 2 * cfg.token_dim, rngs=rngs, dtype=dt)
+
+    def __call__(self, x, t, c):
+        x = self.input_proj(x)
+        y = self.time_embed(t) + self.cond_embed(c)
+        for block in self.res_blocks:
+            x = block(x, y)
+        return self.final_layer(x, y)
+
+
+def apply(params: Any, cfg: Any, x: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
+    """``x [N, D]`` noised tokens, ``t [N]`` original-scale timesteps, ``c [N, C]`` -> ``[N, 2D]``."""
+    return bind(DiffusionHead, cfg, params)(x, t, c).astype(jnp.float32)

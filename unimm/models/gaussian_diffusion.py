@@ -1,0 +1,311 @@
+"""Gaussian diffusion as MAR uses it (guided-diffusion / DiT ``diffusion/`` package).
+
+Cosine betas over 1000 steps, epsilon prediction with learned-range variance, loss =
+MSE(eps) + VLB (bits). Sampling runs on a respaced process (``space_timesteps``) while
+the network always sees original-scale timesteps (``timestep_map``). Tables are built in
+float64 numpy and read as float32, as the reference does.
+
+Every sampling step is Gaussian, ``x_{t-1} ~ N(mu_theta, sigma_t^2 tau^2)``, so the
+sampler records exact per-step log-probabilities (what the decoder GRPO needs) and
+:func:`trajectory_log_probs` recomputes them under other parameters.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimm.models import diffusion_head
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [N, D], original t [N]) -> [N, 2D]
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    return np.array([min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+                     for i in range(num_timesteps)], np.float64)
+
+
+def named_betas(name: str, num_timesteps: int) -> np.ndarray:
+    if name == "cosine":
+        return cosine_betas(num_timesteps)
+    if name == "linear":
+        scale = 1000 / num_timesteps
+        return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+    raise ValueError(f"unknown noise schedule {name!r}; expected 'cosine' or 'linear'")
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[int]:
+    """guided-diffusion's respacing: ``"100"`` keeps 100 evenly strided steps; ``"10,20"``
+    strides each half separately; ``"ddimN"`` uses an integer stride."""
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            want = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == want:
+                    return set(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot create exactly {want} steps with an integer stride")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, steps = 0, []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot divide section of {size} steps into {count}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            steps.append(start + round(cur))  # accumulated float + round, exactly as the reference
+            cur += stride
+        start += size
+    return set(steps)
+
+
+class Schedule(NamedTuple):
+    """float64 tables of a (respaced) process, indexed by its own step ``t``."""
+    timestep_map: np.ndarray            # int32: step -> original timestep the network sees
+    betas: np.ndarray
+    alphas_cumprod: np.ndarray
+    sqrt_alphas_cumprod: np.ndarray
+    sqrt_one_minus_alphas_cumprod: np.ndarray
+    sqrt_recip_alphas_cumprod: np.ndarray
+    sqrt_recipm1_alphas_cumprod: np.ndarray
+    posterior_log_variance_clipped: np.ndarray
+    posterior_mean_coef1: np.ndarray
+    posterior_mean_coef2: np.ndarray
+    log_betas: np.ndarray
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.betas)
+
+
+@functools.lru_cache(maxsize=16)
+def make_schedule(num_timesteps: int = 1000, respacing: str = "", noise_schedule: str = "cosine") -> Schedule:
+    """``create_diffusion(respacing, noise_schedule)``: "" keeps every step (MAR's training
+    process, which also goes through the respacing arithmetic)."""
+    base = np.cumprod(1.0 - named_betas(noise_schedule, num_timesteps))
+    keep = space_timesteps(num_timesteps, respacing or [num_timesteps])
+    tmap, betas, last = [], [], 1.0
+    for i, acp in enumerate(base):
+        if i in keep:
+            betas.append(1 - acp / last)
+            last = acp
+            tmap.append(i)
+    betas = np.array(betas, np.float64)
+    acp = np.cumprod(1.0 - betas)
+    acp_prev = np.append(1.0, acp[:-1])
+    post_var = betas * (1.0 - acp_prev) / (1.0 - acp)
+    # The posterior variance is 0 at t=0: its log is clipped to the next step's value.
+    post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.array([])
+    return Schedule(
+        timestep_map=np.array(tmap, np.int32), betas=betas, alphas_cumprod=acp,
+        sqrt_alphas_cumprod=np.sqrt(acp), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - acp),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / acp), sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / acp - 1),
+        posterior_log_variance_clipped=post_log_var,
+        posterior_mean_coef1=betas * np.sqrt(acp_prev) / (1.0 - acp),
+        posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(1.0 - betas) / (1.0 - acp),
+        log_betas=np.log(betas))
+
+
+def _at(table: np.ndarray, t: jax.Array) -> jax.Array:
+    """``table[t]`` as float32 ``[N, 1]`` (float64 table, float32 compute, as the reference)."""
+    return jnp.asarray(table.astype(np.float32))[t][:, None]
+
+
+# ----------------------------------------------------------------------- gaussian maths
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Log-probability (nats) of the 1/255-wide bin around ``x`` (data assumed in [-1, 1])."""
+    centered = x - means
+    inv_std = jnp.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+    log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+    return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def q_sample(s: Schedule, x0, t, noise):
+    return _at(s.sqrt_alphas_cumprod, t) * x0 + _at(s.sqrt_one_minus_alphas_cumprod, t) * noise
+
+
+def q_posterior(s: Schedule, x0, x_t, t):
+    """Mean and clipped log-variance of ``q(x_{t-1} | x_t, x_0)``."""
+    mean = _at(s.posterior_mean_coef1, t) * x0 + _at(s.posterior_mean_coef2, t) * x_t
+    return mean, _at(s.posterior_log_variance_clipped, t) * jnp.ones_like(x_t)
+
+
+def p_mean_variance(s: Schedule, model_output: jax.Array, x: jax.Array, t: jax.Array) -> dict:
+    """``p(x_{t-1} | x_t)`` from the network output ``[N, 2D]`` = (eps, variance value in [-1, 1])."""
+    eps, var_values = jnp.split(model_output, 2, axis=-1)
+    min_log = _at(s.posterior_log_variance_clipped, t)
+    max_log = _at(s.log_betas, t)
+    frac = (var_values + 1) / 2
+    log_var = frac * max_log + (1 - frac) * min_log
+    pred_xstart = _at(s.sqrt_recip_alphas_cumprod, t) * x - _at(s.sqrt_recipm1_alphas_cumprod, t) * eps
+    mean, _ = q_posterior(s, pred_xstart, x, t)
+    return {"mean": mean, "variance": jnp.exp(log_var), "log_variance": log_var, "pred_xstart": pred_xstart}
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def training_loss(eps_fn: ModelFn, x0: jax.Array, t: jax.Array, noise: jax.Array,
+                  sched: Schedule | None = None) -> jax.Array:
+    """Per-example ``mean(MSE(eps)) + VLB`` (bits); the VLB sees a stop-gradient eps so it
+    trains only the variance, and is the decoder NLL at ``t == 0``, a KL elsewhere."""
+    s = make_schedule() if sched is None else sched
+    x_t = q_sample(s, x0, t, noise)
+    out = eps_fn(x_t, jnp.asarray(s.timestep_map)[t])
+    eps, var_values = jnp.split(out, 2, axis=-1)
+    frozen = jnp.concatenate([jax.lax.stop_gradient(eps), var_values], axis=-1)
+    p = p_mean_variance(s, frozen, x_t, t)
+    true_mean, true_log_var = q_posterior(s, x0, x_t, t)
+    kl = jnp.mean(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"]), -1) / math.log(2.0)
+    nll = -jnp.mean(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"]), -1)
+    vb = jnp.where(t == 0, nll / math.log(2.0), kl)
+    return jnp.mean((noise - eps) ** 2, -1) + vb
+
+
+def diffusion_loss(head_params: Any, head_cfg: Any, diff_cfg: Any, target: jax.Array, z: jax.Array,
+                   mask: jax.Array, rng: jax.Array) -> jax.Array:
+    """MAR's DiffLoss: every token repeated ``batch_mul`` times with its own t and noise;
+    the mean over masked tokens (``mask [N]``, 1 = counts)."""
+    mul = diff_cfg.batch_mul
+    target, z = jnp.tile(target, (mul, 1)), jnp.tile(z, (mul, 1))
+    mask = jnp.tile(mask.astype(jnp.float32), mul)
+    s = make_schedule(diff_cfg.num_timesteps, "", diff_cfg.noise_schedule)
+    k_t, k_noise = jax.random.split(rng)
+    t = jax.random.randint(k_t, (target.shape[0],), 0, s.num_timesteps)
+    noise = jax.random.normal(k_noise, target.shape, jnp.float32)
+    loss = training_loss(lambda x, tt: diffusion_head.apply(head_params, head_cfg, x, tt, z),
+                         target.astype(jnp.float32), t, noise, s)
+    return jnp.sum(loss * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def step_log_prob(mean: jax.Array, log_var: jax.Array, x_next: jax.Array, temperature) -> jax.Array:
+    """``log N(x_next; mean, exp(log_var) * temperature^2)`` summed over channels -> ``[N]``.
+
+    A step with temperature 0 is deterministic and scores 0 (as does the noiseless last step).
+    """
+    tau = jnp.asarray(temperature, jnp.float32)
+    log_var = log_var + 2.0 * jnp.log(jnp.maximum(tau, 1e-30))
+    lp = -0.5 * ((x_next - mean) ** 2 * jnp.exp(-log_var) + log_var + math.log(2 * math.pi))
+    return jnp.where(tau > 0, jnp.sum(lp, -1), 0.0)
+
+
+def head_model_fn(head_params: Any, head_cfg: Any, z: jax.Array, cfg_scale=1.0,
+                  guided: bool = False) -> ModelFn:
+    """The network as the sampler sees it. ``guided``: ``z = [cond; uncond]`` and ``x`` is the
+    shared half; eps = uncond + scale * (cond - uncond), variance channels of the cond half."""
+    def fn(x, t):
+        if not guided:
+            return diffusion_head.apply(head_params, head_cfg, x, t, z)
+        m = x.shape[0]
+        out = diffusion_head.apply(head_params, head_cfg, jnp.concatenate([x, x]),
+                                   jnp.concatenate([t, t]), z)
+        d = x.shape[-1]
+        eps_c, eps_u = out[:m, :d], out[m:, :d]
+        return jnp.concatenate([eps_u + cfg_scale * (eps_c - eps_u), out[:m, d:]], axis=-1)
+    return fn
+
+
+def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array):
+    t = jnp.full((x.shape[0],), i, jnp.int32)
+    p = p_mean_variance(s, model_fn(x, jnp.asarray(s.timestep_map)[t]), x, t)
+    return p["mean"], p["log_variance"]
+
+
+def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, temperature=1.0):
+    """Ancestral sampling from ``x_T`` as one ``lax.scan`` over the steps ``S-1 .. 0``.
+
+    Returns ``(x_0, log_probs [S, N], traj)``; ``traj`` holds per step (first = noisiest)
+    ``t``, the input ``x``, the drawn ``x_next``, ``mean`` and ``log_var``.
+    """
+    def step(x, inp):
+        i, key = inp
+        mean, log_var = _step_mean_logvar(model_fn, s, x, i)
+        noise = jax.random.normal(key, x.shape, x.dtype)
+        std = jnp.where(i > 0, jnp.exp(0.5 * log_var) * temperature, 0.0)  # no noise at t = 0
+        x_next = mean + std * noise
+        lp = jnp.where(i > 0, step_log_prob(mean, log_var, x_next, temperature), 0.0)
+        return x_next, (lp, dict(t=i, x=x, x_next=x_next, mean=mean, log_var=log_var))
+
+    steps = jnp.arange(s.num_timesteps - 1, -1, -1, dtype=jnp.int32)
+    x0, (log_probs, traj) = jax.lax.scan(step, x_T, (steps, jax.random.split(rng, s.num_timesteps)))
+    return x0, log_probs, traj
+
+
+def _sampling_schedule(diff_cfg: Any, num_steps) -> Schedule:
+    steps = diff_cfg.num_sampling_steps if num_steps is None else num_steps
+    return make_schedule(diff_cfg.num_timesteps, str(steps), diff_cfg.noise_schedule)
+
+
+def _is_guided(cfg_scale, guided) -> bool:
+    if guided is not None:
+        return bool(guided)
+    try:
+        return float(cfg_scale) != 1.0
+    except jax.errors.ConcretizationTypeError:
+        raise ValueError("a traced cfg_scale needs an explicit guided=True/False "
+                         "(it fixes the batch layout)") from None
+
+
+def sample(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, rng: jax.Array, *,
+           temperature=1.0, cfg_scale=1.0, guided: bool | None = None, num_steps: int | str | None = None,
+           return_trajectory: bool = False):
+    """Samples one token per condition row: ``z [N, C]`` -> ``(x0 [M, D], log_probs [S, M])``.
+
+    Unguided, ``M = N``. Guided (``cfg_scale != 1``, or ``guided=True`` when ``cfg_scale`` is
+    traced), ``z`` is ``[cond; uncond]`` and ``M = N // 2``: both halves share the noise and
+    follow the cond half's trajectory (the reference keeps only that half). Temperature
+    scales the per-step noise, not the initial noise. ``return_trajectory`` adds the
+    :func:`sample_loop` trajectory for :func:`trajectory_log_probs`.
+    """
+    guided = _is_guided(cfg_scale, guided)
+    s = _sampling_schedule(diff_cfg, num_steps)
+    m = z.shape[0] // 2 if guided else z.shape[0]
+    k_init, k_loop = jax.random.split(rng)
+    x_T = jax.random.normal(k_init, (m, head_cfg.token_dim), jnp.float32)
+    x0, log_probs, traj = sample_loop(head_model_fn(head_params, head_cfg, z, cfg_scale, guided),
+                                      s, x_T, k_loop, temperature)
+    return (x0, log_probs, traj) if return_trajectory else (x0, log_probs)
+
+
+def trajectory_log_probs(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, traj: dict, *,
+                         temperature=1.0, cfg_scale=1.0, guided: bool | None = None,
+                         num_steps: int | str | None = None) -> jax.Array:
+    """Per-step log-probs ``[S', M]`` of a recorded trajectory (any subset of its steps,
+    sliced along the first axis) under ``head_params``; differentiable. The noiseless
+    ``t == 0`` step scores 0. Steps run one after another (``lax.map``) to bound memory."""
+    guided = _is_guided(cfg_scale, guided)
+    s = _sampling_schedule(diff_cfg, num_steps)
+    model_fn = head_model_fn(head_params, head_cfg, z, cfg_scale, guided)
+
+    def one(step):
+        mean, log_var = _step_mean_logvar(model_fn, s, step["x"], step["t"])
+        lp = step_log_prob(mean, log_var, step["x_next"], temperature)
+        return jnp.where(step["t"] > 0, lp, 0.0)
+
+    return jax.lax.map(one, {k: traj[k] for k in ("t", "x", "x_next")})

@@ -1,0 +1,145 @@
+"""Harmon: one MAR encoder shared by understanding and generation, a Qwen2 LM, a diffusion head.
+
+The params pytree is ``{"llm", "mar", "head", "proj_in", "proj_out"}``; each sub-tree is
+exactly what its component's pure functions take. The VAE (or pixel-patch tokenizer) is
+frozen and kept outside this tree (it is not in the official checkpoint either).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from unimm.models import layers, mar, qwen2
+from unimm.models import vae as vae_lib
+from unimm.models.diffusion_head import DiffusionHead
+from unimm.models.mar import MAR
+from unimm.models.qwen2 import Qwen2
+
+
+def head_config(model_cfg: Any) -> ml_collections.ConfigDict:
+    """The diffusion head's config: the diffusion fields + token and condition widths."""
+    c = ml_collections.ConfigDict(dict(model_cfg.diffusion))
+    c.token_dim = model_cfg.mar.token_dim
+    c.cond_dim = model_cfg.mar.decoder_width
+    return c
+
+
+def validate(model_cfg: Any) -> None:
+    """Cross-component consistency; raises one clear error naming the fields."""
+    m, llm = model_cfg.mar, model_cfg.llm
+    tok = vae_lib.token_dim(model_cfg.vae)
+    if m.token_dim != tok:
+        raise ValueError(f"model.mar.token_dim={m.token_dim} but model.vae ({model_cfg.vae.kind}) "
+                         f"produces {tok}-dim tokens")
+    grid = tuple(vae_lib.grid(model_cfg.vae, model_cfg.image_size))
+    if grid != (m.grid, m.grid):
+        raise ValueError(f"model.image_size={model_cfg.image_size} gives a {grid[0]}x{grid[1]} token grid, "
+                         f"but model.mar.grid={m.grid}")
+    if llm.num_heads % llm.num_kv_heads:
+        raise ValueError(f"model.llm.num_heads={llm.num_heads} is not a multiple of "
+                         f"model.llm.num_kv_heads={llm.num_kv_heads}")
+    for name, width, heads in (("width", m.width, m.num_heads), ("decoder_width", m.decoder_width, m.num_heads)):
+        if width % heads:
+            raise ValueError(f"model.mar.{name}={width} is not divisible by model.mar.num_heads={heads}")
+
+
+def projector_config(din: int, dhidden: int, dout: int, axes_in: str, axes_out: str):
+    return ml_collections.FrozenConfigDict(
+        dict(din=din, dhidden=dhidden, dout=dout, axes_in=axes_in, axes_out=axes_out))
+
+
+class Projector(nnx.Module):
+    """Linear(din->dhidden) -> SiLU -> Linear(dhidden->dout) (Harmon's ``build_mlp``)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.fc1 = layers.linear(cfg.din, cfg.dhidden, (cfg.axes_in, "mlp"), rngs=rngs)
+        self.fc2 = layers.linear(cfg.dhidden, cfg.dout, ("mlp", cfg.axes_out), rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.silu(self.fc1(x)))
+
+
+def proj_in_config(cfg) -> ml_collections.FrozenConfigDict:
+    h = cfg.llm.hidden_size
+    return projector_config(cfg.mar.width, h, h, "cond", "embed")
+
+
+def proj_out_config(cfg) -> ml_collections.FrozenConfigDict:
+    h = cfg.llm.hidden_size
+    return projector_config(h, h, cfg.mar.width, "embed", "cond")
+
+
+class Harmon(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.llm = Qwen2(cfg.llm, rngs=rngs)
+        self.mar = MAR(cfg.mar, rngs=rngs)
+        self.head = DiffusionHead(layers.freeze(head_config(cfg)), rngs=rngs)
+        self.proj_in = Projector(proj_in_config(cfg), rngs=rngs)      # MAR width -> LLM hidden
+        self.proj_out = Projector(proj_out_config(cfg), rngs=rngs)    # LLM hidden -> MAR width
+
+
+def init(cfg: Any, rng: jax.Array) -> dict:
+    validate(cfg)
+    return layers.init_params(Harmon, cfg, rng)
+
+
+def abstract_params(cfg: Any) -> dict:
+    validate(cfg)
+    return layers.abstract_params(Harmon, cfg)
+
+
+def logical_specs(cfg: Any) -> dict:
+    return layers.logical_specs(Harmon, cfg)
+
+
+def project_in(params: dict, cfg: Any, x: jax.Array) -> jax.Array:
+    return layers.bind(Projector, proj_in_config(cfg), params["proj_in"])(x)
+
+
+def project_out(params: dict, cfg: Any, x: jax.Array) -> jax.Array:
+    return layers.bind(Projector, proj_out_config(cfg), params["proj_out"])(x)
+
+
+def _buffer_to_end(x: jax.Array, buffer: int) -> jax.Array:
+    return jnp.concatenate([x[:, buffer:], x[:, :buffer]], axis=1)
+
+
+def _buffer_to_start(x: jax.Array, buffer: int) -> jax.Array:
+    return jnp.concatenate([x[:, -buffer:], x[:, :-buffer]], axis=1)
+
+
+def visual_features(params: dict, cfg: Any, image_tokens: jax.Array, idx: jax.Array, valid: jax.Array):
+    """MAR encoder over the visible tokens -> (x_enc [B, buf+K, C], LLM embeddings [B, K+buf, H]).
+
+    Inside the LLM the buffer tokens move to the *end* of the image segment (Harmon).
+    """
+    x_enc = mar.encode(params["mar"], cfg.mar, image_tokens, idx, valid)
+    z_enc = _buffer_to_end(project_in(params, cfg, x_enc), cfg.mar.buffer_size)
+    return x_enc, z_enc
+
+
+def image_kv_mask(valid: jax.Array, buffer: int) -> jax.Array:
+    """Key mask of the image segment as the LLM sees it: visible slots, then the buffers."""
+    return jnp.concatenate([valid, jnp.ones((valid.shape[0], buffer), bool)], axis=1)
+
+
+def decoder_condition(params: dict, cfg: Any, text_embeds: jax.Array, text_mask: jax.Array,
+                      image_tokens: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
+    """Text + visible image tokens -> the per-token condition ``z`` [B, L, Cd] for the head.
+
+    ``text_mask`` marks real text tokens (left or right padding both work); positions are
+    ``cumsum(mask) - 1`` over text and image, as in Harmon's ``prepare_forward_input``.
+    """
+    buf = cfg.mar.buffer_size
+    x_enc, z_enc = visual_features(params, cfg, image_tokens, idx, valid)
+    kv_mask = jnp.concatenate([text_mask.astype(bool), image_kv_mask(valid, buf)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(kv_mask, axis=1) - 1, 0)
+    embeds = jnp.concatenate([text_embeds, z_enc.astype(text_embeds.dtype)], axis=1)
+    hidden, _ = qwen2.forward(params["llm"], cfg.llm, embeds, positions, kv_mask)
+    z_llm = _buffer_to_start(hidden[:, -z_enc.shape[1]:], buf)
+    x_enc = x_enc + project_out(params, cfg, z_llm)      # residual: MAR features + LLM refinement
+    return mar.decode(params["mar"], cfg.mar, x_enc, idx, valid)

@@ -1,0 +1,248 @@
+"""MAR encoder/decoder (LTH14/mar ``models/mar.py``, Harmon's variant) with static shapes.
+
+The reference drops masked tokens with a data-dependent ``nonzero``; here the visible
+tokens are gathered into a fixed number ``K`` of rows (:func:`gather_visible`) and padded
+rows are hidden from attention by a key mask, so one compiled program serves every mask
+ratio whose visible count fits in ``K``. Buffer rows (``buffer_size`` of them) hold
+``fake_latent`` (or a caller's embedding) and come first in encoder and decoder.
+
+Public compute is pure: ``encode(params, cfg, ...)`` / ``decode(params, cfg, ...)`` with
+``params`` the pure dict of :class:`MAR` (``layers.init_params(MAR, cfg, rng)``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unimm.models.layers import bind, layer_norm, linear, normal, param, shard_batch
+
+# --------------------------------------------------------------------------- modules
+
+
+class Attention(nnx.Module):
+    """timm ``Attention``: fused qkv with bias, softmax(q k^T / sqrt(d)) v, output proj."""
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None):
+        self.num_heads = num_heads
+        self.qkv = linear(dim, 3 * dim, ("embed", "qkv"), rngs=rngs, dtype=dtype)
+        self.proj = linear(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        b, n, c = x.shape
+        # torch packs the channels as (3, heads, head_dim).
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).transpose(2, 0, 1, 3, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return self.proj(jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, n, c))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=None):
+        self.fc1 = linear(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = linear(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # nn.GELU() is exact erf
+
+
+class Block(nnx.Module):
+    """timm ``Block`` (pre-norm attention + MLP; dropout is off at inference and in Harmon)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, *, rngs: nnx.Rngs,
+                 dtype=None):
+        self.norm1 = layer_norm(dim, rngs=rngs, eps=eps, dtype=dtype)
+        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(dim, rngs=rngs, eps=eps, dtype=dtype)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x, key_mask=None):
+        x = shard_batch(x)
+        x = x + self.attn(self.norm1(x), key_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class MAR(nnx.Module):
+    """Parameters of the MAR encoder/decoder; ``cfg`` = ``configs/harmon.py:mar_config``."""
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+        c, cd, eps = cfg.width, cfg.decoder_width, cfg.layer_norm_eps
+        seq, buf = cfg.grid * cfg.grid, cfg.buffer_size
+        dt = jnp.dtype(cfg.get("dtype", "float32"))
+        emb = normal(0.02)
+        self.fake_latent = param(rngs, emb, (1, c), (None, "embed"))
+        self.z_proj = linear(cfg.token_dim, c, ("token", "embed"), rngs=rngs, dtype=dt)
+        self.z_proj_ln = layer_norm(c, rngs=rngs, eps=eps, dtype=dt)
+        self.encoder_pos_embed_learned = param(rngs, emb, (1, seq + buf, c), (None, "seq", "embed"))
+        self.encoder_blocks = nnx.List([Block(c, cfg.num_heads, cfg.mlp_ratio, eps, rngs=rngs, dtype=dt)
+                                        for _ in range(cfg.encoder_depth)])
+        self.encoder_norm = layer_norm(c, rngs=rngs, eps=eps, dtype=dt)
+        self.decoder_embed = linear(c, cd, ("embed", "mlp"), rngs=rngs, dtype=dt)
+        self.mask_token = param(rngs, emb, (1, 1, cd), (None, None, "embed"))
+        self.decoder_pos_embed_learned = param(rngs, emb, (1, seq + buf, cd), (None, "seq", "embed"))
+        self.decoder_blocks = nnx.List([Block(cd, cfg.num_heads, cfg.mlp_ratio, eps, rngs=rngs, dtype=dt)
+                                        for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = layer_norm(cd, rngs=rngs, eps=eps, dtype=dt)
+        self.diffusion_pos_embed_learned = param(rngs, emb, (1, seq, cd), (None, "seq", "embed"))
+
+
+# ------------------------------------------------------------------ position embeddings
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of torch's 1-D linear interpolation with align_corners=False."""
+    scale = n_in / n_out
+    src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)  # torch clamps at 0
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    lam = src - i0
+    w = np.zeros((n_out, n_in), np.float64)
+    np.add.at(w, (np.arange(n_out), i0), 1.0 - lam)
+    np.add.at(w, (np.arange(n_out), i1), lam)
+    return w
+
+
+def resize_pos_embed(pe: jax.Array, src: tuple[int, int], dst: tuple[int, int]) -> jax.Array:
+    """Bilinearly resizes ``pe [B, h*w, C]`` from grid ``src`` to ``dst``.
+
+    Matches ``F.interpolate(mode='bilinear', align_corners=False)`` (no antialiasing, unlike
+    ``jax.image.resize`` when shrinking) with separable interpolation matrices.
+    """
+    if tuple(src) == tuple(dst):
+        return pe
+    (h0, w0), (h, w) = src, dst
+    wh = jnp.asarray(_bilinear_matrix(h0, h), pe.dtype)
+    ww = jnp.asarray(_bilinear_matrix(w0, w), pe.dtype)
+    grid = pe.reshape(pe.shape[0], h0, w0, pe.shape[-1])
+    out = jnp.einsum("yh,xw,bhwc->byxc", wh, ww, grid, precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(pe.shape[0], h * w, pe.shape[-1])
+
+
+def _grid(cfg, grid) -> tuple[int, int]:
+    return (cfg.grid, cfg.grid) if grid is None else tuple(grid)
+
+
+def _with_buffer_pe(pe: jax.Array, cfg, grid) -> jax.Array:
+    """``[1, buffer + h*w, C]`` position embedding: buffer rows as is, image rows resized."""
+    buf = cfg.buffer_size
+    img = resize_pos_embed(pe[:, buf:], (cfg.grid, cfg.grid), _grid(cfg, grid))
+    return jnp.concatenate([pe[:, :buf], img], axis=1)
+
+
+# ------------------------------------------------------------------- encoder / decoder
+
+
+def gather_visible(mask: jax.Array, num_keep: int) -> tuple[jax.Array, jax.Array]:
+    """Positions of the visible tokens (``mask == 0``) in raster order, padded to ``num_keep``.
+
+    Returns ``idx int32 [B, K]`` and ``valid bool [B, K]``. ``idx`` is the head of a stable
+    permutation, so its entries are distinct and padded rows point at masked positions.
+    ``num_keep`` must be at least the number of visible tokens of every row.
+    """
+    idx = jnp.argsort(mask.astype(jnp.int32), axis=-1, stable=True)[:, :num_keep].astype(jnp.int32)
+    n_vis = jnp.sum(mask == 0, axis=-1, keepdims=True)
+    return idx, jnp.arange(num_keep)[None, :] < n_vis
+
+
+def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x, idx[..., None], axis=1)
+
+
+def encode(params: Any, cfg: Any, tokens: jax.Array, idx: jax.Array, valid: jax.Array, *,
+           buffer_embed: jax.Array | None = None, grid: tuple[int, int] | None = None) -> jax.Array:
+    """MAR encoder on the visible tokens: ``tokens [B, L, D]`` -> ``[B, buffer + K, C]``.
+
+    ``buffer_embed [B, C]`` fills the buffer rows (default ``fake_latent``, as Harmon does).
+    Rows past a sample's visible count are padding: they attend but are never attended to.
+    """
+    m = bind(MAR, cfg, params)
+    b, buf = tokens.shape[0], cfg.buffer_size
+    pe = _with_buffer_pe(m.encoder_pos_embed_learned[...], cfg, grid)
+    if buffer_embed is None:
+        buffer_embed = jnp.broadcast_to(m.fake_latent[...], (b, cfg.width))
+    # Every op before the blocks is per token, so gathering first is the reference's
+    # "add pos, layer-norm, drop masked" on K rows instead of L.
+    head = jnp.broadcast_to(buffer_embed[:, None, :], (b, buf, cfg.width)) + pe[:, :buf]
+    body = m.z_proj(_take_rows(tokens, idx)) + jnp.take(pe[0, buf:], idx, axis=0)
+    x = m.z_proj_ln(jnp.concatenate([head.astype(body.dtype), body], axis=1))
+    key_mask = jnp.concatenate([jnp.ones((b, buf), bool), valid], axis=1)
+    for block in m.encoder_blocks:
+        x = block(x, key_mask)
+    return m.encoder_norm(x)
+
+
+def decode(params: Any, cfg: Any, x_enc: jax.Array, idx: jax.Array, valid: jax.Array, *,
+           grid: tuple[int, int] | None = None) -> jax.Array:
+    """MAR decoder: ``x_enc [B, buffer + K, C]`` -> diffusion condition ``z [B, L, Cd]``.
+
+    Every image slot starts as the mask token; valid encoder rows are scattered back into
+    their positions (padded rows write the mask token into their own masked slot).
+    """
+    m = bind(MAR, cfg, params)
+    h, w = _grid(cfg, grid)
+    b, buf = x_enc.shape[0], cfg.buffer_size
+    x = m.decoder_embed(x_enc)
+    mask_token = m.mask_token[...].astype(x.dtype)
+    # Slot -> encoder row by comparison + gather, not a scatter: XLA's SPMD partitioner
+    # mis-partitions this batched scatter on a batch-sharded mesh (wrong rows on CPU).
+    hit = (idx[:, :, None] == jnp.arange(h * w)[None, None, :]) & valid[:, :, None]   # [B, K, L]
+    row_of_slot = jnp.argmax(hit, axis=1)                                              # [B, L]
+    rows = jnp.take_along_axis(x[:, buf:], row_of_slot[..., None], axis=1)
+    img = jnp.where(hit.any(axis=1)[..., None], rows, mask_token)
+    x = jnp.concatenate([x[:, :buf], img], axis=1) + _with_buffer_pe(m.decoder_pos_embed_learned[...], cfg, grid)
+    for block in m.decoder_blocks:
+        x = block(x)
+    x = m.decoder_norm(x)[:, buf:]
+    return x + resize_pos_embed(m.diffusion_pos_embed_learned[...], (cfg.grid, cfg.grid), (h, w))
+
+
+# --------------------------------------------------------------------------- masking
+
+
+def random_orders(rng: jax.Array, batch: int, seq_len: int) -> jax.Array:
+    """One random permutation of ``range(seq_len)`` per row: ``int32 [B, L]``."""
+    return jnp.argsort(jax.random.uniform(rng, (batch, seq_len)), axis=-1).astype(jnp.int32)
+
+
+def sample_mask_ratio(rng: jax.Array, min_ratio: float) -> jax.Array:
+    """Truncated normal (loc 1.0, scale 0.25) restricted to ``[min_ratio, 1]``."""
+    return 1.0 + 0.25 * jax.random.truncated_normal(rng, (min_ratio - 1.0) / 0.25, 0.0)
+
+
+def num_masked(seq_len: int, ratio: jax.Array) -> jax.Array:
+    """``ceil(seq_len * ratio)`` as int32 (works on traced ratios)."""
+    return jnp.clip(jnp.ceil(seq_len * ratio), 0, seq_len).astype(jnp.int32)
+
+
+def mask_by_order(mask_len: jax.Array, orders: jax.Array) -> jax.Array:
+    """``bool [B, L]``: the first ``mask_len`` positions of each order are masked.
+
+    ``mask_len`` may be traced (scalar or ``[B]``); the rank of every position in its
+    order is compared with it, so shapes never depend on the value.
+    """
+    ranks = jnp.argsort(orders, axis=-1)
+    return ranks < jnp.reshape(jnp.asarray(mask_len), (-1, 1))
+
+
+def max_visible_for_training(seq_len: int, min_ratio: float) -> int:
+    """The static ``K`` for training: the most tokens a sampled mask ratio leaves visible.
+
+    A small tolerance keeps ``K`` an upper bound when ``seq_len * min_ratio`` sits on an
+    integer and float32 rounding lands just below it.
+    """
+    return seq_len - math.ceil(seq_len * min_ratio - 1e-4)
+
+
+def mask_len_schedule(num_iter: int, seq_len: int) -> np.ndarray:
+    """``floor(L * cos(pi/2 * (s+1)/num_iter))`` for every step, in float64 as the reference."""
+    ratio = np.cos(np.pi / 2.0 * (np.arange(num_iter) + 1) / num_iter)
+    return np.floor(seq_len * ratio).astype(np.int32)
+
+
+def next_mask_len(step: jax.Array, num_iter: int, seq_len: int, remaining: jax.Array) -> jax.Array:
+    """Tokens still masked after ``step``: the cosine schedule clamped to ``[1, remaining-1]``."""
+    target = jnp.asarray(mask_len_schedule(num_iter, seq_len))[step]
+    return jnp.maximum(1, jnp.minimum(jnp.asarray(remaining, jnp.int32) - 1, target)).astype(jnp.int32)
