@@ -32,6 +32,7 @@ setup(
             "pytest>=8.0",
             "torch==2.13.0",
             "transformers>=4.45",
+            "scipy>=1.11",
         ],
     },
 )

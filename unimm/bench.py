@@ -2,8 +2,9 @@
 
 Every figure is measured side by side in one process: the fp32 matmul peak of this
 machine (best of square matmuls) and each component's forward+backward, whose FLOPs come
-from XLA's cost analysis of the compiled program. Prints achieved FLOP/s and its fraction
-of the measured peak.
+from XLA's cost analysis of the compiled program. Prints achieved FLOP/s, its fraction
+of the measured peak, and the arithmetic intensity (FLOPs per byte accessed, also from the
+cost analysis): a low intensity marks a case bounded by memory traffic, not matmuls.
 """
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ def _time(fn: Callable[[], Any], reps: int) -> float:
     return best
 
 
-def _flops(compiled) -> float:
+def _cost(compiled) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) of a compiled program from XLA's cost analysis."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
-    return float(cost.get("flops", 0.0)) if cost else 0.0
+    cost = cost or {}
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
 def matmul_peak(reps: int = 5, sizes=(512, 1024, 2048)) -> tuple[float, int]:
@@ -54,10 +57,11 @@ def measure(name: str, loss_fn: Callable, args: tuple, reps: int, peak: float) -
     """Compiles ``grad(loss_fn)`` w.r.t. the first argument and times it."""
     step = jax.jit(jax.value_and_grad(loss_fn))
     compiled = step.lower(*args).compile()
-    flops = _flops(compiled)
+    flops, nbytes = _cost(compiled)
     seconds = _time(lambda: compiled(*args), reps)
     return dict(component=name, ms=1e3 * seconds, gflop=flops / 1e9,
-                gflops_per_s=flops / seconds / 1e9, peak_fraction=flops / seconds / peak)
+                gflops_per_s=flops / seconds / 1e9, peak_fraction=flops / seconds / peak,
+                flop_per_byte=flops / max(nbytes, 1.0))
 
 
 def component_cases(cfg: Any, rng: jax.Array, batch: int) -> list[tuple[str, Callable, tuple]]:
@@ -139,7 +143,8 @@ def run_components(variants: list[str], reps: int, batch: int) -> list[dict]:
             rows.append(row)
             print(f"{variant:>6} {row['component']:<22} fwd+bwd {row['ms']:9.2f} ms  "
                   f"{row['gflop']:8.3f} GFLOP  {row['gflops_per_s']:7.1f} GFLOP/s  "
-                  f"{100 * row['peak_fraction']:5.1f}% of peak", flush=True)
+                  f"{100 * row['peak_fraction']:5.1f}% of peak  {row['flop_per_byte']:6.1f} FLOP/byte",
+                  flush=True)
     return rows
 
 
