@@ -59,7 +59,7 @@ def mar_config(variant: str) -> ml_collections.ConfigDict:
         c.num_heads, c.buffer_size = 4, 16
     elif variant == "tiny":
         c.token_dim = 48                  # 3 * 4 * 4 pixel-patch channels
-        c.grid, c.width, c.decoder_width, c.encoder_depth, c.decoder_depth = 4, 64, 64, 2, 2
+        c.grid, c.width, c.decoder_width, c.encoder_depth, c.decoder_depth = 8, 64, 64, 2, 2
         c.num_heads, c.buffer_size = 4, 4
     return c
 
@@ -104,7 +104,7 @@ def vae_config(variant: str) -> ml_collections.ConfigDict:
 def model_config(variant: str) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.variant = variant                   # which preset built this
-    m.image_size = {"tiny": 16, "small": 128}.get(variant, 256)   # pixels per side
+    m.image_size = {"tiny": 32, "small": 128}.get(variant, 256)   # pixels per side
     m.llm = llm_config(variant)
     m.mar = mar_config(variant)
     m.diffusion = diffusion_config(variant)
@@ -142,12 +142,80 @@ def sharding_config() -> ml_collections.ConfigDict:
     return s
 
 
+def data_config(variant: str, model) -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    d.source = "shapes"                   # "shapes" (built-in world), "tfds" or "jsonl"
+    d.seed = 0                            # shapes world seed / shuffle seed
+    d.image_size = model.image_size       # images are squared (gray pad) and resized to this
+    d.i2t_batch_size = 8                  # global understanding examples per step
+    d.t2i_batch_size = 8                  # global generation examples per step
+    d.max_i2t_len = 160                   # understanding sequence length (incl. image tokens)
+    d.max_t2i_len = 64                    # generation prompt length
+    d.cfg_drop_prob = 0.1                 # prompts replaced by the unconditional prompt
+    d.num_image_tokens = model.mar.grid ** 2 + model.mar.buffer_size   # <image> placeholders
+    d.image_token_id = -1                 # set from the tokenizer at run time
+    d.tokenizer = ""                      # "" = built-in shapes vocabulary, else tokenizer.json path
+    d.eval_offset = 1_000_000_000         # shapes indices >= this are held out for evaluation
+    d.tfds_name = ""                      # tfds: dataset name, split and feature keys
+    d.tfds_split = "train"
+    d.tfds_data_dir = ""
+    d.tfds_image_key = "image"
+    d.tfds_text_key = "caption"
+    d.jsonl_path = ""                     # jsonl: records with image path + caption/prompt/conversations
+    d.jsonl_allow_outside_root = False    # image paths may not escape the JSONL's folder
+    d.worker_count = 0                    # grain worker processes (0 = in-process)
+    return d
+
+
+def train_config(variant: str) -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.steps = 3000 if variant == "tiny" else 100_000   # optimizer steps
+    t.stage = 2                           # 1: LLM frozen, 256 px; 2: all trainable; 3: high resolution
+    t.i2t_weight = 1.0                    # image->text loss weight
+    t.t2i_weight = 1.0                    # text->image loss weight
+    t.ema_decay = 0.999 if variant == "tiny" else 0.9999   # EMA of params
+    t.log_every = 50                      # steps between metric writes
+    t.checkpoint_every = 500              # steps between checkpoints
+    t.eval_every = 1000                   # steps between evaluations (0 = never)
+    t.keep_checkpoints = 3                # newest checkpoints kept
+    return t
+
+
+def optimizer_config(variant: str) -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    o.lr = 3e-4 if variant == "tiny" else 1e-4   # peak learning rate (Harmon fine-tune: 1e-5)
+    o.schedule = "cosine"                 # "cosine" (warmup + cosine) or "constant" (after warmup)
+    o.warmup_fraction = 0.01              # warmup steps as a fraction of train.steps
+    o.final_lr_fraction = 0.1             # cosine ends at lr * this
+    o.b1 = 0.9                            # AdamW betas (MAR / Harmon)
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.02                 # not on 1-D params, biases or the diffusion head
+    o.grad_clip = 1.0                     # global-norm clip (0 = off)
+    return o
+
+
+def sample_config(variant: str) -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.num_iter = 16 if variant == "tiny" else 64   # MAR iterations
+    s.cfg = 3.0                           # classifier-free guidance scale
+    s.cfg_schedule = "constant"           # "constant" or "linear" (Muse)
+    s.temperature = 1.0                   # diffusion noise temperature
+    s.num_sampling_steps = ""             # "" = model.diffusion.num_sampling_steps
+    s.max_new_tokens = 64                 # caption length limit
+    return s
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = (arg or "tiny").lower()
     if variant not in VARIANTS:
         raise ValueError(f"configs/harmon.py: unknown variant {arg!r}; choose one of {VARIANTS}")
     config = ml_collections.ConfigDict()
     config.model = model_config(variant)
+    config.data = data_config(variant, config.model)
+    config.train = train_config(variant)
+    config.optimizer = optimizer_config(variant)
+    config.sample = sample_config(variant)
     config.sharding = sharding_config()
     config.seed = 0                       # base PRNG seed
     config.init_from = ""                 # converted checkpoint to start from ("" = random init)

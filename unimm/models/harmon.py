@@ -143,3 +143,32 @@ def decoder_condition(params: dict, cfg: Any, text_embeds: jax.Array, text_mask:
     z_llm = _buffer_to_start(hidden[:, -z_enc.shape[1]:], buf)
     x_enc = x_enc + project_out(params, cfg, z_llm)      # residual: MAR features + LLM refinement
     return mar.decode(params["mar"], cfg.mar, x_enc, idx, valid)
+
+
+def scale_grad(x: jax.Array, scale: float) -> jax.Array:
+    """Identity forward; the gradient flowing back through ``x`` is multiplied by ``scale``."""
+    return scale * x + jax.lax.stop_gradient((1.0 - scale) * x)
+
+
+def full_visibility(batch: int, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """``(idx, valid)`` for an encoder pass with nothing masked (understanding)."""
+    idx = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+    return idx, jnp.ones((batch, seq_len), bool)
+
+
+def understanding_embeds(params: dict, cfg: Any, tokens: jax.Array, image_tokens: jax.Array,
+                         image_id: int, grad_scale: float = 1.0) -> jax.Array:
+    """Text embeddings with the ``<image>`` placeholders replaced by image embeddings.
+
+    ``tokens [B, T]`` hold one run of ``grid**2 + buffer`` ``image_id`` placeholders per row;
+    the k-th placeholder takes the k-th image embedding (buffers last, as in Harmon).
+    ``grad_scale`` scales the gradient into the MAR encoder and ``proj_in`` (0.1 in training).
+    """
+    b, seq = image_tokens.shape[:2]
+    _, z_img = visual_features(params, cfg, image_tokens, *full_visibility(b, seq))
+    z_img = scale_grad(z_img, grad_scale) if grad_scale != 1.0 else z_img
+    text = qwen2.embed(params["llm"], cfg.llm, tokens)
+    is_image = tokens == image_id
+    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, z_img.shape[1] - 1)
+    picked = jnp.take_along_axis(z_img, slot[..., None], axis=1).astype(text.dtype)
+    return jnp.where(is_image[..., None], picked, text)

@@ -1,0 +1,164 @@
+"""The built-in shapes world: determinism, exact detection, caption round trips, GenEval checks."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from unimm.data import shapes as S
+
+
+def test_determinism_and_variety():
+    for i in range(50):
+        a, b = S.sample_scene(3, i), S.sample_scene(3, i)
+        assert a == b
+        assert np.array_equal(S.render(a), S.render(b))
+    scenes = {S.sample_scene(3, i) for i in range(200)}
+    assert len(scenes) > 190  # different indices give different scenes (almost always)
+    assert S.sample_scene(3, 0) != S.sample_scene(4, 0)
+
+
+def test_scene_structure():
+    counts = set()
+    for i in range(1000):
+        sc = S.sample_scene(0, i)
+        cells = [o.cell for o in sc]
+        assert len(set(cells)) == len(cells)  # one object per cell: no overlap
+        assert cells == sorted(cells)  # canonical order
+        assert 1 <= len(sc) <= 4
+        counts.add(len(sc))
+        for o in sc:
+            assert o.shape in S.SHAPES and o.color in S.COLORS and o.size in S.SIZES
+    assert counts == {1, 2, 3, 4}
+
+
+def test_render_pixels_inside_cells():
+    # Every object's pixels stay inside its own cell, so objects cannot touch.
+    for i in range(100):
+        sc = S.sample_scene(1, i)
+        img = S.render(sc, 64)
+        lit = img.any(-1)
+        for o in sc:
+            y0, y1, x0, x1 = S._cell_bounds(64, 64, o.cell)
+            lit[y0:y1, x0:x1] = False
+        assert not lit.any()
+
+
+def test_detector_exact_10k_at_64():
+    wrong = sum(S.detect(S.render(sc := S.sample_scene(0, i), 64)) != sc for i in range(10_000))
+    assert wrong == 0
+
+
+@pytest.mark.parametrize("size", [24, 32, 48, 100, 128])
+def test_detector_exact_other_sizes(size):
+    for i in range(300):
+        sc = S.sample_scene(7, i)
+        assert S.detect(S.render(sc, size)) == sc, (size, i)
+
+
+def test_render_small_sizes():
+    assert S.render(S.sample_scene(0, 0), 16).shape == (16, 16, 3)
+    with pytest.raises(ValueError):
+        S.render(S.sample_scene(0, 0), 15)
+
+
+def test_detector_blank_and_noise():
+    assert S.detect(np.zeros((64, 64, 3), np.uint8)) == ()
+    rng = np.random.default_rng(0)
+    noisy_blank = np.clip(rng.normal(0, 8, (64, 64, 3)), 0, 255).astype(np.uint8)
+    assert S.detect(noisy_blank) == ()
+    for i in range(200):
+        sc = S.sample_scene(2, i)
+        img = S.render(sc, 64).astype(np.float32) + rng.normal(0, 8, (64, 64, 3))
+        assert S.detect(np.clip(np.round(img), 0, 255).astype(np.uint8)) == sc, i
+
+
+def test_detector_tolerates_one_pixel_shift():
+    # Generated images are rarely pixel-aligned; a 1 px shift must not change the answer.
+    for i in range(100):
+        sc = S.sample_scene(5, i)
+        img = np.roll(S.render(sc, 64), (1, -1), axis=(0, 1))
+        assert S.detect(img) == sc, i
+
+
+def test_long_caption_round_trip():
+    for i in range(1000):
+        sc = S.sample_scene(0, i)
+        assert S.parse_long_caption(S.long_caption(sc)) == sc
+    assert S.parse_long_caption(S.long_caption(())) == ()
+    with pytest.raises(ValueError):
+        S.parse_long_caption("a huge red circle at the top.")
+
+
+def test_captions_examples():
+    O = S.Obj
+    sc = S.canonical([O("circle", "red", "large", 0), O("square", "blue", "small", 4),
+                      O("circle", "red", "small", 8)])
+    assert S.short_caption(sc) == "two red circles and a blue square"
+    assert S.long_caption(sc) == ("a large red circle at the top left, a small blue square "
+                                  "at the center, a small red circle at the bottom right.")
+    sc2 = S.canonical([O("triangle", "orange", "large", 1), O("diamond", "green", "large", 3),
+                       O("diamond", "green", "small", 5), O("diamond", "green", "small", 6)])
+    assert S.short_caption(sc2) == "an orange triangle and three green diamonds"
+    sc3 = sc2 + (O("circle", "white", "small", 7),)
+    assert S.short_caption(sc3) == "an orange triangle, three green diamonds and a white circle"
+
+
+def test_question_answers_consistent():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for i in range(300):
+        sc = S.sample_scene(0, i)
+        for q, a in S.question_answers(sc, rng):
+            seen.add(q.split()[0] + " " + q.split()[1])
+            if q == "how many objects are there?":
+                assert a == S.NUMBER_WORDS[len(sc)]
+            elif q.startswith("how many "):
+                shape = q.split()[2][:-1]
+                assert a == S.NUMBER_WORDS[sum(o.shape == shape for o in sc)]
+            elif q.startswith("what color is the "):
+                shape = q[len("what color is the "):-1]
+                assert [o.color for o in sc if o.shape == shape] == [a]
+            elif q.startswith("is there "):
+                c, s = q[:-1].split()[-2:]
+                assert a == ("yes" if any((o.color, o.shape) == (c, s) for o in sc) else "no")
+    assert {"how many", "what color", "is there", "where is", "what size"} <= seen
+
+
+def _mismatch(spec, scene):
+    """A scene that violates spec, made by a category-specific minimal edit."""
+    objs = list(scene)
+    cat = spec["category"]
+    if cat == "single_object":
+        other = next(s for s in S.SHAPES if s != objs[0].shape)
+        return S.canonical([dataclasses.replace(objs[0], shape=other)])
+    if cat in ("two_objects", "counting"):
+        return S.canonical(objs[:-1])
+    if cat == "colors":
+        other = next(c for c in S.COLORS if c != objs[0].color)
+        return S.canonical([dataclasses.replace(objs[0], color=other)])
+    if cat == "position":
+        a, b = objs
+        return S.canonical([dataclasses.replace(a, cell=b.cell), dataclasses.replace(b, cell=a.cell)])
+    a, b = objs  # color_attr: swap the colours
+    return S.canonical([dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color)])
+
+
+def test_geneval_prompts_and_checks():
+    seen = {}
+    for i in range(120):
+        cat, prompt, spec = S.geneval_prompt(0, i)
+        assert (cat, prompt, spec) == S.geneval_prompt(0, i)
+        assert cat == spec["category"] and prompt.startswith("a photo of ")
+        seen.setdefault(cat, prompt)
+        good = S.scene_for_spec(spec, seed=i)
+        assert S.check_geneval(spec, S.detect(S.render(good))), (prompt, good)
+        bad = _mismatch(spec, good)
+        assert not S.check_geneval(spec, S.detect(S.render(bad))), (prompt, bad)
+    assert set(seen) == set(S.GENEVAL_CATEGORIES)
+    assert " a orange" not in " ".join(S.geneval_prompt(0, i)[1] for i in range(300))
+
+
+def test_scene_dict_round_trip():
+    for i in range(100):
+        sc = S.sample_scene(0, i)
+        assert S.scene_from_dict(S.scene_to_dict(sc)) == sc
