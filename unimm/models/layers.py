@@ -65,9 +65,9 @@ def freeze(cfg: Any) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _split_abstract(cls: type, cfg: Any):
-    module = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(module, nnx.Param)
-    return graphdef, state
+    # jax.eval_shape rather than nnx.eval_shape: the latter turns the logical names into
+    # NamedShardings on whatever mesh is in context (jax.set_mesh), which they are not.
+    return jax.eval_shape(lambda: nnx.split(cls(cfg, rngs=nnx.Rngs(0)), nnx.Param))
 
 
 def abstract_params(cls: type, cfg: Any) -> Any:

@@ -1,0 +1,314 @@
+"""grain input pipelines: shapes / JSONL / TFDS sources -> per-process batches -> global arrays.
+
+Each task (understanding "i2t", generation "t2i") is a finite or huge random-access list of
+raw items (uint8 image + texts). Training walks it as
+
+    range(N).shuffle(seed).repeat()  -> (stream position, item index)
+      -> [process_index::process_count] -> encode -> batch(local) -> to_iter_dataset()
+
+so every process reads a disjoint, deterministic slice of one global stream, and the stream
+position seeds per-example randomness (caption dropout): batches do not depend on how many
+processes read them. The two task iterators are zipped by :class:`TrainIterator`, whose
+``get_state`` / ``set_state`` hold both grain states (orbax / grain checkpoint compatible).
+
+Imports nothing from unimm.models or unimm.train.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unimm.data import images, shapes, text
+
+TASKS = ("i2t", "t2i")
+SHAPES_RANGE = 10 ** 9   # the shapes world is infinite; shuffle lazily over this many indices
+GEN_KINDS = ("long_caption", "short_caption", "geneval")
+I2T_KINDS = ("short_caption", "long_caption", "qa")
+
+
+# ----------------------------------------------------------------------------- shapes items
+# Separate rng keys (the trailing ints) keep scene, QA choice, GenEval scene and dropout
+# draws independent of one another.
+
+def shapes_i2t_item(seed: int, index: int, image_size: int) -> dict:
+    """Understanding item; the task rotates over I2T_KINDS with the index."""
+    scene = shapes.sample_scene(seed, index)
+    kind = I2T_KINDS[index % len(I2T_KINDS)]
+    qa = shapes.question_answers(scene, np.random.default_rng([seed, index]))
+    if kind == "short_caption":
+        question, answer = text.SHORT_CAPTION_Q, shapes.short_caption(scene)
+    elif kind == "long_caption":
+        question, answer = text.LONG_CAPTION_Q, shapes.long_caption(scene)
+    else:
+        question, answer = qa[np.random.default_rng([seed, index, 4]).integers(len(qa))]
+    return {"image": shapes.render(scene, image_size), "scene": scene, "kind": kind,
+            "question": question, "answer": answer, "qa": qa,
+            "short_caption": shapes.short_caption(scene), "long_caption": shapes.long_caption(scene)}
+
+
+def shapes_t2i_item(seed: int, index: int, image_size: int) -> dict:
+    """Generation item; the prompt rotates over GEN_KINDS so GenEval-style prompts are trained."""
+    kind = GEN_KINDS[index % len(GEN_KINDS)]
+    spec = None
+    if kind == "geneval":
+        _, prompt, spec = shapes.geneval_prompt(seed, index)
+        scene_seed = int(np.random.default_rng([seed, index, 3]).integers(2 ** 31))
+        scene = shapes.scene_for_spec(spec, scene_seed)
+    else:
+        scene = shapes.sample_scene(seed, index)
+        prompt = shapes.long_caption(scene) if kind == "long_caption" else shapes.short_caption(scene)
+    return {"image": shapes.render(scene, image_size), "scene": scene, "kind": kind,
+            "prompt": prompt, "spec": spec}
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+def _resolve(root: str, rel: Any, allow_outside: bool, where: str) -> str:
+    if not isinstance(rel, str) or not rel:
+        raise ValueError(f"{where}: 'image' must be a non-empty string path")
+    path = os.path.normpath(os.path.join(root, rel))
+    inside = not os.path.isabs(rel) and os.path.commonpath([root, path]) == root
+    if not inside and not allow_outside:
+        raise ValueError(f"{where}: image path {rel!r} escapes the JSONL folder {root} "
+                         "(set data.jsonl_allow_outside_root to allow it)")
+    return path
+
+
+def read_jsonl(path: str, allow_outside_root: bool = False) -> list[dict]:
+    """Records -> [{"image": abs path, "i2t": (question, answer) | None, "t2i": prompt | None}].
+
+    Accepts {"image", "caption"} (both tasks), {"image", "prompt"} (generation only) and
+    LLaVA {"image", "conversations": [{"from": "human"}, {"from": "gpt"}, ...]} (first pair).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"JSONL file not found: {path}")
+    root = os.path.dirname(os.path.abspath(path))
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e})") from e
+            if not isinstance(rec, dict) or "image" not in rec:
+                raise ValueError(f"{where}: expected an object with an 'image' field")
+            item = {"image": _resolve(root, rec["image"], allow_outside_root, where),
+                    "i2t": None, "t2i": None, "where": where}
+            if isinstance(rec.get("caption"), str):
+                item["i2t"], item["t2i"] = (text.CAPTION_Q, rec["caption"]), rec["caption"]
+            elif isinstance(rec.get("prompt"), str):
+                item["t2i"] = rec["prompt"]
+            elif isinstance(rec.get("conversations"), list):
+                conv = rec["conversations"]
+                ok = (len(conv) >= 2 and all(isinstance(c, dict) for c in conv[:2])
+                      and conv[0].get("from") == "human" and conv[1].get("from") == "gpt"
+                      and all(isinstance(c.get("value"), str) for c in conv[:2]))
+                if not ok:
+                    raise ValueError(f"{where}: 'conversations' must start with a human turn "
+                                     "and a gpt turn, each with a string 'value'")
+                # The image goes first in our template; drop LLaVA's own placeholder.
+                question = conv[0]["value"].replace("<image>", "").strip()
+                item["i2t"] = (question, conv[1]["value"])
+            else:
+                raise ValueError(f"{where}: needs a string 'caption' or 'prompt', or 'conversations'")
+            out.append(item)
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+def _tfds_text(value: Any) -> str:
+    """A caption from a text feature: str/bytes, or the first of a list of them."""
+    if (isinstance(value, np.ndarray) and value.ndim > 0) or isinstance(value, (list, tuple)):
+        value = value[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _tfds_get(record: dict, key: str) -> Any:
+    for part in key.split("/"):   # nested features, e.g. "captions/text"
+        record = record[part]
+    return record
+
+
+def _tfds_source(d):
+    import tensorflow_datasets as tfds   # imported lazily: heavy, and only this source needs it
+    return tfds.data_source(d.tfds_name, split=d.tfds_split, data_dir=d.tfds_data_dir or None)
+
+
+def _as_rgb(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img, np.uint8)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, -1)
+    return img[..., :3]
+
+
+# ----------------------------------------------------------------------------- sources
+
+def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int], dict]]:
+    """(size, index -> raw item with "image" uint8 [S,S,3] and "question"/"answer" or "prompt")."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    size = d.image_size
+    if d.source == "shapes":
+        offset = d.eval_offset if split == "eval" else 0
+        fn = shapes_i2t_item if task == "i2t" else shapes_t2i_item
+        return SHAPES_RANGE, lambda i: fn(d.seed, offset + int(i), size)
+    if d.source == "jsonl":
+        if not d.jsonl_path:
+            raise ValueError("data.source='jsonl' needs data.jsonl_path")
+        recs = [r for r in read_jsonl(d.jsonl_path, d.jsonl_allow_outside_root) if r[task]]
+        if not recs:
+            raise ValueError(f"{d.jsonl_path}: no records usable for the {task} task")
+
+        def item(i):
+            r = recs[int(i)]
+            img = images.square_and_resize(images.load_image(r["image"]), size)
+            if task == "i2t":
+                return {"image": img, "question": r["i2t"][0], "answer": r["i2t"][1]}
+            return {"image": img, "prompt": r["t2i"]}
+        return len(recs), item
+    if d.source == "tfds":
+        if not d.tfds_name:
+            raise ValueError("data.source='tfds' needs data.tfds_name")
+        src = _tfds_source(d)
+
+        def item(i):
+            rec = src[int(i)]
+            img = images.square_and_resize(_as_rgb(_tfds_get(rec, d.tfds_image_key)), size)
+            caption = _tfds_text(_tfds_get(rec, d.tfds_text_key))
+            if task == "i2t":
+                return {"image": img, "question": text.CAPTION_Q, "answer": caption}
+            return {"image": img, "prompt": caption}
+        return len(src), item
+    raise ValueError(f"unknown data.source {d.source!r}; expected 'shapes', 'jsonl' or 'tfds'")
+
+
+def _encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
+    """(stream position, item index) -> model-ready example with task-prefixed keys."""
+    def encode(pos_and_index):
+        pos, index = pos_and_index
+        item = item_fn(index)
+        image = images.to_model(item["image"])
+        if task == "i2t":
+            ex = text.i2t_example(tok, item["question"], item["answer"], d.num_image_tokens,
+                                  d.max_i2t_len)
+            return {"i2t_images": image, "i2t_tokens": ex["tokens"],
+                    "i2t_targets": ex["targets"], "i2t_mask": ex["mask"]}
+        # Dropout keyed by stream position: independent of the process count, and a
+        # finite source's record is not dropped identically in every epoch.
+        drop = np.random.default_rng([d.seed, int(pos), 5]).random() < d.cfg_drop_prob
+        ex = text.t2i_example(tok, item["prompt"], d.max_t2i_len, bool(drop))
+        return {"t2i_images": image, "t2i_tokens": ex["tokens"], "t2i_mask": ex["mask"]}
+    return encode
+
+
+def task_dataset(config, tok, task: str, *, process_index: int, process_count: int,
+                 split: str = "train") -> grain.IterDataset | None:
+    """The per-process batched IterDataset for one task, or None when its batch size is 0."""
+    d = config.data
+    global_size = d.i2t_batch_size if task == "i2t" else d.t2i_batch_size
+    if global_size <= 0:
+        return None
+    if global_size % process_count:
+        raise ValueError(f"data.{task}_batch_size {global_size} is not divisible by "
+                         f"{process_count} processes")
+    n, item_fn = task_source(d, task, split)
+    seed = d.seed + TASKS.index(task)   # different orders for the two tasks
+    ds = (grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+          .map_with_index(lambda pos, i: (pos, i)))
+    ds = ds[process_index::process_count]
+    ds = ds.map(_encoder(d, tok, task, item_fn))
+    ds = ds.batch(global_size // process_count, drop_remainder=True)
+    if d.worker_count:
+        # Worker processes (grain mp_prefetch) read absl flags: run under absl.app.run.
+        return ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
+    return ds.to_iter_dataset()
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Zips the task iterators into one batch dict; state = {task: grain state}."""
+
+    def __init__(self, iters: dict):
+        super().__init__(tuple(iters.values()))
+        self._iters = iters
+
+    def __next__(self) -> dict:
+        batch = {}
+        for it in self._iters.values():
+            batch.update(next(it))
+        return batch
+
+    def get_state(self) -> dict:
+        return {task: it.get_state() for task, it in self._iters.items()}
+
+    def set_state(self, state: dict) -> None:
+        if set(state) != set(self._iters):
+            raise ValueError(f"iterator state has tasks {sorted(state)}, expected {sorted(self._iters)}")
+        for task, it in self._iters.items():
+            it.set_state(state[task])
+
+
+def make_train_iterator(config, tok, *, process_index: int | None = None,
+                        process_count: int | None = None, split: str = "train") -> TrainIterator:
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    iters = {}
+    for task in TASKS:
+        ds = task_dataset(config, tok, task, process_index=process_index,
+                          process_count=process_count, split=split)
+        if ds is not None:
+            iters[task] = iter(ds)
+    if not iters:
+        raise ValueError("both data.i2t_batch_size and data.t2i_batch_size are 0")
+    return TrainIterator(iters)
+
+
+def eval_examples(config, tok, n: int, task: str) -> list[dict]:
+    """n held-out raw items (shapes: indices from data.eval_offset), each with its encoded
+    "example" (i2t: tokens/targets/mask; t2i: the undropped prompt tokens/mask).
+
+    task "i2t" / "t2i" as in training; "geneval": GenEval-style prompts only (with "spec").
+    JSONL / TFDS have no held-out indices: their first n items of the configured split are used.
+    """
+    d = config.data
+    if task == "geneval":
+        if d.source != "shapes":
+            raise ValueError("eval task 'geneval' needs data.source='shapes'")
+        # Consecutive indices cycle through the six categories (balanced for any n >= 6).
+        out = []
+        for i in range(d.eval_offset, d.eval_offset + n):
+            cat, prompt, spec = shapes.geneval_prompt(d.seed, i)
+            out.append({"index": i, "category": cat, "prompt": prompt, "spec": spec,
+                        "example": text.t2i_example(tok, prompt, d.max_t2i_len, False)})
+        return out
+    _, item_fn = task_source(d, task, "eval")
+    out = []
+    for i in range(n):
+        item = dict(item_fn(i), index=i)
+        if task == "i2t":
+            item["example"] = text.i2t_example(tok, item["question"], item["answer"],
+                                               d.num_image_tokens, d.max_i2t_len)
+        else:
+            item["example"] = text.t2i_example(tok, item["prompt"], d.max_t2i_len, False)
+        out.append(item)
+    return out
+
+
+def global_batch(local_batch: dict, mesh) -> dict:
+    """Per-process numpy batch -> global jax.Arrays sharded over ("data", "fsdp") on dim 0."""
+    sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}

@@ -1,0 +1,98 @@
+"""Token sequences for the two tasks, and the shapes world's vocabulary.
+
+* understanding (I2T): ``chat_prompt("<image>\\n" + question) + answer + "<|im_end|>"`` with
+  the ``<image>`` token expanded to one placeholder per image token; loss on the answer only.
+* generation (T2I): ``chat_prompt("Generate an image: {prompt}")`` (Harmon's template), or
+  the unconditional prompt for classifier-free-guidance dropout.
+
+Works with either tokenizer of ``unimm.data.tokenizer``; imports nothing from models/train.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from unimm.data import shapes
+from unimm.data.tokenizer import CHAT_TEMPLATE, IMAGE, WordTokenizer, chat_prompt
+
+GEN_TEMPLATE = "Generate an image: {prompt}"
+UNCOND_PROMPT = "Generate an image."
+SHORT_CAPTION_Q = "Describe the image briefly."
+LONG_CAPTION_Q = "Describe the image in detail."
+CAPTION_Q = "Describe the image."          # JSONL / TFDS captions used as understanding data
+FIXED_TEXTS = (GEN_TEMPLATE.format(prompt=""), UNCOND_PROMPT, SHORT_CAPTION_Q, LONG_CAPTION_Q,
+               CAPTION_Q, "nothing", "an empty image.")
+
+# The chat template split around the user text, so a truncated prompt keeps its tail.
+_HEAD, _TAIL = CHAT_TEMPLATE.split("{input}")
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+def shapes_texts(seed: int, index: int) -> list[str]:
+    """Every text the shapes pipeline can emit for one (seed, index)."""
+    scene = shapes.sample_scene(seed, index)
+    qa = shapes.question_answers(scene, np.random.default_rng([seed, index]))
+    texts = [shapes.short_caption(scene), shapes.long_caption(scene),
+             shapes.geneval_prompt(seed, index)[1]]
+    return texts + [t for pair in qa for t in pair]
+
+
+def shapes_tokenizer() -> WordTokenizer:
+    """Word vocabulary covering the shapes world; same list on every run (from_words sorts)."""
+    words = list(FIXED_TEXTS)
+    # The constants give every content word; plurals and articles come from the templates.
+    words += list(shapes.SHAPES) + [s + "s" for s in shapes.SHAPES] + list(shapes.COLORS)
+    words += list(shapes.SIZES) + list(shapes.POSITIONS) + list(shapes.NUMBER_WORDS)
+    words += list(shapes.RELATIONS) + ["a", "an", "and", "yes", "no"]
+    # Generated text supplies the template words (questions, "at the", "a photo of", ...).
+    for i in range(600):
+        words += shapes_texts(0, i)
+    return WordTokenizer.from_words(words)
+
+
+# ----------------------------------------------------------------------------- examples
+
+def _pad(ids: list[int], max_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full(max_len, pad_id, np.int32)
+    tokens[:len(ids)] = ids
+    mask = np.zeros(max_len, np.int32)
+    mask[:len(ids)] = 1
+    return tokens, mask
+
+
+def i2t_example(tok, question: str, answer: str, num_image_tokens: int, max_len: int) -> dict:
+    """tokens / targets / mask, int32 [max_len]; targets[t] = tokens[t+1] on answer positions."""
+    prompt = tok.encode(chat_prompt(IMAGE + "\n" + question))
+    if prompt.count(tok.image_id) != 1:
+        raise ValueError(f"i2t_example: expected exactly one {IMAGE} in the prompt, found "
+                         f"{prompt.count(tok.image_id)} (question {question!r})")
+    k = prompt.index(tok.image_id)
+    prompt = prompt[:k] + [tok.image_id] * num_image_tokens + prompt[k + 1:]
+    answer_ids = tok.encode(answer) + [tok.eos_id]
+    ids = prompt + answer_ids
+    if len(ids) > max_len:
+        # Never truncate silently: a cut answer teaches the model to stop mid-sentence.
+        raise ValueError(f"i2t_example: sequence of {len(ids)} tokens (prompt {len(prompt)} incl. "
+                         f"{num_image_tokens} image tokens + answer {len(answer_ids)}) exceeds "
+                         f"max_len {max_len}")
+    tokens, mask = _pad(ids, max_len, tok.pad_id)
+    targets = np.full(max_len, -1, np.int32)
+    # Position t predicts token t+1: the last prompt position predicts the first answer token.
+    targets[len(prompt) - 1:len(ids) - 1] = answer_ids
+    return {"tokens": tokens, "targets": targets, "mask": mask}
+
+
+def t2i_example(tok, prompt: str, max_len: int, drop: bool) -> dict:
+    """tokens / mask, int32 [max_len]; overlong prompts lose their end, never the template tail."""
+    text = UNCOND_PROMPT if drop else GEN_TEMPLATE.format(prompt=prompt)
+    head, tail = tok.encode(_HEAD + text), tok.encode(_TAIL)
+    if len(head) + len(tail) > max_len:
+        if max_len - len(tail) <= len(tok.encode(_HEAD)):
+            raise ValueError(f"t2i_example: max_len {max_len} cannot hold the chat template")
+        logging.warning("t2i_example: prompt of %d tokens truncated to max_len %d: %r",
+                        len(head) + len(tail), max_len, prompt[:80])
+        head = head[:max_len - len(tail)]
+    tokens, mask = _pad(head + tail, max_len, tok.pad_id)
+    return {"tokens": tokens, "mask": mask}

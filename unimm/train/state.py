@@ -1,0 +1,75 @@
+"""The train state (params, optimizer state, EMA params, step), created already sharded."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from unimm import sharding
+from unimm.models import harmon, layers
+from unimm.models import vae as vae_lib
+from unimm.train.optimizer import make_optimizer
+
+# Param groups each training stage leaves untouched (Harmon paper: stage I freezes the LLM).
+FROZEN_BY_STAGE = {1: ("llm",), 2: (), 3: ()}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    tokenizer_params: Any          # the frozen VAE ({} for the pixel-patch tokenizer)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def frozen_groups(config: Any) -> tuple[str, ...]:
+    stage = int(config.train.stage)
+    if stage not in FROZEN_BY_STAGE:
+        raise ValueError(f"train.stage={stage}: expected one of {sorted(FROZEN_BY_STAGE)}")
+    return FROZEN_BY_STAGE[stage]
+
+
+def param_shardings(config: Any, mesh: jax.sharding.Mesh) -> Any:
+    m = config.model
+    return sharding.param_shardings(harmon.abstract_params(m), harmon.logical_specs(m), mesh,
+                                    config.sharding.logical_axis_rules)
+
+
+def create_train_state(config: Any, mesh: jax.sharding.Mesh, rng: jax.Array,
+                       params: Any = None, tokenizer_params: Any = None) -> TrainState:
+    """A fresh state with params born sharded (``params``/``tokenizer_params`` override init).
+
+    The optimizer state and EMA inherit the params' shardings through ``jit`` propagation.
+    """
+    m = layers.freeze(config.model)
+    tx, _ = make_optimizer(config.optimizer, config.train.steps, frozen_groups(config))
+    p_shard = param_shardings(config, mesh)
+    k_model, k_vae = jax.random.split(rng)
+    if params is None:
+        params = jax.jit(lambda r: harmon.init(m, r), out_shardings=p_shard)(k_model)
+    else:
+        params = jax.device_put(params, p_shard)
+    if tokenizer_params is None:
+        tokenizer_params = jax.jit(lambda r: vae_lib.init(m.vae, r))(k_vae)
+    tokenizer_params = jax.device_put(tokenizer_params, sharding.replicated(mesh))
+
+    @jax.jit
+    def finish(params):
+        return tx.init(params), jax.tree.map(jnp.copy, params)
+
+    opt_state, ema = finish(params)
+    # Leaves not derived from the params (step counters) may land on one device: replicate.
+    rep = sharding.replicated(mesh)
+    opt_state = jax.tree.map(lambda x: x if x.ndim else jax.device_put(x, rep), opt_state)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
+                      opt_state=opt_state, ema_params=ema, tokenizer_params=tokenizer_params, tx=tx)
+
+
+def state_shardings(state: TrainState) -> Any:
+    """The shardings of a concrete state's arrays (used as jit in/out shardings)."""
+    return jax.tree.map(lambda x: x.sharding, state)

@@ -1,0 +1,101 @@
+"""The supervised train step: image->text cross-entropy + text->image diffusion loss.
+
+``train_step(state, batch, rng, *, config) -> (state, metrics)`` is pure; bind the config
+with :func:`make_train_step` and jit it with :func:`jit_train_step` (shardings + donation).
+
+Batch keys (either task may be absent; images float32 in [-1, 1], NHWC):
+``i2t_images [B1,H,W,3]``, ``i2t_tokens [B1,T1]`` (chat sequence with one run of
+``<image>`` placeholders), ``i2t_targets [B1,T1]`` (next token, -1 = no loss),
+``i2t_mask [B1,T1]`` (1 = real token); ``t2i_images [B2,H,W,3]``, ``t2i_tokens [B2,T2]``
+(the prompt, already dropped to the unconditional prompt for ~10 %), ``t2i_mask [B2,T2]``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from unimm import sharding
+from unimm.models import gaussian_diffusion, harmon, layers, mar, qwen2
+from unimm.models import vae as vae_lib
+from unimm.train.state import TrainState
+
+
+def image_tokens(state_or_params: Any, model_cfg: Any, images: jax.Array) -> jax.Array:
+    """Frozen tokenizer (VAE posterior mode x scale, or pixel patches): no gradient."""
+    return jax.lax.stop_gradient(vae_lib.images_to_tokens(state_or_params, model_cfg.vae, images))
+
+
+def i2t_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array, image_id: int,
+             grad_scale: float) -> tuple[jax.Array, dict]:
+    tokens, mask = batch["i2t_tokens"], batch["i2t_mask"].astype(bool)
+    embeds = harmon.understanding_embeds(params, model_cfg, tokens, img_tokens, image_id, grad_scale)
+    hidden, _ = qwen2.forward(params["llm"], model_cfg.llm, embeds, qwen2.positions_from_mask(mask), mask)
+    logits = qwen2.lm_logits(params["llm"], model_cfg.llm, hidden)
+    targets = batch["i2t_targets"]
+    valid = targets >= 0
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
+    n = jnp.maximum(valid.sum(), 1)
+    acc = jnp.sum((jnp.argmax(logits, -1) == targets) & valid) / n
+    return jnp.sum(ce * valid) / n, {"i2t_loss": jnp.sum(ce * valid) / n, "i2t_token_acc": acc}
+
+
+def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
+             rng: jax.Array) -> tuple[jax.Array, dict]:
+    b, seq, dim = img_tokens.shape
+    k_order, k_ratio, k_diff = jax.random.split(rng, 3)
+    orders = mar.random_orders(k_order, b, seq)
+    ratio = mar.sample_mask_ratio(k_ratio, model_cfg.mar.mask_ratio_min)    # one per batch
+    mask = mar.mask_by_order(mar.num_masked(seq, ratio), orders)
+    idx, valid = mar.gather_visible(mask, mar.max_visible_for_training(seq, model_cfg.mar.mask_ratio_min))
+    text = qwen2.embed(params["llm"], model_cfg.llm, batch["t2i_tokens"])
+    z = harmon.decoder_condition(params, model_cfg, text, batch["t2i_mask"], img_tokens, idx, valid)
+    loss = gaussian_diffusion.diffusion_loss(
+        params["head"], harmon.head_config(model_cfg), model_cfg.diffusion,
+        img_tokens.reshape(-1, dim), z.reshape(b * seq, -1), mask.reshape(-1), k_diff)
+    return loss, {"t2i_loss": loss, "mask_ratio": ratio}
+
+
+def loss_fn(params: Any, tokenizer_params: Any, batch: dict, rng: jax.Array, *, config: Any):
+    m, t = config.model, config.train
+    total, metrics = 0.0, {}
+    if "i2t_tokens" in batch:
+        toks = image_tokens(tokenizer_params, m, batch["i2t_images"])
+        loss, mets = i2t_loss(params, m, batch, toks, config.data.image_token_id, m.understanding_grad_scale)
+        total, metrics = total + t.i2t_weight * loss, {**metrics, **mets}
+    if "t2i_tokens" in batch:
+        toks = image_tokens(tokenizer_params, m, batch["t2i_images"])
+        loss, mets = t2i_loss(params, m, batch, toks, rng)
+        total, metrics = total + t.t2i_weight * loss, {**metrics, **mets}
+    return total, metrics
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: Any) -> tuple[TrainState, dict]:
+    """One optimizer step; the step's randomness is ``fold_in(rng, step)`` (resumable)."""
+    rng = jax.random.fold_in(rng, state.step)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, config=config), has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, state.tokenizer_params, batch, rng)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = config.train.ema_decay
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+
+def make_train_step(config: Any):
+    """``train_step`` with the config bound: ``step(state, batch, rng) -> (state, metrics)``."""
+    config = layers.freeze(config)
+    return functools.partial(train_step, config=config)
+
+
+def jit_train_step(config: Any, mesh: jax.sharding.Mesh, state_sharding: Any, batch_example: dict):
+    """The jitted step: state sharded as given (and donated), batch split over data axes."""
+    batch_sharding = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch_example.items()}
+    return jax.jit(make_train_step(config),
+                   in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
