@@ -62,14 +62,30 @@ def _pad(ids: list[int], max_len: int, pad_id: int) -> tuple[np.ndarray, np.ndar
     return tokens, mask
 
 
-def i2t_example(tok, question: str, answer: str, num_image_tokens: int, max_len: int) -> dict:
-    """tokens / targets / mask, int32 [max_len]; targets[t] = tokens[t+1] on answer positions."""
+def i2t_prompt_ids(tok, question: str, num_image_tokens: int) -> list[int]:
+    """The understanding prompt with its ``<image>`` expanded to ``num_image_tokens`` slots."""
     prompt = tok.encode(chat_prompt(IMAGE + "\n" + question))
     if prompt.count(tok.image_id) != 1:
-        raise ValueError(f"i2t_example: expected exactly one {IMAGE} in the prompt, found "
+        raise ValueError(f"i2t prompt: expected exactly one {IMAGE} in the prompt, found "
                          f"{prompt.count(tok.image_id)} (question {question!r})")
     k = prompt.index(tok.image_id)
-    prompt = prompt[:k] + [tok.image_id] * num_image_tokens + prompt[k + 1:]
+    return prompt[:k] + [tok.image_id] * num_image_tokens + prompt[k + 1:]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ``tokens, mask`` int32 [N, max len] for incremental decoding."""
+    width = max(len(r) for r in rows)
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return tokens, mask
+
+
+def i2t_example(tok, question: str, answer: str, num_image_tokens: int, max_len: int) -> dict:
+    """tokens / targets / mask, int32 [max_len]; targets[t] = tokens[t+1] on answer positions."""
+    prompt = i2t_prompt_ids(tok, question, num_image_tokens)
     answer_ids = tok.encode(answer) + [tok.eos_id]
     ids = prompt + answer_ids
     if len(ids) > max_len:

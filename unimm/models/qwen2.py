@@ -191,7 +191,7 @@ def _sample(logits, rng, temperature, top_p):
 
 
 @functools.partial(jax.jit, static_argnums=1, static_argnames=("max_new_tokens", "greedy"))
-def _generate(params, cfg, tokens, attention_mask, rng, temperature, top_p, eos, pad, *,
+def _generate(params, cfg, tokens, embeds, attention_mask, rng, temperature, top_p, eos, pad, *,
               max_new_tokens: int, greedy: bool):
     b, t = tokens.shape
     total = t + max_new_tokens
@@ -205,8 +205,8 @@ def _generate(params, cfg, tokens, attention_mask, rng, temperature, top_p, eos,
         return tok, done | (tok == eos)
 
     cache = init_cache(cfg, b, total, jnp.dtype(cfg.dtype))
-    hidden, cache = forward(params, cfg, tokens, positions_from_mask(attention_mask), kv_mask,
-                            cache=cache)
+    hidden, cache = forward(params, cfg, tokens if embeds is None else embeds,
+                            positions_from_mask(attention_mask), kv_mask, cache=cache)
     rng, sub = jax.random.split(rng)
     tok, done = pick(hidden, sub, jnp.zeros((b,), bool))
     out = jnp.concatenate([tokens.astype(jnp.int32), jnp.full((b, max_new_tokens), pad, jnp.int32)], 1)
@@ -232,12 +232,15 @@ def _generate(params, cfg, tokens, attention_mask, rng, temperature, top_p, eos,
 
 def generate(params, cfg, tokens, max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, rng: jax.Array | None = None, attention_mask=None,
-             eos_token_id: int | None = None, pad_token_id: int | None = None) -> jax.Array:
+             eos_token_id: int | None = None, pad_token_id: int | None = None,
+             inputs_embeds: jax.Array | None = None) -> jax.Array:
     """Prompt + ``max_new_tokens`` continuation, int32 [B, T + max_new_tokens].
 
     Greedy when ``temperature == 0``, else temperature + nucleus (``top_p``) sampling with
     ``rng``. Prompts are left-padded (``attention_mask`` 0 = pad). After ``eos_token_id``
     a row emits ``pad_token_id`` (default: eos); decoding stops once every row is done.
+    ``inputs_embeds [B, T, H]`` replaces the prompt's embeddings in the prefill (image
+    placeholders filled by the caller); ``tokens`` still fills the output's prompt part.
     """
     greedy = temperature == 0.0
     if not greedy and rng is None:
@@ -249,6 +252,6 @@ def generate(params, cfg, tokens, max_new_tokens: int, *, temperature: float = 0
     eos = -1 if eos_token_id is None else eos_token_id  # -1 never matches a token
     pad = pad_token_id if pad_token_id is not None else max(eos, 0)
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(params, layers.freeze(cfg), jnp.asarray(tokens), jnp.asarray(attention_mask),
+    return _generate(params, layers.freeze(cfg), jnp.asarray(tokens), inputs_embeds, jnp.asarray(attention_mask),
                      rng, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                      jnp.int32(eos), jnp.int32(pad), max_new_tokens=max_new_tokens, greedy=greedy)

@@ -1,0 +1,118 @@
+"""Harmon inference as single jitted programs with static shapes.
+
+* :func:`generate_image_tokens` — text -> image tokens by masked-autoregressive iterations
+  (cosine schedule, random orders, CFG with the unconditional prompt, per-token diffusion
+  sampling). The schedule depends only on ``(num_iter, seq_len)``, so it is precomputed;
+  each iteration samples a fixed-size window of the order (the largest number of tokens
+  any step predicts), not all ``L`` tokens. One ``lax.fori_loop``: no Python dispatch or
+  recompilation per iteration.
+* :func:`caption` — image -> text by greedy / sampled decoding with the KV cache.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimm.models import gaussian_diffusion, harmon, layers, mar, qwen2
+
+
+def mask_schedule(num_iter: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per step: tokens still masked after it (0 at the last step: it predicts the rest) and
+    the clamped schedule value the linear CFG schedule uses (as the reference's ``mask_len``)."""
+    target = mar.mask_len_schedule(num_iter, seq_len)
+    remaining, after, cfg_len = seq_len, [], []
+    for s in range(num_iter):
+        m = max(1, min(remaining - 1, int(target[s])))
+        cfg_len.append(m)
+        after.append(0 if s == num_iter - 1 else m)
+        remaining = after[-1]
+    return np.asarray(after, np.int32), np.asarray(cfg_len, np.int32)
+
+
+def _fill(tokens: jax.Array, pos: jax.Array, valid: jax.Array, values: jax.Array) -> jax.Array:
+    """``tokens[b, pos[b, w]] = values[b, w]`` where ``valid``; comparison + gather (no scatter)."""
+    hit = (pos[:, :, None] == jnp.arange(tokens.shape[1])[None, None, :]) & valid[:, :, None]
+    row = jnp.argmax(hit, axis=1)
+    new = jnp.take_along_axis(values, row[..., None], axis=1)
+    return jnp.where(hit.any(axis=1)[..., None], new.astype(tokens.dtype), tokens)
+
+
+@functools.partial(jax.jit, static_argnums=1, static_argnames=(
+    "num_iter", "guided", "cfg_schedule", "num_steps"))
+def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array, rng: jax.Array,
+                          *, num_iter: int, guided: bool, cfg_scale=1.0, cfg_schedule: str = "constant",
+                          temperature=1.0, num_steps: str | None = None) -> jax.Array:
+    """Image tokens ``[B, L, D]`` for prompts ``tokens/mask [B', T]`` (1 = real token).
+
+    ``guided``: rows are ``[cond (B); uncond (B)]`` (B' = 2B), sharing orders, masks and
+    noise; ε is guided with ``cfg_scale`` (constant or Muse's linear schedule). Otherwise
+    B' = B and ``cfg_scale`` is unused.
+    """
+    if cfg_schedule not in ("constant", "linear"):
+        raise ValueError(f"cfg_schedule={cfg_schedule!r}: expected 'constant' or 'linear'")
+    m = cfg.mar
+    seq, buf, dim = m.grid ** 2, m.buffer_size, m.token_dim
+    rows, t_len = tokens.shape
+    b = rows // 2 if guided else rows
+    after, cfg_len = mask_schedule(num_iter, seq)
+    before = np.concatenate([[seq], after[:-1]])
+    window = int((before - after).max())
+    after_j, before_j, cfg_len_j = map(jnp.asarray, (after, before, cfg_len))
+
+    k_order, k_loop = jax.random.split(rng)
+    orders = mar.random_orders(k_order, b, seq)
+    ranks = jnp.argsort(orders, axis=-1)
+    # Padded so a window starting near the end is never clamped (its tail is invalid anyway).
+    orders_padded = jnp.concatenate([orders, orders[:, :window]], axis=1)
+    text_mask = mask.astype(bool)
+    cache = qwen2.init_cache(cfg.llm, rows, t_len + seq + buf, jnp.dtype(cfg.llm.dtype))
+    prefill_kv = jnp.concatenate([text_mask, jnp.zeros((rows, seq + buf), bool)], axis=1)
+    _, cache = qwen2.forward(params["llm"], cfg.llm, tokens, qwen2.positions_from_mask(text_mask),
+                             prefill_kv, cache=cache)
+    head_cfg = harmon.head_config(cfg)
+    both = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
+
+    def body(s, carry):
+        img, masked, key = carry
+        key, k_diff = jax.random.split(key)
+        idx, valid = mar.gather_visible(both(masked), seq)
+        x_enc, z_enc = harmon.visual_features(params, cfg, both(img), idx, valid)
+        kv_mask = jnp.concatenate([text_mask, harmon.image_kv_mask(valid, buf)], axis=1)
+        positions = jnp.maximum(jnp.cumsum(kv_mask, axis=1) - 1, 0)[:, t_len:]
+        hidden, _ = qwen2.forward(params["llm"], cfg.llm, z_enc.astype(jnp.dtype(cfg.llm.dtype)), positions,
+                                  kv_mask, cache=cache, cache_offset=t_len)   # cache not kept
+        z_llm = harmon._buffer_to_start(hidden, buf)
+        z = mar.decode(params["mar"], m, x_enc + harmon.project_out(params, cfg, z_llm), idx, valid)
+        # The tokens this step predicts: ranks [after[s], before[s]) of each order.
+        pos = jax.lax.dynamic_slice_in_dim(orders_padded, after_j[s], window, axis=1)
+        pos_valid = jnp.arange(pos.shape[1])[None, :] < (before_j[s] - after_j[s])
+        z_win = jnp.take_along_axis(z, both(pos)[..., None], axis=1)             # [B', W, Cd]
+        scale = cfg_scale if cfg_schedule == "constant" else \
+            1.0 + (cfg_scale - 1.0) * (seq - cfg_len_j[s]) / seq
+        x0, _ = gaussian_diffusion.sample(
+            params["head"], head_cfg, cfg.diffusion, z_win.reshape(-1, z_win.shape[-1]), k_diff,
+            temperature=temperature, cfg_scale=scale, guided=guided, num_steps=num_steps)
+        img = _fill(img, pos, pos_valid, x0.reshape(b, -1, dim))
+        return img, ranks < after_j[s], key
+
+    init = (jnp.zeros((b, seq, dim), jnp.float32), jnp.ones((b, seq), bool), k_loop)
+    img, _, _ = jax.lax.fori_loop(0, num_iter, body, init)
+    return img
+
+
+def caption(params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array, image_tokens: jax.Array,
+            image_id: int, max_new_tokens: int, eos_id: int, pad_id: int | None = None,
+            temperature: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+    """Left-padded prompts with ``<image>`` slots -> prompt + generated ids ``[B, T + N]``."""
+    embeds = _understanding_embeds(params, layers.freeze(cfg), jnp.asarray(tokens), image_tokens, image_id)
+    return qwen2.generate(params["llm"], cfg.llm, tokens, max_new_tokens, temperature=temperature, rng=rng,
+                          attention_mask=mask, eos_token_id=eos_id, pad_token_id=pad_id, inputs_embeds=embeds)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _understanding_embeds(params, cfg, tokens, image_tokens, image_id):
+    return harmon.understanding_embeds(params, cfg, tokens, image_tokens, image_id)

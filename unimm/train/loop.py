@@ -1,0 +1,128 @@
+"""The supervised training loop: mesh, tokenizer, state, data, jitted step, checkpoints, metrics.
+
+``train_and_evaluate(config, workdir)`` resumes from ``workdir/checkpoints`` when it holds a
+checkpoint, so re-running the same command after an interruption continues the run; the
+result is bit-identical to an uninterrupted run (data position and step rng are restored).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from unimm import checkpoint, sharding
+from unimm.data import pipeline, text
+from unimm.data.tokenizer import HFTokenizer
+from unimm.models import harmon
+from unimm.train.state import TrainState, create_train_state, param_shardings, state_shardings
+from unimm.train.step import jit_train_step
+
+# eval_fn(state, step, writer): writes its own metrics; its return value is ignored.
+EvalFn = Callable[[TrainState, int, Any], Any]
+
+
+def make_tokenizer(config: Any):
+    path = config.data.tokenizer
+    return text.shapes_tokenizer() if path == "" else HFTokenizer(path)
+
+
+def _mesh_shape(config: Any) -> dict:
+    mesh = config.sharding.mesh
+    return mesh.to_dict() if hasattr(mesh, "to_dict") else dict(mesh)
+
+
+def check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
+    """Each task's global batch is split over the data-parallel axes (data x fsdp)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    for task in pipeline.TASKS:
+        size = config.data[f"{task}_batch_size"]
+        if size % dp:
+            raise ValueError(
+                f"data.{task}_batch_size={size} is not divisible by the data-parallel size {dp} "
+                f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} from "
+                f"sharding.mesh={_mesh_shape(config)}); change the batch size or the mesh")
+
+
+def set_tokenizer_fields(config: Any, tok: Any) -> None:
+    if tok.vocab_size > config.model.llm.vocab_size:
+        raise ValueError(f"tokenizer {config.data.tokenizer or '(built-in shapes)'} has "
+                         f"{tok.vocab_size} tokens but model.llm.vocab_size is "
+                         f"{config.model.llm.vocab_size}")
+    with config.unlocked():   # config_flags hands out a locked ConfigDict
+        config.data.image_token_id = int(tok.image_id)
+
+
+def initial_params(config: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Params of ``config.init_from`` (a converter output dir), born sharded; None = random."""
+    if not config.init_from:
+        return None
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            harmon.abstract_params(config.model), param_shardings(config, mesh))
+    logging.info("initialising params from %s", config.init_from)
+    return checkpoint.load_params(config.init_from, abstract)
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+    host = jax.device_get(history)   # one transfer per interval, not per step
+    return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+
+
+def train_and_evaluate(config: Any, workdir: str, *, eval_fn: EvalFn | None = None) -> TrainState:
+    t = config.train
+    mesh = sharding.make_mesh(_mesh_shape(config))
+    check_batch_sizes(config, mesh)
+    tok = make_tokenizer(config)
+    set_tokenizer_fields(config, tok)
+
+    rng = jax.random.key(config.seed)
+    state = create_train_state(config, mesh, rng, params=initial_params(config, mesh))
+    iterator = pipeline.make_train_iterator(config, tok)
+    manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
+    state, resumed = checkpoint.restore_latest(manager, state, iterator)
+    step = int(jax.device_get(state.step))
+    if resumed:
+        logging.info("resumed from %s at step %d", manager.directory, step)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if step == 0:
+        writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+    report = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer,
+                                             every_steps=t.log_every, every_secs=None)
+    train_step = None   # built from the first batch (the jit needs the batch's ranks)
+    history: list[dict] = []
+    last_time, last_step = time.perf_counter(), step
+
+    with jax.set_mesh(mesh):
+        while step < t.steps:
+            batch = pipeline.global_batch(next(iterator), mesh)
+            if train_step is None:
+                train_step = jit_train_step(config, mesh, state_shardings(state), batch)
+            state, metrics = train_step(state, batch, rng)
+            step += 1
+            history.append(metrics)
+            report(step)
+            if step % t.log_every == 0 or step == t.steps:
+                scalars = _mean_metrics(history)
+                now = time.perf_counter()
+                scalars["steps_per_sec"] = (step - last_step) / (now - last_time)
+                last_time, last_step, history = now, step, []
+                writer.write_scalars(step, scalars)
+                losses = " ".join(f"{k}={v:.4f}" for k, v in sorted(scalars.items())
+                                  if k.endswith("_loss"))
+                logging.info("step %d/%d loss=%.4f %s steps/s=%.2f", step, t.steps,
+                             scalars["loss"], losses, scalars["steps_per_sec"])
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                checkpoint.save(manager, state, iterator)
+            if eval_fn is not None and t.eval_every > 0 and step % t.eval_every == 0 and step < t.steps:
+                eval_fn(state, step, writer)
+        if eval_fn is not None:
+            eval_fn(state, step, writer)
+
+    manager.wait_until_finished()   # async saves must land before we return
+    manager.close()
+    writer.flush()
+    return state
