@@ -162,3 +162,12 @@ def test_scene_dict_round_trip():
     for i in range(100):
         sc = S.sample_scene(0, i)
         assert S.scene_from_dict(S.scene_to_dict(sc)) == sc
+
+
+def test_detector_finds_nothing_in_random_noise():
+    """Random pixels must not pass as objects (else noise would satisfy GenEval prompts)."""
+    rng = np.random.default_rng(0)
+    for size in (32, 64):
+        for _ in range(50):
+            noise = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+            assert S.detect(noise) == ()

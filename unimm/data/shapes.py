@@ -152,6 +152,10 @@ def _labels(image: np.ndarray) -> np.ndarray:
     return lab.reshape(image.shape[:2])
 
 
+MIN_IOU = 0.5       # detected blob vs best shape template
+MAX_CLUTTER = 0.5   # other-colour pixels in a cell, relative to the object's pixels
+
+
 def detect(image: np.ndarray) -> Scene:
     """Parse an RGB image back into its objects: per cell, the dominant palette colour gives
     the object's colour and mask; the best-matching template (by IoU after aligning bounding
@@ -183,6 +187,10 @@ def detect(image: np.ndarray) -> Scene:
             iou = inter / (n_mask + n_t - inter)
             if iou > best_iou:
                 best, best_iou = key, iou
+        # A cell of scattered colours (noise, a smeared generation) holds no object: the
+        # dominant colour must form a template-like blob and outweigh the other colours.
+        if best_iou < MIN_IOU or counts.sum() - n_mask > MAX_CLUTTER * n_mask:
+            continue
         objs.append(Obj(best[0], COLORS[k - 1], best[1], cell))
     return canonical(objs)
 
