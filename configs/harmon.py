@@ -206,6 +206,13 @@ def sample_config(variant: str) -> ml_collections.ConfigDict:
     return s
 
 
+def eval_config(variant: str) -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
+    e.num_examples = 60                   # held-out items per task (shapes benchmark)
+    e.batch_size = 12                     # items per sampling / captioning call
+    return e
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = (arg or "tiny").lower()
     if variant not in VARIANTS:
@@ -216,6 +223,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = train_config(variant)
     config.optimizer = optimizer_config(variant)
     config.sample = sample_config(variant)
+    config.eval = eval_config(variant)
     config.sharding = sharding_config()
     config.seed = 0                       # base PRNG seed
     config.init_from = ""                 # converted checkpoint to start from ("" = random init)

@@ -1,0 +1,164 @@
+"""The training loop: checkpoints + metrics, exact resume, init_from, the CLI, mesh errors."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from unimm import config_utils
+from unimm.convert.__main__ import save as convert_save
+from unimm.models import harmon, layers
+from unimm.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+
+
+def tiny_config(**train):
+    config = config_utils.load_config("configs/harmon.py:tiny")
+    config.data.i2t_batch_size = config.data.t2i_batch_size = 8
+    # 8 fake devices; fsdp shards the params, so restores land in real shardings. (A tensor
+    # axis costs ~30 % more compile time here; tests/test_sharding.py covers it.)
+    config.sharding.mesh = {"data": 4, "fsdp": 2, "tensor": 1}
+    config.train.update(dict(steps=STEPS, log_every=2, checkpoint_every=3, eval_every=0))
+    config.train.update(train)
+    return config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The runs below compile the same programs: share them through a persistent cache."""
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("full"))
+    state = loop.train_and_evaluate(tiny_config(), workdir)
+    return workdir, jax.tree.map(np.asarray, state.params)
+
+
+def _scalar_tags(workdir):
+    import tensorflow as tf
+    tags = set()
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+def test_run_writes_checkpoints_and_metrics(full_run):
+    workdir, params = full_run
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+    tags = _scalar_tags(workdir)
+    assert {"loss", "i2t_loss", "t2i_loss", "steps_per_sec"} <= tags, tags
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_resume_is_bit_exact(full_run, tmp_path):
+    workdir, params = full_run
+    # An interrupted run: the same workdir as if it had stopped after the step-3 checkpoint.
+    resumed_dir = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed_dir)
+    shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "6"))
+    evals = []
+    state = loop.train_and_evaluate(tiny_config(eval_every=1), resumed_dir,
+                                    eval_fn=lambda s, step, writer: evals.append(step))
+    assert evals == [4, 5, 6]          # continued after step 3; final evaluation at the end
+    assert int(state.step) == STEPS
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), params)
+
+
+_init = jax.jit(harmon.init, static_argnums=0)   # one compile instead of eager ops
+
+
+def _converted(tmp_path, seed=123):
+    config = tiny_config()
+    params = jax.tree.map(np.asarray, _init(layers.freeze(config.model), jax.random.key(seed)))
+    dst = str(tmp_path / "converted")
+    convert_save(dst, params, config.model)
+    return dst, params
+
+
+def test_init_from_converter_output(tmp_path):
+    dst, saved = _converted(tmp_path)
+    config = tiny_config(steps=STEPS)
+    config.init_from = dst
+    state = loop.train_and_evaluate(config, str(tmp_path / "work"))
+    # Six AdamW steps (lr 3e-4) move each parameter by far less than a different init would.
+    final = jax.tree.map(np.asarray, state.params)
+    drift = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(saved)))
+    assert drift < 1e-2
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
+    loaded = loop.initial_params(config, mesh)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded), saved)
+
+
+def test_init_from_errors_name_the_path(tmp_path):
+    config = tiny_config()
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
+    config.init_from = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        loop.initial_params(config, mesh)
+    # A converter output for a different architecture (the LM alone).
+    dst = str(tmp_path / "lm_only")
+    params = jax.tree.map(np.asarray, _init(layers.freeze(config.model), jax.random.key(0)))
+    convert_save(dst, {"llm": params["llm"]}, config.model)
+    config.init_from = dst
+    with pytest.raises(ValueError, match="lm_only.*do not fit.*missing"):
+        loop.initial_params(config, mesh)
+
+
+def test_mesh_batch_mismatch_is_clear(tmp_path):
+    config = tiny_config()
+    config.sharding.mesh = {"data": 8, "fsdp": 1, "tensor": 1}
+    config.data.i2t_batch_size = 4
+    with pytest.raises(ValueError, match="i2t_batch_size=4 is not divisible by the data-parallel size 8"):
+        loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_cli(tmp_path):
+    # One device keeps the subprocess's compilation short.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    workdir = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "unimm.main", "--config=configs/harmon.py:tiny",
+           f"--workdir={workdir}", "--config.train.steps=2", "--config.train.log_every=1",
+           "--config.train.checkpoint_every=2", "--config.data.i2t_batch_size=2",
+           "--config.data.t2i_batch_size=2", "--config.eval.num_examples=6", "--config.eval.batch_size=6",
+           "--config.sample.num_iter=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.listdir(workdir / "checkpoints") == ["2"]
+    assert "step 2/2 loss=" in proc.stderr
+    # The final evaluation wrote its scores and grids; the config was saved for the CLIs.
+    with open(workdir / "eval.json") as f:
+        scores = json.load(f)
+    assert scores["step"] == 2 and 0.0 <= scores["geneval"]["overall"] <= 1.0
+    assert {"caption_exact_match", "qa_accuracy", "reconstruction"} <= set(scores)
+    assert (workdir / "geneval_grid_2.png").exists() and (workdir / "config.json").exists()
+
+    # The inference CLIs read the run's config.json and newest checkpoint.
+    from PIL import Image
+    from unimm.data import shapes
+    Image.fromarray(shapes.render(shapes.sample_scene(0, 7), 32)).save(tmp_path / "x.png")
+    out = tmp_path / "grid.png"
+    for args in (["unimm.sample", "--prompt=a red circle", "--num_per_prompt=2", f"--out={out}"],
+                 ["unimm.caption", f"--image={tmp_path / 'x.png'}"]):
+        proc = subprocess.run([sys.executable, "-m", *args, f"--workdir={workdir}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(out).size == (64, 32)
+    assert "x.png: " in proc.stdout
+    missing = subprocess.run([sys.executable, "-m", "unimm.caption", f"--workdir={tmp_path / 'none'}",
+                              f"--image={tmp_path / 'x.png'}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert missing.returncode != 0 and "error:" in missing.stderr and "Traceback" not in missing.stderr

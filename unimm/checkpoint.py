@@ -1,0 +1,109 @@
+"""Orbax checkpoints: the train state's arrays + the data iterator's position.
+
+Each step directory under ``workdir/checkpoints`` is a Composite (MaxText
+``common/checkpointing.py`` style) of
+
+* ``state``: ``{"step", "params", "opt_state", "ema_params"}`` (StandardSave); the static
+  optimizer ``tx`` is code, and the frozen ``tokenizer_params`` are re-created the same way
+  at start-up, so neither is stored;
+* ``data``: ``iterator.get_state()`` (JSON; grain iterator states are small dicts).
+
+Restoring both resumes training exactly where it stopped: the step's randomness is
+``fold_in(rng, step)`` and the iterator continues from the saved stream position.
+
+``load_params`` reads the params written by ``python -m unimm.convert`` (``DST/params``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+STATE_KEYS = ("step", "params", "opt_state", "ema_params")
+
+
+def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    """An async CheckpointManager in ``workdir/checkpoints`` keeping the newest ``keep``."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                           create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options, item_names=("state", "data"))
+
+
+def _arrays(state: Any) -> dict:
+    return {k: getattr(state, k) for k in STATE_KEYS}
+
+
+def _abstract(tree: Any) -> Any:
+    """Shape/dtype/sharding of each array: the restore target, so arrays land sharded."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def save(manager: ocp.CheckpointManager, state: Any, iterator: Any) -> bool:
+    """Starts an async save at ``state.step``. Device buffers are copied to host before this
+    returns, so the next (donating) train step may reuse them."""
+    step = int(jax.device_get(state.step))
+    return manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_arrays(state)),
+        data=ocp.args.JsonSave(iterator.get_state())))
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: Any, iterator: Any) -> tuple[Any, bool]:
+    """Restores the newest checkpoint into ``state``'s shardings and ``iterator``'s position.
+
+    Returns ``(state, restored)``; ``state`` is returned unchanged when there is none.
+    """
+    step = manager.latest_step()
+    if step is None:
+        return state, False
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(_arrays(state))),
+        data=ocp.args.JsonRestore()))
+    iterator.set_state(restored["data"])
+    return state.replace(**restored["state"]), True
+
+
+def _key_name(k: Any) -> str:
+    # Orbax stores list entries under string keys ("0"): compare paths by their names only.
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _leaf_shapes(tree: Any) -> dict:
+    return {"/".join(_key_name(k) for k in path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+    """Params from a converter output dir (``path/params``), restored into the shardings of
+    ``abstract_params`` (a pytree of ``jax.ShapeDtypeStruct`` with ``sharding``, or arrays).
+
+    Raises FileNotFoundError / ValueError naming ``path`` when it is not a converter output
+    or its parameter tree does not fit the configured model.
+    """
+    target = os.path.join(os.path.abspath(path), "params")
+    if not os.path.isdir(target):
+        raise FileNotFoundError(
+            f"init_from={path!r}: no params/ directory at {target} "
+            "(expected the output directory of `python -m unimm.convert`)")
+    ckptr = ocp.StandardCheckpointer()
+    # Compare structure and shapes first: a clear message instead of an orbax internal one.
+    try:
+        meta = ckptr.metadata(target).item_metadata
+    except Exception as e:  # not an orbax checkpoint, or unreadable
+        raise ValueError(f"init_from={path!r}: cannot read an orbax checkpoint at {target}: {e}") from e
+    saved = _leaf_shapes(getattr(meta, "tree", meta))
+    want = _leaf_shapes(abstract_params)
+    if saved != want:
+        missing = sorted(set(want) - set(saved))[:5]
+        extra = sorted(set(saved) - set(want))[:5]
+        wrong = sorted(k for k in set(want) & set(saved) if want[k] != saved[k])[:5]
+        details = [f"{name}: {keys}" for name, keys in
+                   (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong)) if keys]
+        raise ValueError(f"init_from={path!r}: the parameters in {target} do not fit the "
+                         f"configured model ({'; '.join(details)})")
+    return ckptr.restore(target, _abstract(abstract_params))

@@ -1,0 +1,62 @@
+"""Periodic evaluation during training and the ``eval.json`` writer.
+
+``make_eval_fn(config, workdir)`` returns the loop's hook ``eval_fn(state, step, writer)``:
+it scores the EMA params on the shapes benchmark, writes the scalars and image grids to
+the metric writer (TensorBoard), the grids as PNG files and ``eval.json`` in the workdir.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+from PIL import Image
+
+from unimm.eval import shapes_bench
+
+
+def write_results(workdir: str, step: int, metrics: dict, samples: dict, writer: Any = None) -> str:
+    """``eval.json`` (+ ``eval_<step>.json``) and PNG grids in ``workdir``; returns the json path."""
+    os.makedirs(workdir, exist_ok=True)
+    record = {"step": int(step), **metrics, "captions": samples.get("captions", []),
+              "prompts": samples.get("prompts", [])}
+    for name in ("eval.json", f"eval_{int(step)}.json"):
+        with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+    grids = {k: v for k, v in samples.items() if k.endswith("_grid")}
+    for name, grid in grids.items():
+        Image.fromarray(grid).save(os.path.join(workdir, f"{name}_{int(step)}.png"))
+    if writer is not None:
+        writer.write_scalars(int(step), shapes_bench.flat_scalars(metrics))
+        writer.write_images(int(step), {f"eval/{k}": v[None] for k, v in grids.items()})
+        writer.flush()
+    return os.path.join(workdir, "eval.json")
+
+
+def summary_line(metrics: dict) -> str:
+    g = metrics["geneval"]
+    return (f"caption_exact_match={metrics['caption_exact_match']:.3f} qa_accuracy={metrics['qa_accuracy']:.3f} "
+            f"geneval={g['overall']:.3f} reconstruction={metrics['reconstruction']:.3f} "
+            f"(" + " ".join(f"{k}={v:.2f}" for k, v in g.items() if k != "overall") + ")")
+
+
+def make_eval_fn(config: Any, workdir: str, tok: Any = None, num_examples: int | None = None):
+    if config.data.source != "shapes":
+        logging.info("data.source=%s: the shapes benchmark is skipped", config.data.source)
+        return None
+    if tok is None:
+        from unimm.data.text import shapes_tokenizer
+        tok = shapes_tokenizer()
+    n = num_examples or config.eval.num_examples
+
+    def eval_fn(state: Any, step: int, writer: Any = None) -> dict:
+        model = shapes_bench.Model(config, tok, state.ema_params, state.tokenizer_params)
+        metrics, samples = shapes_bench.evaluate(model, num_examples=n, batch_size=config.eval.batch_size,
+                                                 seed=int(step))
+        write_results(workdir, step, metrics, samples, writer)
+        logging.info("eval step %d: %s", step, summary_line(metrics))
+        print(f"eval step {int(step)}: {summary_line(metrics)}", flush=True)
+        return metrics
+
+    return eval_fn
