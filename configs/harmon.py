@@ -72,6 +72,7 @@ def diffusion_config(variant: str) -> ml_collections.ConfigDict:
     c.num_sampling_steps = "100"          # respacing for sampling (guided-diffusion syntax)
     c.noise_schedule = "cosine"           # beta schedule
     c.batch_mul = 4                       # diffusion_batch_mul: repeats per token in the loss
+    c.clip_denoised = 0.0                 # sampling: clamp predicted x0 to [-c, c] (0 = off, as MAR)
     c.dtype = "float32"                   # compute dtype
     if variant == "1.5b":
         c.width, c.depth = 1536, 12
@@ -79,6 +80,7 @@ def diffusion_config(variant: str) -> ml_collections.ConfigDict:
         c.width, c.depth = 512, 3
     elif variant == "tiny":
         c.width, c.depth, c.num_sampling_steps = 64, 2, "10"
+        c.clip_denoised = 1.0             # pixel-patch tokens live in [-1, 1]
     return c
 
 

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m unimm.bench components [--variants tiny,small] [--reps N]``.
+"""Benchmarks: ``python -m unimm.bench [components] [train] [sample] [--variants tiny,small]``.
 
 Every figure is measured side by side in one process: the fp32 matmul peak of this
 machine (best of square matmuls) and each component's forward+backward, whose FLOPs come
@@ -129,12 +129,9 @@ def component_cases(cfg: Any, rng: jax.Array, batch: int) -> list[tuple[str, Cal
     return cases
 
 
-def run_components(variants: list[str], reps: int, batch: int) -> list[dict]:
+def run_components(variants: list[str], reps: int, batch: int, peak: float) -> list[dict]:
     from unimm import config_utils
 
-    peak, n = matmul_peak()
-    print(f"backend {jax.default_backend()} x{jax.device_count()}; fp32 matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s (best of square matmuls, n={n})")
     rows = []
     for variant in variants:
         cfg = config_utils.load_config(f"configs/harmon.py:{variant}")
@@ -148,15 +145,121 @@ def run_components(variants: list[str], reps: int, batch: int) -> list[dict]:
     return rows
 
 
+def synthetic_batch(config: Any, rng: np.random.Generator) -> dict:
+    """A train batch of the benchmark's shapes: DESIGN.md §4 (understanding sequence 112
+    tokens incl. the image, generation prompt 32 tokens), latent tokens fed directly."""
+    m, d = config.model, config.data
+    seq, n_img = m.mar.grid ** 2, d.num_image_tokens
+    b1, b2 = d.i2t_batch_size, d.t2i_batch_size
+    t1 = max(112, n_img + 16)
+    tokens = rng.integers(8, m.llm.vocab_size, (b1, t1)).astype(np.int32)
+    tokens[:, 3:3 + n_img] = d.image_token_id
+    targets = np.full((b1, t1), -1, np.int32)
+    targets[:, 3 + n_img:-1] = tokens[:, 4 + n_img:]
+    return {
+        "i2t_latents": rng.normal(size=(b1, seq, m.mar.token_dim)).astype(np.float32),
+        "i2t_tokens": tokens, "i2t_targets": targets, "i2t_mask": np.ones((b1, t1), np.int32),
+        "t2i_latents": rng.normal(size=(b2, seq, m.mar.token_dim)).astype(np.float32),
+        "t2i_tokens": rng.integers(8, m.llm.vocab_size, (b2, 32)).astype(np.int32),
+        "t2i_mask": np.ones((b2, 32), np.int32),
+    }
+
+
+def run_train(variants: list[str], reps: int, batch: int, peak: float) -> list[dict]:
+    """Train-step throughput (examples/s) and FLOP/s against the measured peak."""
+    from unimm import config_utils, sharding
+    from unimm.train import step as step_lib
+    from unimm.train.state import create_train_state, state_shardings
+
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    rows = []
+    for variant in variants:
+        config = config_utils.load_config(f"configs/harmon.py:{variant}")
+        config.data.image_token_id = 5
+        config.data.i2t_batch_size = config.data.t2i_batch_size = batch // 2
+        batch_np = synthetic_batch(config, np.random.default_rng(0))
+        state = create_train_state(config, mesh, jax.random.key(0))
+        step = step_lib.jit_train_step(config, mesh, state_shardings(state), batch_np)
+        with jax.set_mesh(mesh):
+            compiled = step.lower(state, batch_np, jax.random.key(0)).compile()
+            flops, _ = _cost(compiled)
+            holder = [state]
+
+            def run():
+                holder[0], metrics = compiled(holder[0], batch_np, jax.random.key(0))
+                return metrics
+            seconds = _time(run, reps)
+        row = dict(variant=variant, component="train_step", ms=1e3 * seconds, examples_per_s=batch / seconds,
+                   gflops_per_s=flops / seconds / 1e9, peak_fraction=flops / seconds / peak)
+        rows.append(row)
+        print(f"{variant:>6} train_step (batch {batch}, both losses)  {row['ms']:9.2f} ms  "
+              f"{row['examples_per_s']:7.1f} examples/s  {row['gflops_per_s']:7.1f} GFLOP/s  "
+              f"{100 * row['peak_fraction']:5.1f}% of peak", flush=True)
+    return rows
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (jax.monitoring events) while active."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name, *args, **kwargs):
+        if name == self.EVENT:
+            self.count += 1
+
+
+def run_sample(variants: list[str], reps: int) -> list[dict]:
+    """T2I latency per image (4 prompts, CFG 3 -> 8 rows) at 16 and 64 MAR iterations, and
+    the number of compilations during a warmed-up sampling call (must be 0)."""
+    from unimm import config_utils
+    from unimm.models import harmon, harmon_sample, layers
+
+    counter = CompileCounter()
+    rows = []
+    for variant in variants:
+        cfg = layers.freeze(config_utils.load_config(f"configs/harmon.py:{variant}").model)
+        params = jax.jit(lambda r: harmon.init(cfg, r))(jax.random.key(0))
+        tokens = jax.random.randint(jax.random.key(1), (8, 32), 8, cfg.llm.vocab_size)
+        mask = jnp.ones((8, 32), jnp.int32)
+        for num_iter in (16, 64):
+            kw = dict(num_iter=num_iter, guided=True, cfg_scale=3.0, num_steps="100")
+            call = lambda: harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(2), **kw)
+            jax.block_until_ready(call())                       # warm-up (compiles)
+            before = counter.count
+            seconds = _time(call, reps)
+            row = dict(variant=variant, component=f"t2i num_iter={num_iter}", ms_per_image=1e3 * seconds / 4,
+                       compiles_after_warmup=counter.count - before)
+            rows.append(row)
+            print(f"{variant:>6} t2i 4 prompts x CFG, {num_iter:2d} iters, 100 diffusion steps: "
+                  f"{row['ms_per_image']:9.1f} ms/image  compilations after warm-up: "
+                  f"{row['compiles_after_warmup']}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unimm.bench", description=__doc__)
-    parser.add_argument("what", choices=("components",))
+    parser.add_argument("what", nargs="*", default=["components", "train", "sample"],
+                        choices=("components", "train", "sample"))
     parser.add_argument("--variants", default="tiny,small")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--json", default="", help="also write the rows to this file")
     args = parser.parse_args(argv)
-    rows = run_components(args.variants.split(","), args.reps, args.batch)
+    variants = args.variants.split(",")
+    peak, n = matmul_peak()
+    print(f"backend {jax.default_backend()} x{jax.device_count()}; fp32 matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s (best of square matmuls, n={n})")
+    rows = []
+    if "components" in args.what:
+        rows += run_components(variants, args.reps, args.batch, peak)
+    if "train" in args.what:
+        rows += run_train(variants, args.reps, args.batch, peak)
+    if "sample" in args.what:
+        rows += run_sample(variants, max(args.reps // 2, 1))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)

@@ -153,14 +153,21 @@ def q_posterior(s: Schedule, x0, x_t, t):
     return mean, _at(s.posterior_log_variance_clipped, t) * jnp.ones_like(x_t)
 
 
-def p_mean_variance(s: Schedule, model_output: jax.Array, x: jax.Array, t: jax.Array) -> dict:
-    """``p(x_{t-1} | x_t)`` from the network output ``[N, 2D]`` = (eps, variance value in [-1, 1])."""
+def p_mean_variance(s: Schedule, model_output: jax.Array, x: jax.Array, t: jax.Array,
+                    clip: float = 0.0) -> dict:
+    """``p(x_{t-1} | x_t)`` from the network output ``[N, 2D]`` = (eps, variance value in [-1, 1]).
+
+    ``clip > 0`` clamps the predicted x0 to ``[-clip, clip]`` (guided-diffusion's
+    ``clip_denoised``): at the noisiest steps x0 = (x_t - sqrt(1-a) eps) / sqrt(a) multiplies
+    the eps error by ~2e4, which a head short of training cannot keep small."""
     eps, var_values = jnp.split(model_output, 2, axis=-1)
     min_log = _at(s.posterior_log_variance_clipped, t)
     max_log = _at(s.log_betas, t)
     frac = (var_values + 1) / 2
     log_var = frac * max_log + (1 - frac) * min_log
     pred_xstart = _at(s.sqrt_recip_alphas_cumprod, t) * x - _at(s.sqrt_recipm1_alphas_cumprod, t) * eps
+    if clip:
+        pred_xstart = jnp.clip(pred_xstart, -clip, clip)
     mean, _ = q_posterior(s, pred_xstart, x, t)
     return {"mean": mean, "variance": jnp.exp(log_var), "log_variance": log_var, "pred_xstart": pred_xstart}
 
@@ -231,13 +238,14 @@ def head_model_fn(head_params: Any, head_cfg: Any, z: jax.Array, cfg_scale=1.0,
     return fn
 
 
-def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array):
+def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array, clip: float = 0.0):
     t = jnp.full((x.shape[0],), i, jnp.int32)
-    p = p_mean_variance(s, model_fn(x, jnp.asarray(s.timestep_map)[t]), x, t)
+    p = p_mean_variance(s, model_fn(x, jnp.asarray(s.timestep_map)[t]), x, t, clip)
     return p["mean"], p["log_variance"]
 
 
-def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, temperature=1.0):
+def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, temperature=1.0,
+                clip: float = 0.0):
     """Ancestral sampling from ``x_T`` as one ``lax.scan`` over the steps ``S-1 .. 0``.
 
     Returns ``(x_0, log_probs [S, N], traj)``; ``traj`` holds per step (first = noisiest)
@@ -245,7 +253,7 @@ def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, 
     """
     def step(x, inp):
         i, key = inp
-        mean, log_var = _step_mean_logvar(model_fn, s, x, i)
+        mean, log_var = _step_mean_logvar(model_fn, s, x, i, clip)
         noise = jax.random.normal(key, x.shape, x.dtype)
         std = jnp.where(i > 0, jnp.exp(0.5 * log_var) * temperature, 0.0)  # no noise at t = 0
         x_next = mean + std * noise
@@ -289,7 +297,7 @@ def sample(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, rng: ja
     k_init, k_loop = jax.random.split(rng)
     x_T = jax.random.normal(k_init, (m, head_cfg.token_dim), jnp.float32)
     x0, log_probs, traj = sample_loop(head_model_fn(head_params, head_cfg, z, cfg_scale, guided),
-                                      s, x_T, k_loop, temperature)
+                                      s, x_T, k_loop, temperature, diff_cfg.get("clip_denoised", 0.0))
     return (x0, log_probs, traj) if return_trajectory else (x0, log_probs)
 
 
@@ -304,7 +312,7 @@ def trajectory_log_probs(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.
     model_fn = head_model_fn(head_params, head_cfg, z, cfg_scale, guided)
 
     def one(step):
-        mean, log_var = _step_mean_logvar(model_fn, s, step["x"], step["t"])
+        mean, log_var = _step_mean_logvar(model_fn, s, step["x"], step["t"], diff_cfg.get("clip_denoised", 0.0))
         lp = step_log_prob(mean, log_var, step["x_next"], temperature)
         return jnp.where(step["t"] > 0, lp, 0.0)
 

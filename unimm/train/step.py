@@ -8,6 +8,7 @@ Batch keys (either task may be absent; images float32 in [-1, 1], NHWC):
 ``<image>`` placeholders), ``i2t_targets [B1,T1]`` (next token, -1 = no loss),
 ``i2t_mask [B1,T1]`` (1 = real token); ``t2i_images [B2,H,W,3]``, ``t2i_tokens [B2,T2]``
 (the prompt, already dropped to the unconditional prompt for ~10 %), ``t2i_mask [B2,T2]``.
+``{i2t,t2i}_latents [B, L, D]`` may replace the images (pre-computed tokens).
 """
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ from unimm.train.state import TrainState
 def image_tokens(state_or_params: Any, model_cfg: Any, images: jax.Array) -> jax.Array:
     """Frozen tokenizer (VAE posterior mode x scale, or pixel patches): no gradient."""
     return jax.lax.stop_gradient(vae_lib.images_to_tokens(state_or_params, model_cfg.vae, images))
+
+
+def batch_image_tokens(tokenizer_params: Any, model_cfg: Any, batch: dict, task: str) -> jax.Array:
+    """A task's image tokens: ``{task}_latents [B, L, D]`` when the batch carries pre-computed
+    tokens (MAR-style cached latents), else the frozen tokenizer applied to ``{task}_images``."""
+    if f"{task}_latents" in batch:
+        return jax.lax.stop_gradient(batch[f"{task}_latents"])
+    return image_tokens(tokenizer_params, model_cfg, batch[f"{task}_images"])
 
 
 def i2t_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array, image_id: int,
@@ -63,11 +72,11 @@ def loss_fn(params: Any, tokenizer_params: Any, batch: dict, rng: jax.Array, *, 
     m, t = config.model, config.train
     total, metrics = 0.0, {}
     if "i2t_tokens" in batch:
-        toks = image_tokens(tokenizer_params, m, batch["i2t_images"])
+        toks = batch_image_tokens(tokenizer_params, m, batch, "i2t")
         loss, mets = i2t_loss(params, m, batch, toks, config.data.image_token_id, m.understanding_grad_scale)
         total, metrics = total + t.i2t_weight * loss, {**metrics, **mets}
     if "t2i_tokens" in batch:
-        toks = image_tokens(tokenizer_params, m, batch["t2i_images"])
+        toks = batch_image_tokens(tokenizer_params, m, batch, "t2i")
         loss, mets = t2i_loss(params, m, batch, toks, rng)
         total, metrics = total + t.t2i_weight * loss, {**metrics, **mets}
     return total, metrics
