@@ -242,7 +242,7 @@ def test_sampler_log_probs_are_gaussian_densities(head):
     # The recorded means are p_mean_variance of the head at the original-scale timestep.
     k = 3
     out = dh.apply(head, HEAD, traj["x"][k], jnp.full((4,), s.timestep_map[traj["t"][k]]), z)
-    p = gd.p_mean_variance(s, out, traj["x"][k], jnp.full((4,), traj["t"][k]))
+    p = gd.p_mean_variance(s, out, traj["x"][k], jnp.full((4,), traj["t"][k]), DIFF.clip_denoised)
     # (an untrained head's x0 guess at t=999 is ~1e4: relative tolerances below)
     np.testing.assert_allclose(p["mean"], traj["mean"][k], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(p["log_variance"], traj["log_var"][k], rtol=1e-5, atol=1e-5)
