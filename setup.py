@@ -24,6 +24,9 @@ setup(
         "safetensors>=0.4.3",
         "tokenizers>=0.20",
         "absl-py>=2.1",
+        # clu's metric writers and periodic actions import TensorFlow and TensorBoard.
+        "tensorflow-cpu>=2.16",
+        "tensorboard>=2.16",
     ],
     extras_require={
         # Reading official .pth / .ckpt checkpoints (torch.load(weights_only=True)).

@@ -31,8 +31,8 @@ def llm_config(variant: str) -> ml_collections.ConfigDict:
         c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads = 1024, 256, 4, 4, 2
         c.head_dim, c.intermediate_size, c.max_position_embeddings = 64, 704, 1024
     elif variant == "tiny":
-        c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads = 512, 64, 2, 4, 2
-        c.head_dim, c.intermediate_size, c.max_position_embeddings = 16, 128, 512
+        c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads = 512, 128, 3, 4, 2
+        c.head_dim, c.intermediate_size, c.max_position_embeddings = 32, 256, 512
     return c
 
 
@@ -59,7 +59,7 @@ def mar_config(variant: str) -> ml_collections.ConfigDict:
         c.num_heads, c.buffer_size = 4, 16
     elif variant == "tiny":
         c.token_dim = 48                  # 3 * 4 * 4 pixel-patch channels
-        c.grid, c.width, c.decoder_width, c.encoder_depth, c.decoder_depth = 8, 64, 64, 2, 2
+        c.grid, c.width, c.decoder_width, c.encoder_depth, c.decoder_depth = 8, 128, 128, 2, 2
         c.num_heads, c.buffer_size = 4, 4
     return c
 
@@ -79,7 +79,7 @@ def diffusion_config(variant: str) -> ml_collections.ConfigDict:
     elif variant == "small":
         c.width, c.depth = 512, 3
     elif variant == "tiny":
-        c.width, c.depth, c.num_sampling_steps = 64, 2, "10"
+        c.width, c.depth, c.batch_mul = 256, 3, 2
         c.clip_denoised = 1.0             # pixel-patch tokens live in [-1, 1]
     return c
 
@@ -171,21 +171,21 @@ def data_config(variant: str, model) -> ml_collections.ConfigDict:
 
 def train_config(variant: str) -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
-    t.steps = 3000 if variant == "tiny" else 100_000   # optimizer steps
+    t.steps = 4000 if variant == "tiny" else 100_000   # optimizer steps
     t.stage = 2                           # 1: LLM frozen, 256 px; 2: all trainable; 3: high resolution
     t.i2t_weight = 1.0                    # image->text loss weight
     t.t2i_weight = 1.0                    # text->image loss weight
-    t.ema_decay = 0.999 if variant == "tiny" else 0.9999   # EMA of params
+    t.ema_decay = 0.995 if variant == "tiny" else 0.9999   # EMA of params (evaluated)
     t.log_every = 50                      # steps between metric writes
     t.checkpoint_every = 500              # steps between checkpoints
-    t.eval_every = 1000                   # steps between evaluations (0 = never)
+    t.eval_every = 2000                   # steps between evaluations (0 = never)
     t.keep_checkpoints = 3                # newest checkpoints kept
     return t
 
 
 def optimizer_config(variant: str) -> ml_collections.ConfigDict:
     o = ml_collections.ConfigDict()
-    o.lr = 3e-4 if variant == "tiny" else 1e-4   # peak learning rate (Harmon fine-tune: 1e-5)
+    o.lr = 5e-4 if variant == "tiny" else 1e-4   # peak learning rate (Harmon fine-tune: 1e-5)
     o.schedule = "cosine"                 # "cosine" (warmup + cosine) or "constant" (after warmup)
     o.warmup_fraction = 0.01              # warmup steps as a fraction of train.steps
     o.final_lr_fraction = 0.1             # cosine ends at lr * this

@@ -19,7 +19,8 @@ from unimm.models import layers
 
 D, C = 6, 12                               # token channels, condition width
 HEAD = ml_collections.ConfigDict(dict(width=32, depth=2, token_dim=D, cond_dim=C))
-DIFF = diffusion_config("tiny")            # 1000 steps, cosine, sampling "10", batch_mul 4
+DIFF = diffusion_config("tiny")            # 1000 steps, cosine, x0 clamp 1.0
+DIFF.num_sampling_steps, DIFF.batch_mul = "10", 4   # fixed here: the tests' figures assume them
 
 
 @pytest.fixture(scope="module")
