@@ -13,7 +13,8 @@ from unimm.convert import mar_torch
 from unimm.convert.common import CheckpointMismatchError
 from unimm.models import layers, mar
 
-CFG = mar_config("tiny")            # grid 4 (L = 16), width 64, 2 + 2 blocks, buffer 4
+CFG = mar_config("tiny")            # 2 + 2 blocks, buffer 4, 4 heads
+CFG.grid, CFG.width, CFG.decoder_width = 4, 64, 64   # L = 16: the figures below assume it
 L, BUF = CFG.grid ** 2, CFG.buffer_size
 ENCODE = jax.jit(lambda p, t, i, v, buffer_embed=None, grid=None:
                  mar.encode(p, CFG, t, i, v, buffer_embed=buffer_embed, grid=grid), static_argnames="grid")

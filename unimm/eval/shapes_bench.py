@@ -51,7 +51,10 @@ class Model:
         answers = []
         for row in np.asarray(out[:, tokens.shape[1]:]):
             ids = list(row)
-            answers.append(tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids))
+            ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+            # The LM's vocabulary may be larger than the tokenizer's; ids past it are never
+            # trained targets and carry no text (an untrained model does emit them).
+            answers.append(tok.decode([i for i in ids if i < tok.vocab_size]))
         return answers
 
     def generate(self, prompts: Sequence[str], rng: jax.Array) -> np.ndarray:
