@@ -107,3 +107,14 @@ def load_params(path: str, abstract_params: Any) -> Any:
         raise ValueError(f"init_from={path!r}: the parameters in {target} do not fit the "
                          f"configured model ({'; '.join(details)})")
     return ckptr.restore(target, _abstract(abstract_params))
+
+
+def restore_arrays(manager: ocp.CheckpointManager, state: Any) -> tuple[dict, int]:
+    """The newest checkpoint's ``{"step", "params", "opt_state", "ema_params"}`` (no data
+    iterator: inference), restored into ``state``'s shardings, and its step."""
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(_arrays(state)))))
+    return restored["state"], int(step)

@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
 from unimm import checkpoint, config_utils, sharding
 from unimm.eval import shapes_bench
@@ -52,10 +51,6 @@ def load_model(config: Any, workdir: str, use_ema: bool = True) -> tuple[shapes_
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     state = create_train_state(config, mesh, jax.random.key(config.seed))
     manager = checkpoint.make_manager(workdir, keep=max(int(config.train.keep_checkpoints), 1))
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-    target = checkpoint._abstract(checkpoint._arrays(state))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    params = restored["state"]["ema_params" if use_ema else "params"]
-    return shapes_bench.Model(config, tok, params, state.tokenizer_params), int(step)
+    arrays, step = checkpoint.restore_arrays(manager, state)
+    params = arrays["ema_params" if use_ema else "params"]
+    return shapes_bench.Model(config, tok, params, state.tokenizer_params), step

@@ -104,11 +104,11 @@ def project_out(params: dict, cfg: Any, x: jax.Array) -> jax.Array:
     return layers.bind(Projector, proj_out_config(cfg), params["proj_out"])(x)
 
 
-def _buffer_to_end(x: jax.Array, buffer: int) -> jax.Array:
+def buffer_to_end(x: jax.Array, buffer: int) -> jax.Array:
     return jnp.concatenate([x[:, buffer:], x[:, :buffer]], axis=1)
 
 
-def _buffer_to_start(x: jax.Array, buffer: int) -> jax.Array:
+def buffer_to_start(x: jax.Array, buffer: int) -> jax.Array:
     return jnp.concatenate([x[:, -buffer:], x[:, :-buffer]], axis=1)
 
 
@@ -118,7 +118,7 @@ def visual_features(params: dict, cfg: Any, image_tokens: jax.Array, idx: jax.Ar
     Inside the LLM the buffer tokens move to the *end* of the image segment (Harmon).
     """
     x_enc = mar.encode(params["mar"], cfg.mar, image_tokens, idx, valid)
-    z_enc = _buffer_to_end(project_in(params, cfg, x_enc), cfg.mar.buffer_size)
+    z_enc = buffer_to_end(project_in(params, cfg, x_enc), cfg.mar.buffer_size)
     return x_enc, z_enc
 
 
@@ -140,7 +140,7 @@ def decoder_condition(params: dict, cfg: Any, text_embeds: jax.Array, text_mask:
     positions = jnp.maximum(jnp.cumsum(kv_mask, axis=1) - 1, 0)
     embeds = jnp.concatenate([text_embeds, z_enc.astype(text_embeds.dtype)], axis=1)
     hidden, _ = qwen2.forward(params["llm"], cfg.llm, embeds, positions, kv_mask)
-    z_llm = _buffer_to_start(hidden[:, -z_enc.shape[1]:], buf)
+    z_llm = buffer_to_start(hidden[:, -z_enc.shape[1]:], buf)
     x_enc = x_enc + project_out(params, cfg, z_llm)      # residual: MAR features + LLM refinement
     return mar.decode(params["mar"], cfg.mar, x_enc, idx, valid)
 

@@ -85,7 +85,7 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
         positions = jnp.maximum(jnp.cumsum(kv_mask, axis=1) - 1, 0)[:, t_len:]
         hidden, _ = qwen2.forward(params["llm"], cfg.llm, z_enc.astype(jnp.dtype(cfg.llm.dtype)), positions,
                                   kv_mask, cache=cache, cache_offset=t_len)   # cache not kept
-        z_llm = harmon._buffer_to_start(hidden, buf)
+        z_llm = harmon.buffer_to_start(hidden, buf)
         z = mar.decode(params["mar"], m, x_enc + harmon.project_out(params, cfg, z_llm), idx, valid)
         # The tokens this step predicts: ranks [after[s], before[s]) of each order.
         pos = jax.lax.dynamic_slice_in_dim(orders_padded, after_j[s], window, axis=1)
