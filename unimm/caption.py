@@ -21,11 +21,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     try:
-        config = inference.load_config(FLAGS.workdir, FLAGS.config)
         pictures = [images_lib.load_image(p) for p in FLAGS.image]
-        model, _ = inference.load_model(config, FLAGS.workdir)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    _, model, _ = inference.load_or_exit(FLAGS.workdir, FLAGS.config)
     for path, answer in zip(FLAGS.image, model.answer(pictures, [FLAGS.question] * len(pictures))):
         print(f"{path}: {answer}")
 

@@ -19,12 +19,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    config, model, step = inference.load_or_exit(FLAGS.workdir, FLAGS.config)
     try:
-        config = inference.load_config(FLAGS.workdir, FLAGS.config)
-        model, step = inference.load_model(config, FLAGS.workdir)
         metrics, samples = shapes_bench.evaluate(model, FLAGS.num_examples or config.eval.num_examples,
                                                  config.eval.batch_size)
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
     path = evaluate.write_results(FLAGS.workdir, step, metrics, samples)
     print(json.dumps({"step": step, **metrics}, indent=2))

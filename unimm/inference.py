@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -54,3 +55,16 @@ def load_model(config: Any, workdir: str, use_ema: bool = True) -> tuple[shapes_
     arrays, step = checkpoint.restore_arrays(manager, state)
     params = arrays["ema_params" if use_ema else "params"]
     return shapes_bench.Model(config, tok, params, state.tokenizer_params), step
+
+
+def load_or_exit(workdir: str, spec: str | None = None, sample_overrides: dict | None = None):
+    """For the CLIs: ``(config, model, step)``, or exit with one ``error:`` line (no traceback)."""
+    try:
+        config = load_config(workdir, spec)
+        for key, value in (sample_overrides or {}).items():
+            if value is not None:
+                config.sample[key] = value
+        model, step = load_model(config, workdir)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    return config, model, step

@@ -3,8 +3,6 @@
     python -m unimm.sample --workdir=DIR --prompt="a red circle" --prompt="two blue squares" \
         --out=grid.png [--num_per_prompt=4 --cfg=3.0 --num_iter=16 --temperature=1.0 --seed=0]
 """
-import sys
-
 import jax
 import numpy as np
 from absl import app, flags
@@ -28,14 +26,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    try:
-        config = inference.load_config(FLAGS.workdir, FLAGS.config)
-        for name in ("cfg", "num_iter", "temperature"):
-            if getattr(FLAGS, name) is not None:
-                config.sample[name] = getattr(FLAGS, name)
-        model, step = inference.load_model(config, FLAGS.workdir)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    _, model, step = inference.load_or_exit(FLAGS.workdir, FLAGS.config, {
+        name: getattr(FLAGS, name) for name in ("cfg", "num_iter", "temperature")})
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_per_prompt)]
     images = model.generate(prompts, jax.random.key(FLAGS.seed))
     Image.fromarray(image_grid(np.asarray(images), cols=FLAGS.num_per_prompt)).save(FLAGS.out)
