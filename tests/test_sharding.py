@@ -16,8 +16,7 @@ def setup():
     keys = jax.random.split(jax.random.key(3), 5)
     x = jax.random.normal(keys[0], (b, seq, cfg.mar.token_dim))
     keep = mar.max_visible_for_training(seq, cfg.mar.mask_ratio_min)
-    mask = mar.mask_by_order(seq - keep, mar.random_orders(keys[1], b, seq))
-    idx, valid = mar.gather_visible(mask, keep)
+    mask, idx, valid, _ = mar.training_mask(keys[1], b, seq, cfg.mar.mask_ratio_min, seq - keep)
     text = jax.random.randint(keys[2], (b, 6), 0, cfg.llm.vocab_size)
     batch = dict(x=x, idx=idx, valid=valid, text=text, mask=mask.astype(jnp.float32))
     return config, batch, keys[3]

@@ -87,9 +87,7 @@ def component_cases(cfg: Any, rng: jax.Array, batch: int) -> list[tuple[str, Cal
 
     image_tokens = jax.random.normal(keys[2], (batch, seq_len, m.mar.token_dim))
     keep = mar.max_visible_for_training(seq_len, m.mar.mask_ratio_min)
-    orders = mar.random_orders(keys[3], batch, seq_len)
-    mask = mar.mask_by_order(seq_len - keep, orders)
-    idx, valid = mar.gather_visible(mask, keep)
+    mask, idx, valid, _ = mar.training_mask(keys[3], batch, seq_len, m.mar.mask_ratio_min, seq_len - keep)
 
     def mar_loss(p, x):
         z = mar.decode(p, m.mar, mar.encode(p, m.mar, x, idx, valid), idx, valid)

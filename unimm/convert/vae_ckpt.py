@@ -47,14 +47,8 @@ def vae_to_torch(params: Any, cfg: Any) -> dict[str, np.ndarray]:
 
 def _expected(cfg: Any) -> tuple[Any, dict[str, tuple[int, ...]]]:
     abstract = abstract_params(KLVAE, cfg)
-    # Zero-stride stand-ins: vae_to_torch's transposes give the torch shapes, nothing allocated.
-    fake = {name: {k: np.broadcast_to(np.zeros((), a.dtype), a.shape) for k, a in p.items()}
-            for name, p in _modules(abstract)}
-    expected = {}
-    for name, p in fake.items():
-        expected.update(common.shapes_of(
-            common.conv_to_torch(p, name) if "kernel" in p else common.norm_to_torch(p, name)))
-    return abstract, expected
+    # Zero-stride stand-ins: the layout map gives the torch shapes, nothing allocated.
+    return abstract, common.shapes_of(vae_to_torch(common.zero_views(abstract), cfg))
 
 
 def vae_from_torch(state: Mapping[str, np.ndarray], cfg: Any, source: str = "checkpoint") -> Any:

@@ -246,3 +246,18 @@ def next_mask_len(step: jax.Array, num_iter: int, seq_len: int, remaining: jax.A
     """Tokens still masked after ``step``: the cosine schedule clamped to ``[1, remaining-1]``."""
     target = jnp.asarray(mask_len_schedule(num_iter, seq_len))[step]
     return jnp.maximum(1, jnp.minimum(jnp.asarray(remaining, jnp.int32) - 1, target)).astype(jnp.int32)
+
+
+def training_mask(rng: jax.Array, batch: int, seq_len: int, min_ratio: float,
+                  mask_len: jax.Array | int | None = None):
+    """One training mask: random orders, one truncated-normal ratio for the batch (or a given
+    ``mask_len``), and the visible tokens gathered into the static ``K`` of training.
+
+    Returns ``(mask bool [B, L], idx [B, K], valid [B, K], ratio)``.
+    """
+    k_order, k_ratio = jax.random.split(rng)
+    orders = random_orders(k_order, batch, seq_len)
+    ratio = sample_mask_ratio(k_ratio, min_ratio)
+    mask = mask_by_order(num_masked(seq_len, ratio) if mask_len is None else mask_len, orders)
+    idx, valid = gather_visible(mask, max_visible_for_training(seq_len, min_ratio))
+    return mask, idx, valid, ratio

@@ -55,11 +55,8 @@ def i2t_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array, im
 def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
              rng: jax.Array) -> tuple[jax.Array, dict]:
     b, seq, dim = img_tokens.shape
-    k_order, k_ratio, k_diff = jax.random.split(rng, 3)
-    orders = mar.random_orders(k_order, b, seq)
-    ratio = mar.sample_mask_ratio(k_ratio, model_cfg.mar.mask_ratio_min)    # one per batch
-    mask = mar.mask_by_order(mar.num_masked(seq, ratio), orders)
-    idx, valid = mar.gather_visible(mask, mar.max_visible_for_training(seq, model_cfg.mar.mask_ratio_min))
+    k_mask, k_diff = jax.random.split(rng)
+    mask, idx, valid, ratio = mar.training_mask(k_mask, b, seq, model_cfg.mar.mask_ratio_min)
     text = qwen2.embed(params["llm"], model_cfg.llm, batch["t2i_tokens"])
     z = harmon.decoder_condition(params, model_cfg, text, batch["t2i_mask"], img_tokens, idx, valid)
     loss = gaussian_diffusion.diffusion_loss(
