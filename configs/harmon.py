@@ -148,13 +148,15 @@ def data_config(variant: str, model) -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
     d.source = "shapes"                   # "shapes" (built-in world), "tfds" or "jsonl"
     d.seed = 0                            # shapes world seed / shuffle seed
-    d.image_size = model.image_size       # images are squared (gray pad) and resized to this
+    d.image_size = model.image_size       # images are squared (gray pad) and resized to this;
+                                          # above model.image_size = stage 3 (positions interpolated)
     d.i2t_batch_size = 8                  # global understanding examples per step
     d.t2i_batch_size = 8                  # global generation examples per step
     d.max_i2t_len = 160                   # understanding sequence length (incl. image tokens)
     d.max_t2i_len = 64                    # generation prompt length
     d.cfg_drop_prob = 0.1                 # prompts replaced by the unconditional prompt
-    d.num_image_tokens = model.mar.grid ** 2 + model.mar.buffer_size   # <image> placeholders
+    d.num_image_tokens = model.mar.grid ** 2 + model.mar.buffer_size   # <image> placeholders (re-derived
+                                          # from data.image_size at run time)
     d.image_token_id = -1                 # set from the tokenizer at run time
     d.tokenizer = ""                      # "" = built-in shapes vocabulary, else tokenizer.json path
     d.eval_offset = 1_000_000_000         # shapes indices >= this are held out for evaluation
@@ -172,7 +174,8 @@ def data_config(variant: str, model) -> ml_collections.ConfigDict:
 def train_config(variant: str) -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
     t.steps = 4000 if variant == "tiny" else 100_000   # optimizer steps
-    t.stage = 2                           # 1: LLM frozen, 256 px; 2: all trainable; 3: high resolution
+    t.stage = 2                           # 1: LLM frozen; 2: all trainable; 3: all trainable at
+                                          # data.image_size > model.image_size (e.g. 2x)
     t.i2t_weight = 1.0                    # image->text loss weight
     t.t2i_weight = 1.0                    # text->image loss weight
     t.ema_decay = 0.995 if variant == "tiny" else 0.9999   # EMA of params (evaluated)

@@ -1,5 +1,6 @@
 """MAR encoder/decoder: static-shape masking vs the reference semantics, utilities, torch layout."""
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -265,3 +266,14 @@ def test_sampling_schedule_matches_reference(seq_len, num_iter):
         remaining, ours_rem = ref, got
     assert remaining == 1  # the last step predicts everything left
     assert int(mar.next_mask_len(0, num_iter, seq_len, 3)) == 2        # clamp to remaining - 1
+
+
+def test_grid_for_and_full_masking():
+    cfg = types.SimpleNamespace(grid=4)
+    assert mar.grid_for(cfg, 16) is None and mar.grid_for(cfg, 64) == (8, 8)
+    with pytest.raises(ValueError, match="square"):
+        mar.grid_for(cfg, 12)
+    # A ratio that masks every token still gathers into a (fully padded) K of 1.
+    assert mar.max_visible_for_training(9, 0.999) == 1
+    mask, idx, valid, _ = mar.training_mask(jax.random.key(0), 2, 9, 0.999)
+    assert mask.all() and idx.shape == (2, 1) and not valid.any()

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from unimm import config_utils, sharding
-from unimm.models import harmon
+from unimm.models import harmon, harmon_sample, layers
+from unimm.data import text
+from unimm.train import loop
 from unimm.train import step as step_lib
 from unimm.train.state import create_train_state, state_shardings
 
@@ -24,7 +26,7 @@ def tiny_config(**train):
 def synthetic_batch(config, seed=0):
     rng = np.random.default_rng(seed)
     m, d = config.model, config.data
-    b1, b2, s = d.i2t_batch_size, d.t2i_batch_size, m.image_size
+    b1, b2, s = d.i2t_batch_size, d.t2i_batch_size, d.image_size
     n_img, t2 = d.num_image_tokens, 12
     t1 = n_img + 30
     tokens = rng.integers(10, m.llm.vocab_size, (b1, t1)).astype(np.int32)
@@ -106,3 +108,21 @@ def test_sharded_step_matches_single_device(mesh1):
     np.testing.assert_allclose(m_got["loss"], m_want["loss"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
+
+
+def test_stage3_trains_and_samples_at_twice_the_resolution(mesh1):
+    config = tiny_config(stage=3)
+    m = config.model
+    loop.set_derived_fields(config, text.shapes_tokenizer())
+    config.data.image_token_id = IMAGE_ID     # synthetic batches use their own ids
+    g = 2 * m.mar.grid
+    assert config.data.image_size == 2 * m.image_size
+    assert config.data.num_image_tokens == g * g + m.mar.buffer_size
+    start, state, metrics = run_steps(config, mesh1, n=2)
+    assert np.isfinite(metrics["loss"]) and metrics["i2t_loss"] > 0 and metrics["t2i_loss"] > 0
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), start["llm"], state.params["llm"])
+    assert any(jax.tree.leaves(moved))     # stage 3 trains the LLM too
+    tokens = np.full((2, 6), 7, np.int32)
+    out = harmon_sample.generate_image_tokens(state.params, layers.freeze(m), tokens, np.ones_like(tokens), jax.random.key(0),
+                                              num_iter=4, guided=False, num_steps="5", grid=g)
+    assert out.shape == (2, g * g, m.mar.token_dim) and np.isfinite(np.asarray(out)).all()

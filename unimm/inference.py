@@ -48,7 +48,7 @@ def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def load_model(config: Any, workdir: str, use_ema: bool = True) -> tuple[shapes_bench.Model, int]:
     """The newest checkpoint's (EMA) params as a :class:`shapes_bench.Model`, and its step."""
     tok = loop.make_tokenizer(config)
-    loop.set_tokenizer_fields(config, tok)
+    loop.set_derived_fields(config, tok)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     state = create_train_state(config, mesh, jax.random.key(config.seed))
     manager = checkpoint.make_manager(workdir, keep=max(int(config.train.keep_checkpoints), 1))

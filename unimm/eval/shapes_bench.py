@@ -60,6 +60,7 @@ class Model:
     def generate(self, prompts: Sequence[str], rng: jax.Array) -> np.ndarray:
         """uint8 images ``[N, H, W, 3]`` for the prompts (Harmon's CFG sampler)."""
         d, s, tok = self.config.data, self.config.sample, self.tok
+        grid = vae_lib.grid(self.cfg.vae, d.image_size)   # data.image_size: stage 3 may exceed the model's
         cond = [text.t2i_example(tok, p, d.max_t2i_len, False) for p in prompts]
         rows = cond + [text.t2i_example(tok, "", d.max_t2i_len, True)] * len(prompts) if s.cfg != 1.0 else cond
         tokens = np.stack([r["tokens"] for r in rows])
@@ -67,8 +68,7 @@ class Model:
         toks = harmon_sample.generate_image_tokens(
             self.params, self.cfg, tokens, mask, rng, num_iter=s.num_iter, guided=s.cfg != 1.0,
             cfg_scale=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
-            num_steps=s.num_sampling_steps or None)
-        grid = (self.cfg.mar.grid, self.cfg.mar.grid)
+            num_steps=s.num_sampling_steps or None, grid=grid[0])
         return np.asarray(vae_lib.to_uint8(vae_lib.tokens_to_images(self.tokenizer_params, self.cfg.vae, toks, grid)))
 
 

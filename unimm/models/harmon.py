@@ -115,9 +115,11 @@ def buffer_to_start(x: jax.Array, buffer: int) -> jax.Array:
 def visual_features(params: dict, cfg: Any, image_tokens: jax.Array, idx: jax.Array, valid: jax.Array):
     """MAR encoder over the visible tokens -> (x_enc [B, buf+K, C], LLM embeddings [B, K+buf, H]).
 
-    Inside the LLM the buffer tokens move to the *end* of the image segment (Harmon).
+    Inside the LLM the buffer tokens move to the *end* of the image segment (Harmon). A
+    token count other than ``grid**2`` (a larger image) interpolates the position embeddings.
     """
-    x_enc = mar.encode(params["mar"], cfg.mar, image_tokens, idx, valid)
+    x_enc = mar.encode(params["mar"], cfg.mar, image_tokens, idx, valid,
+                       grid=mar.grid_for(cfg.mar, image_tokens.shape[1]))
     z_enc = buffer_to_end(project_in(params, cfg, x_enc), cfg.mar.buffer_size)
     return x_enc, z_enc
 
@@ -142,7 +144,8 @@ def decoder_condition(params: dict, cfg: Any, text_embeds: jax.Array, text_mask:
     hidden, _ = qwen2.forward(params["llm"], cfg.llm, embeds, positions, kv_mask)
     z_llm = buffer_to_start(hidden[:, -z_enc.shape[1]:], buf)
     x_enc = x_enc + project_out(params, cfg, z_llm)      # residual: MAR features + LLM refinement
-    return mar.decode(params["mar"], cfg.mar, x_enc, idx, valid)
+    return mar.decode(params["mar"], cfg.mar, x_enc, idx, valid,
+                      grid=mar.grid_for(cfg.mar, image_tokens.shape[1]))
 
 
 def scale_grad(x: jax.Array, scale: float) -> jax.Array:

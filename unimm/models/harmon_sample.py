@@ -42,20 +42,21 @@ def _fill(tokens: jax.Array, pos: jax.Array, valid: jax.Array, values: jax.Array
 
 
 @functools.partial(jax.jit, static_argnums=1, static_argnames=(
-    "num_iter", "guided", "cfg_schedule", "num_steps"))
+    "num_iter", "guided", "cfg_schedule", "num_steps", "grid"))
 def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array, rng: jax.Array,
                           *, num_iter: int, guided: bool, cfg_scale=1.0, cfg_schedule: str = "constant",
-                          temperature=1.0, num_steps: str | None = None) -> jax.Array:
+                          temperature=1.0, num_steps: str | None = None, grid: int | None = None) -> jax.Array:
     """Image tokens ``[B, L, D]`` for prompts ``tokens/mask [B', T]`` (1 = real token).
 
     ``guided``: rows are ``[cond (B); uncond (B)]`` (B' = 2B), sharing orders, masks and
     noise; ε is guided with ``cfg_scale`` (constant or Muse's linear schedule). Otherwise
-    B' = B and ``cfg_scale`` is unused.
+    B' = B and ``cfg_scale`` is unused. ``grid``: tokens per side (default ``cfg.mar.grid``;
+    larger for stage-3 resolutions, with interpolated position embeddings).
     """
     if cfg_schedule not in ("constant", "linear"):
         raise ValueError(f"cfg_schedule={cfg_schedule!r}: expected 'constant' or 'linear'")
     m = cfg.mar
-    seq, buf, dim = m.grid ** 2, m.buffer_size, m.token_dim
+    seq, buf, dim = (grid or m.grid) ** 2, m.buffer_size, m.token_dim
     rows, t_len = tokens.shape
     b = rows // 2 if guided else rows
     after, cfg_len = mask_schedule(num_iter, seq)
@@ -86,7 +87,8 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
         hidden, _ = qwen2.forward(params["llm"], cfg.llm, z_enc.astype(jnp.dtype(cfg.llm.dtype)), positions,
                                   kv_mask, cache=cache, cache_offset=t_len)   # cache not kept
         z_llm = harmon.buffer_to_start(hidden, buf)
-        z = mar.decode(params["mar"], m, x_enc + harmon.project_out(params, cfg, z_llm), idx, valid)
+        z = mar.decode(params["mar"], m, x_enc + harmon.project_out(params, cfg, z_llm), idx, valid,
+                       grid=mar.grid_for(m, seq))
         # The tokens this step predicts: ranks [after[s], before[s]) of each order.
         pos = jax.lax.dynamic_slice_in_dim(orders_padded, after_j[s], window, axis=1)
         pos_valid = jnp.arange(pos.shape[1])[None, :] < (before_j[s] - after_j[s])

@@ -125,6 +125,17 @@ def _grid(cfg, grid) -> tuple[int, int]:
     return (cfg.grid, cfg.grid) if grid is None else tuple(grid)
 
 
+def grid_for(cfg, seq_len: int) -> tuple[int, int] | None:
+    """The square token grid of ``seq_len`` image tokens: None at the native ``cfg.grid``,
+    else ``(s, s)`` for the position-embedding resize (stage 3's higher resolution)."""
+    if seq_len == cfg.grid ** 2:
+        return None
+    side = math.isqrt(seq_len)
+    if side * side != seq_len:
+        raise ValueError(f"{seq_len} image tokens do not form a square grid")
+    return side, side
+
+
 def _with_buffer_pe(pe: jax.Array, cfg, grid) -> jax.Array:
     """``[1, buffer + h*w, C]`` position embedding: buffer rows as is, image rows resized."""
     buf = cfg.buffer_size
@@ -231,9 +242,10 @@ def max_visible_for_training(seq_len: int, min_ratio: float) -> int:
     """The static ``K`` for training: the most tokens a sampled mask ratio leaves visible.
 
     A small tolerance keeps ``K`` an upper bound when ``seq_len * min_ratio`` sits on an
-    integer and float32 rounding lands just below it.
+    integer and float32 rounding lands just below it. At least 1, so a ratio that masks
+    everything still has a (fully padded) buffer to gather into.
     """
-    return seq_len - math.ceil(seq_len * min_ratio - 1e-4)
+    return max(1, seq_len - math.ceil(seq_len * min_ratio - 1e-4))
 
 
 def mask_len_schedule(num_iter: int, seq_len: int) -> np.ndarray:

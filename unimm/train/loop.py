@@ -18,6 +18,7 @@ from unimm import checkpoint, sharding
 from unimm.data import pipeline, text
 from unimm.data.tokenizer import HFTokenizer
 from unimm.models import harmon
+from unimm.models import vae as vae_lib
 from unimm.train.state import TrainState, create_train_state, param_shardings, state_shardings
 from unimm.train.step import jit_train_step
 
@@ -47,13 +48,23 @@ def check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
                 f"sharding.mesh={_mesh_shape(config)}); change the batch size or the mesh")
 
 
-def set_tokenizer_fields(config: Any, tok: Any) -> None:
+def set_derived_fields(config: Any, tok: Any) -> None:
+    """Fields that follow from the tokenizer and the data resolution: ``data.image_token_id``
+    and ``data.num_image_tokens`` (the token grid of ``data.image_size`` plus the buffers;
+    a ``data.image_size`` above ``model.image_size`` is stage 3's higher resolution)."""
     if tok.vocab_size > config.model.llm.vocab_size:
         raise ValueError(f"tokenizer {config.data.tokenizer or '(built-in shapes)'} has "
                          f"{tok.vocab_size} tokens but model.llm.vocab_size is "
                          f"{config.model.llm.vocab_size}")
+    with config.unlocked():
+        if int(config.train.stage) == 3 and config.data.image_size == config.model.image_size:
+            # Stage 3's preset: twice the model's native resolution (Harmon: 256 -> 512 px).
+            config.data.image_size = 2 * config.model.image_size
+            logging.info("train.stage=3: data.image_size set to %d", config.data.image_size)
+    h, w = vae_lib.grid(config.model.vae, config.data.image_size)
     with config.unlocked():   # config_flags hands out a locked ConfigDict
         config.data.image_token_id = int(tok.image_id)
+        config.data.num_image_tokens = h * w + config.model.mar.buffer_size
 
 
 def initial_params(config: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -76,7 +87,7 @@ def train_and_evaluate(config: Any, workdir: str, *, eval_fn: EvalFn | None = No
     mesh = sharding.make_mesh(_mesh_shape(config))
     check_batch_sizes(config, mesh)
     tok = make_tokenizer(config)
-    set_tokenizer_fields(config, tok)
+    set_derived_fields(config, tok)
 
     rng = jax.random.key(config.seed)
     state = create_train_state(config, mesh, rng, params=initial_params(config, mesh))
