@@ -41,13 +41,16 @@ def param_shardings(config: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def create_train_state(config: Any, mesh: jax.sharding.Mesh, rng: jax.Array,
-                       params: Any = None, tokenizer_params: Any = None) -> TrainState:
+                       params: Any = None, tokenizer_params: Any = None,
+                       frozen: tuple[str, ...] | None = None) -> TrainState:
     """A fresh state with params born sharded (``params``/``tokenizer_params`` override init).
+    ``frozen``: top-level param groups the optimizer leaves alone (default: the stage's).
 
     The optimizer state and EMA inherit the params' shardings through ``jit`` propagation.
     """
     m = layers.freeze(config.model)
-    tx, _ = make_optimizer(config.optimizer, config.train.steps, frozen_groups(config))
+    frozen = frozen_groups(config) if frozen is None else tuple(frozen)
+    tx, _ = make_optimizer(config.optimizer, config.train.steps, frozen)
     p_shard = param_shardings(config, mesh)
     k_model, k_vae = jax.random.split(rng)
     if params is None:

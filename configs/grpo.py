@@ -1,0 +1,48 @@
+"""Unified-GRPO on top of a supervised Harmon checkpoint.
+
+Usage: ``--config=configs/grpo.py:tiny --config.init_from=<supervised workdir or
+converter output>``. Variants are the Harmon ones; ``grpo`` holds the RL settings.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _harmon():
+    """configs/harmon.py, loaded by path so this file works from any working directory."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harmon.py")
+    spec = importlib.util.spec_from_file_location("unimm_configs_harmon", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def grpo_config(variant: str) -> ml_collections.ConfigDict:
+    g = ml_collections.ConfigDict()
+    g.policy = "captioner"                # "captioner" (generation for understanding)
+    g.trainable = ("llm",)                # param groups the policy update may change
+    g.group_size = 8                      # G samples per input
+    g.inputs_per_step = 8                 # images (captioner) per rollout
+    g.temperature = 0.7                   # caption sampling temperature (UAE: 0.7)
+    g.max_new_tokens = 48                 # caption length limit during rollouts
+    g.beta = 0.04                         # KL weight (k3 estimator for tokens)
+    g.epsilon = 0.2                       # PPO clip below 1
+    g.epsilon_high = 0.28                 # PPO clip above 1 (DAPO's clip-higher)
+    g.advantage = "grpo"                  # grpo | drgrpo | rloo (unimm.train.grpo_math.ADVANTAGES)
+    g.advantage_clip = 5.0                # |advantage| cap (Flow-GRPO); 0 = off
+    g.loss_aggregation = "seq-mean-token-mean"   # or "token-mean" (DAPO / Dr. GRPO)
+    g.ppo_epochs = 1                      # optimizer steps per rollout
+    g.drop_constant_groups = True         # DAPO: skip groups whose rewards are all equal
+    g.reward = "shapes_match"             # unimm.train.rewards.REWARDS
+    return g
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = _harmon().get_config(arg)
+    config.grpo = grpo_config((arg or "tiny").lower())
+    config.train.steps = 200 if (arg or "tiny").lower() == "tiny" else 1000
+    config.optimizer.lr = 1e-5
+    config.optimizer.warmup_fraction = 0.0
+    config.optimizer.schedule = "constant"
+    return config
