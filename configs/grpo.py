@@ -45,4 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.lr = 1e-5
     config.optimizer.warmup_fraction = 0.0
     config.optimizer.schedule = "constant"
+    config.train.ema_decay = 0.0          # evaluate the policy itself
+    config.train.log_every = 10
+    config.train.checkpoint_every = 50
     return config

@@ -124,3 +124,18 @@ def test_tiny_grpo_raises_a_simple_reward(setup):
             state, _ = step(state, scored, jax.random.key(0))
     first, last = np.mean(rates[:5]), np.mean(rates[-5:])
     assert last > max(0.5, 3 * first), (first, last, rates)
+
+
+def test_grpo_loop_runs_checkpoints_and_resumes(tmp_path):
+    from unimm.train import grpo_loop
+    config = grpo_config(group_size=2, inputs_per_step=4, max_new_tokens=6)
+    config.sample.num_iter, config.sample.num_sampling_steps = 3, "5"
+    config.train.steps, config.train.checkpoint_every, config.train.log_every = 2, 1, 1
+    state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
+    assert int(state.step) == 2
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+    config.train.steps = 3
+    state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
+    assert int(state.step) == 3
+    with pytest.raises(ValueError, match="trainable"):
+        grpo_loop.train_grpo(grpo_config(trainable=("llm", "vae")), str(tmp_path / "x"), evaluate=False)

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from unimm import inference
 from unimm.eval.evaluate import make_eval_fn
+from unimm.train.grpo_loop import train_grpo
 from unimm.train.loop import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "configs/<model>.py:<variant>", lock_config=True)
@@ -40,7 +41,10 @@ def main(argv):
                  jax.process_count(), jax.device_count(), config)
     if jax.process_index() == 0:
         inference.save_config(config, FLAGS.workdir)   # for the sample / caption / evaluate CLIs
-    train_and_evaluate(config, FLAGS.workdir, eval_fn=make_eval_fn(config, FLAGS.workdir))
+    if "grpo" in config:
+        train_grpo(config, FLAGS.workdir)
+    else:
+        train_and_evaluate(config, FLAGS.workdir, eval_fn=make_eval_fn(config, FLAGS.workdir))
 
 
 if __name__ == "__main__":

@@ -28,10 +28,13 @@ from unimm.models import vae as vae_lib
 class Model:
     """Inference helpers bound to one set of params (captioning and image generation)."""
 
-    def __init__(self, config: Any, tok: Any, params: dict, tokenizer_params: Any):
+    def __init__(self, config: Any, tok: Any, params: dict, tokenizer_params: Any,
+                 decoder_params: dict | None = None):
         self.config, self.tok = config, tok
         self.cfg = layers.freeze(config.model)
         self.params, self.tokenizer_params = params, tokenizer_params
+        # Generation may use other params (GRPO: the frozen decoder); default: the same.
+        self.decoder_params = params if decoder_params is None else decoder_params
 
     def _image_tokens(self, images_uint8: np.ndarray) -> jax.Array:
         size = self.config.data.image_size
@@ -66,7 +69,7 @@ class Model:
         tokens = np.stack([r["tokens"] for r in rows])
         mask = np.stack([r["mask"] for r in rows])
         toks = harmon_sample.generate_image_tokens(
-            self.params, self.cfg, tokens, mask, rng, num_iter=s.num_iter, guided=s.cfg != 1.0,
+            self.decoder_params, self.cfg, tokens, mask, rng, num_iter=s.num_iter, guided=s.cfg != 1.0,
             cfg_scale=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
             num_steps=s.num_sampling_steps or None, grid=grid[0])
         return np.asarray(vae_lib.to_uint8(vae_lib.tokens_to_images(self.tokenizer_params, self.cfg.vae, toks, grid)))

@@ -17,7 +17,10 @@ from flax import nnx
 
 from unimm.models import layers
 
-_INIT = layers.normal(0.02)  # HF initializer_range
+def _init(cfg):
+    """HF's ``initializer_range`` (0.02 in Qwen2.5); configs saved before the field existed
+    have none."""
+    return layers.normal(cfg.get("initializer_range", 0.02))
 
 
 class RMSNorm(nnx.Module):
@@ -46,7 +49,7 @@ def rope(x, positions, theta: float):
 class Attention(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         h, d, dt = cfg.hidden_size, cfg.head_dim, jnp.dtype(cfg.dtype)
-        lin = functools.partial(layers.linear, rngs=rngs, kernel_init=_INIT, dtype=dt)
+        lin = functools.partial(layers.linear, rngs=rngs, kernel_init=_init(cfg), dtype=dt)
         self.q_proj = lin(h, cfg.num_heads * d, ("embed", "heads"))
         self.k_proj = lin(h, cfg.num_kv_heads * d, ("embed", "kv_heads"))
         self.v_proj = lin(h, cfg.num_kv_heads * d, ("embed", "kv_heads"))
@@ -74,7 +77,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         h, m, dt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.dtype)
-        lin = functools.partial(layers.linear, rngs=rngs, kernel_init=_INIT, use_bias=False, dtype=dt)
+        lin = functools.partial(layers.linear, rngs=rngs, kernel_init=_init(cfg), use_bias=False, dtype=dt)
         self.gate_proj = lin(h, m, ("embed", "mlp"))
         self.up_proj = lin(h, m, ("embed", "mlp"))
         self.down_proj = lin(m, h, ("mlp", "embed"))
@@ -101,12 +104,12 @@ class Qwen2(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
-            embedding_init=nnx.with_partitioning(_INIT, ("vocab", "embed")), rngs=rngs)
+            embedding_init=nnx.with_partitioning(_init(cfg), ("vocab", "embed")), rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = layers.linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
-                                         rngs=rngs, use_bias=False, kernel_init=_INIT)
+                                         rngs=rngs, use_bias=False, kernel_init=_init(cfg))
 
     def __call__(self, x, positions, kv_mask, cache=None, cache_offset=0):
         t, s = x.shape[1], kv_mask.shape[1]

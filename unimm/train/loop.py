@@ -31,7 +31,7 @@ def make_tokenizer(config: Any):
     return text.shapes_tokenizer() if path == "" else HFTokenizer(path)
 
 
-def _mesh_shape(config: Any) -> dict:
+def mesh_shape(config: Any) -> dict:
     mesh = config.sharding.mesh
     return mesh.to_dict() if hasattr(mesh, "to_dict") else dict(mesh)
 
@@ -45,7 +45,7 @@ def check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
             raise ValueError(
                 f"data.{task}_batch_size={size} is not divisible by the data-parallel size {dp} "
                 f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} from "
-                f"sharding.mesh={_mesh_shape(config)}); change the batch size or the mesh")
+                f"sharding.mesh={mesh_shape(config)}); change the batch size or the mesh")
 
 
 def set_derived_fields(config: Any, tok: Any) -> None:
@@ -84,7 +84,7 @@ def _mean_metrics(history: list[dict]) -> dict:
 
 def train_and_evaluate(config: Any, workdir: str, *, eval_fn: EvalFn | None = None) -> TrainState:
     t = config.train
-    mesh = sharding.make_mesh(_mesh_shape(config))
+    mesh = sharding.make_mesh(mesh_shape(config))
     check_batch_sizes(config, mesh)
     tok = make_tokenizer(config)
     set_derived_fields(config, tok)

@@ -1,0 +1,151 @@
+"""The Unified-GRPO loop (captioner policy): rollout, reward, ``grpo_step``, checkpoints, metrics.
+
+``train_grpo(config, workdir)`` starts from ``config.init_from`` (a supervised workdir or a
+converter output); that starting point is also the frozen reference π_ref and the frozen
+decoder that turns captions back into images for the reward. Re-running resumes from the
+workdir's newest checkpoint (rollout position included).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from unimm import checkpoint, sharding
+from unimm.data import images as images_lib
+from unimm.data import shapes, text
+from unimm.eval import shapes_bench
+from unimm.eval.evaluate import make_eval_fn
+from unimm.models import layers
+from unimm.models import vae as vae_lib
+from unimm.train import grpo, loop, rewards
+from unimm.train.state import create_train_state, param_shardings, state_shardings
+
+PARAM_GROUPS = ("llm", "mar", "head", "proj_in", "proj_out")
+
+
+class RolloutPosition:
+    """Which shapes-world training images the next rollout uses (checkpointable)."""
+
+    def __init__(self, per_rollout: int):
+        self.position, self.per_rollout = 0, per_rollout
+
+    def next_indices(self) -> range:
+        start = self.position * self.per_rollout
+        self.position += 1
+        return range(start, start + self.per_rollout)
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def starting_params(config: Any, mesh: jax.sharding.Mesh, tok: Any) -> Any:
+    """Params of ``config.init_from``: a supervised workdir (its newest EMA params) or a
+    converter output directory; None (random init) when it is empty."""
+    path = config.init_from
+    if not path:
+        logging.warning("grpo: config.init_from is empty; starting from random params")
+        return None
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        probe = create_train_state(config, mesh, jax.random.key(0))
+        manager = checkpoint.make_manager(path, keep=1)
+        arrays, step = checkpoint.restore_arrays(manager, probe)
+        logging.info("grpo: starting from %s step %d (EMA params)", path, step)
+        return jax.device_put(arrays["ema_params"], param_shardings(config, mesh))
+    return loop.initial_params(config, mesh)
+
+
+def _frozen(g: Any) -> tuple[str, ...]:
+    unknown = set(g.trainable) - set(PARAM_GROUPS)
+    if unknown:
+        raise ValueError(f"grpo.trainable has unknown groups {sorted(unknown)}; choose from {PARAM_GROUPS}")
+    return tuple(k for k in PARAM_GROUPS if k not in g.trainable)
+
+
+def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
+    g, t, d = config.grpo, config.train, config.data
+    if g.policy != "captioner":
+        raise ValueError(f"grpo.policy={g.policy!r}: only 'captioner' is implemented")
+    if d.source != "shapes":
+        raise ValueError("grpo: rollouts draw images from the shapes world (data.source='shapes')")
+    mesh = sharding.make_mesh(loop.mesh_shape(config))
+    rows = g.inputs_per_step * g.group_size
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % dp:
+        raise ValueError(f"grpo.inputs_per_step x grpo.group_size = {rows} is not divisible by the "
+                         f"data-parallel size {dp}")
+    tok = loop.make_tokenizer(config)
+    loop.set_derived_fields(config, tok)
+    cfg = layers.freeze(config.model)
+
+    rng = jax.random.key(config.seed)
+    state = create_train_state(config, mesh, rng, params=starting_params(config, mesh, tok), frozen=_frozen(g))
+    ref = jax.tree.map(jnp.copy, state.params)        # π_ref and the frozen decoder
+    decoder = shapes_bench.Model(config, tok, ref, state.tokenizer_params)
+    reward_fn = rewards.get_reward(g.reward)
+    context = {"features": rewards.mar_features(ref, cfg, state.tokenizer_params, d.image_size),
+               "tokenize": rewards.tokenizer_latents(cfg, state.tokenizer_params, d.image_size)}
+    positions = RolloutPosition(g.inputs_per_step)
+    manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
+    state, resumed = checkpoint.restore_latest(manager, state, positions)
+    step = int(jax.device_get(state.step))
+    if resumed:
+        logging.info("grpo: resumed from %s at step %d", manager.directory, step)
+
+    prompt, prompt_mask = text.left_pad(
+        [text.i2t_prompt_ids(tok, text.LONG_CAPTION_Q, d.num_image_tokens)] * g.inputs_per_step, tok.pad_id)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    report = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer, every_steps=t.log_every)
+    step_fn, history, last = None, [], (time.perf_counter(), step)
+    k_roll, k_gen = jax.random.split(jax.random.fold_in(rng, 1))
+    with jax.set_mesh(mesh):
+        while step < t.steps:
+            n = positions.position
+            scenes = [shapes.sample_scene(d.seed, i) for i in positions.next_indices()]
+            source = np.stack([shapes.render(s, d.image_size) for s in scenes])
+            image_tokens = vae_lib.images_to_tokens(state.tokenizer_params, cfg.vae,
+                                                    jnp.asarray(np.stack([images_lib.to_model(x) for x in source])))
+            rollout = grpo.caption_rollout(
+                state.params, ref, cfg, prompt, prompt_mask, image_tokens, jax.random.fold_in(k_roll, n),
+                group_size=g.group_size, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
+                image_id=d.image_token_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+            captions = grpo.caption_texts(tok, rollout, prompt.shape[1])
+            generated = decoder.generate(captions, jax.random.fold_in(k_gen, n))
+            reward = reward_fn(np.repeat(source, g.group_size, axis=0), generated, **context)
+            reward = jnp.asarray(reward.reshape(g.inputs_per_step, g.group_size))
+            scored = grpo.shard_rollout(grpo.with_advantages(rollout, reward, g), mesh)
+            if step_fn is None:
+                step_fn = grpo.jit_grpo_step(config, mesh, state_shardings(state), scored)
+            for _ in range(g.ppo_epochs):
+                state, metrics = step_fn(state, scored, rng)
+                step += 1
+                report(step)
+            history.append({**jax.device_get(metrics), "reward_mean": float(reward.mean()),
+                            "reward_std": float(reward.std(axis=1).mean()),
+                            "groups_kept": float(jax.device_get(scored["group_valid"]).mean())})
+            if step % t.log_every < g.ppo_epochs or step >= t.steps:
+                scalars = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+                now = time.perf_counter()
+                scalars["steps_per_sec"] = (step - last[1]) / (now - last[0])
+                last, history = (now, step), []
+                writer.write_scalars(step, scalars)
+                logging.info("grpo step %d/%d reward=%.3f kl=%.4f clip=%.3f caption_length=%.1f", step, t.steps,
+                             scalars["reward_mean"], scalars["kl"], scalars["clip_fraction"],
+                             scalars["caption_length"])
+            if step % t.checkpoint_every < g.ppo_epochs or step >= t.steps:
+                checkpoint.save(manager, state, positions)
+        if evaluate:   # captions by the policy, images by the frozen decoder
+            make_eval_fn(config, workdir, tok, decoder_params=ref)(state, step, writer)
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    return state
