@@ -44,8 +44,7 @@ def rollout(config, tok, params, ref, n, rng, seed=0):
 
 
 def make_state(config, mesh):
-    return create_train_state(config, mesh, jax.random.key(0), frozen=tuple(
-        k for k in ("llm", "mar", "head", "proj_in", "proj_out") if k not in config.grpo.trainable))
+    return create_train_state(config, mesh, jax.random.key(0))   # GRPO configs freeze non-trainable groups
 
 
 def test_rollout_log_probs_equal_the_policy_and_ratio_is_one(setup):
@@ -139,3 +138,27 @@ def test_grpo_loop_runs_checkpoints_and_resumes(tmp_path):
     assert int(state.step) == 3
     with pytest.raises(ValueError, match="trainable"):
         grpo_loop.train_grpo(grpo_config(trainable=("llm", "vae")), str(tmp_path / "x"), evaluate=False)
+
+
+def test_grpo_starts_from_a_supervised_workdir(tmp_path):
+    from unimm import inference
+    from unimm.train import grpo_loop
+    sup = config_utils.load_config("configs/harmon.py:tiny")
+    sup.train.steps, sup.train.checkpoint_every = 1, 1
+    inference.save_config(sup, str(tmp_path / "sup"))
+    trained = loop.train_and_evaluate(sup, str(tmp_path / "sup"))
+    config = grpo_config(group_size=2, inputs_per_step=4, max_new_tokens=4)
+    config.sample.num_iter, config.sample.num_sampling_steps = 2, "3"
+    config.train.steps, config.init_from = 1, str(tmp_path / "sup")
+    mesh = sharding.make_mesh({"data": -1})
+    start = grpo_loop.starting_params(config, mesh, text.shapes_tokenizer())
+    for a, b in zip(jax.tree.leaves(trained.ema_params), jax.tree.leaves(start)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    state = grpo_loop.train_grpo(config, str(tmp_path / "rl"), evaluate=False)
+    assert int(state.step) == 1
+    for group in ("mar", "head", "proj_in", "proj_out"):     # frozen under grpo.trainable = ("llm",)
+        for a, b in zip(jax.tree.leaves(trained.ema_params[group]), jax.tree.leaves(state.params[group])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    config.model.llm.hidden_size = 64
+    with pytest.raises(ValueError, match="does not match"):
+        grpo_loop.train_grpo(config, str(tmp_path / "rl2"), evaluate=False)

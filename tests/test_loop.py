@@ -157,7 +157,8 @@ def test_cli(tmp_path):
         proc = subprocess.run([sys.executable, "-m", *args, f"--workdir={workdir}"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    assert Image.open(out).size == (64, 32)
+    n = config_utils.load_config("configs/harmon.py:tiny").data.image_size
+    assert Image.open(out).size == (2 * n, n)     # one prompt, two samples
     assert "x.png: " in proc.stdout
     missing = subprocess.run([sys.executable, "-m", "unimm.caption", f"--workdir={tmp_path / 'none'}",
                               f"--image={tmp_path / 'x.png'}"], cwd=ROOT, env=env, capture_output=True, text=True)

@@ -161,7 +161,8 @@ def test_kl16_tokens_match_harmon_layout(setup):
 
 
 def test_patch_tokenizer_roundtrip_exact():
-    cfg = vae_config("tiny")  # patch 4
+    cfg = vae_config("tiny")
+    cfg.patch_size = 4
     assert vae.init(cfg, jax.random.key(0)) == {} and vae.token_dim(cfg) == 48
     x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 16, 8, 3)).astype(np.float32))
     tokens = vae.images_to_tokens({}, cfg, x)
@@ -178,6 +179,7 @@ def test_uint8_conversions():
 
 def test_shape_errors_are_clear():
     cfg = vae_config("tiny")
+    cfg.patch_size = 4
     with pytest.raises(ValueError, match=re.escape("expected images [B, H, W, 3], got shape (2, 16, 16)")):
         vae.images_to_tokens({}, cfg, jnp.zeros((2, 16, 16)))
     with pytest.raises(ValueError, match=r"\(2, 18, 16, 3\).*divisible by the tokenizer stride 4"):

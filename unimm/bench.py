@@ -223,7 +223,8 @@ def run_sample(variants: list[str], reps: int) -> list[dict]:
         params = jax.jit(lambda r: harmon.init(cfg, r))(jax.random.key(0))
         tokens = jax.random.randint(jax.random.key(1), (8, 32), 8, cfg.llm.vocab_size)
         mask = jnp.ones((8, 32), jnp.int32)
-        for num_iter in (16, 64):
+        # More iterations than tokens only repeats empty ones: cap at the token count.
+        for num_iter in sorted({min(n, cfg.mar.grid ** 2) for n in (16, 64)}):
             kw = dict(num_iter=num_iter, guided=True, cfg_scale=3.0, num_steps="100")
             call = lambda: harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(2), **kw)
             jax.block_until_ready(call())                       # warm-up (compiles)

@@ -22,13 +22,10 @@ from unimm.data import images as images_lib
 from unimm.data import shapes, text
 from unimm.eval import shapes_bench
 from unimm.eval.evaluate import make_eval_fn
-from unimm.models import layers
+from unimm.models import harmon, layers
 from unimm.models import vae as vae_lib
 from unimm.train import grpo, loop, rewards
-from unimm.train.state import create_train_state, param_shardings, state_shardings
-
-PARAM_GROUPS = ("llm", "mar", "head", "proj_in", "proj_out")
-
+from unimm.train.state import create_train_state, frozen_groups, param_shardings, state_shardings
 
 class RolloutPosition:
     """Which shapes-world training images the next rollout uses (checkpointable)."""
@@ -56,23 +53,22 @@ def starting_params(config: Any, mesh: jax.sharding.Mesh, tok: Any) -> Any:
         logging.warning("grpo: config.init_from is empty; starting from random params")
         return None
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        probe = create_train_state(config, mesh, jax.random.key(0))
-        manager = checkpoint.make_manager(path, keep=1)
-        arrays, step = checkpoint.restore_arrays(manager, probe)
+        from unimm import inference   # the supervised run's own config (its optimizer layout)
+        source = inference.load_config(path)
+        shapes_of = lambda m: jax.tree.map(lambda a: a.shape, harmon.abstract_params(layers.freeze(m)))
+        if shapes_of(source.model) != shapes_of(config.model):
+            raise ValueError(f"config.init_from={path}: its model (variant {source.model.get('variant')}) "
+                             f"does not match this config's (variant {config.model.get('variant')})")
+        probe = create_train_state(source, mesh, jax.random.key(0))
+        arrays, step = checkpoint.restore_arrays(checkpoint.make_manager(path, keep=1), probe)
         logging.info("grpo: starting from %s step %d (EMA params)", path, step)
         return jax.device_put(arrays["ema_params"], param_shardings(config, mesh))
     return loop.initial_params(config, mesh)
 
 
-def _frozen(g: Any) -> tuple[str, ...]:
-    unknown = set(g.trainable) - set(PARAM_GROUPS)
-    if unknown:
-        raise ValueError(f"grpo.trainable has unknown groups {sorted(unknown)}; choose from {PARAM_GROUPS}")
-    return tuple(k for k in PARAM_GROUPS if k not in g.trainable)
-
-
 def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     g, t, d = config.grpo, config.train, config.data
+    frozen_groups(config)   # validates grpo.trainable before anything is built
     if g.policy != "captioner":
         raise ValueError(f"grpo.policy={g.policy!r}: only 'captioner' is implemented")
     if d.source != "shapes":
@@ -88,7 +84,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     cfg = layers.freeze(config.model)
 
     rng = jax.random.key(config.seed)
-    state = create_train_state(config, mesh, rng, params=starting_params(config, mesh, tok), frozen=_frozen(g))
+    state = create_train_state(config, mesh, rng, params=starting_params(config, mesh, tok))
     ref = jax.tree.map(jnp.copy, state.params)        # π_ref and the frozen decoder
     decoder = shapes_bench.Model(config, tok, ref, state.tokenizer_params)
     reward_fn = rewards.get_reward(g.reward)

@@ -27,7 +27,16 @@ class TrainState:
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
+PARAM_GROUPS = ("llm", "mar", "head", "proj_in", "proj_out")
+
+
 def frozen_groups(config: Any) -> tuple[str, ...]:
+    """Groups the optimizer leaves alone: GRPO's non-``grpo.trainable`` ones, else the stage's."""
+    if "grpo" in config:
+        unknown = set(config.grpo.trainable) - set(PARAM_GROUPS)
+        if unknown:
+            raise ValueError(f"grpo.trainable has unknown groups {sorted(unknown)}; choose from {PARAM_GROUPS}")
+        return tuple(k for k in PARAM_GROUPS if k not in config.grpo.trainable)
     stage = int(config.train.stage)
     if stage not in FROZEN_BY_STAGE:
         raise ValueError(f"train.stage={stage}: expected one of {sorted(FROZEN_BY_STAGE)}")
