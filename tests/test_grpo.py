@@ -151,7 +151,7 @@ def test_grpo_starts_from_a_supervised_workdir(tmp_path):
     config.sample.num_iter, config.sample.num_sampling_steps = 2, "3"
     config.train.steps, config.init_from = 1, str(tmp_path / "sup")
     mesh = sharding.make_mesh({"data": -1})
-    start = grpo_loop.starting_params(config, mesh, text.shapes_tokenizer())
+    start = grpo_loop.starting_params(config, mesh)
     for a, b in zip(jax.tree.leaves(trained.ema_params), jax.tree.leaves(start)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     state = grpo_loop.train_grpo(config, str(tmp_path / "rl"), evaluate=False)

@@ -25,6 +25,7 @@ from unimm import sharding
 from unimm.models import harmon, layers, qwen2
 from unimm.train import grpo_math
 from unimm.train.state import TrainState
+from unimm.train.step import apply_gradients
 
 # Keys of a caption rollout; all lead with the rollout batch B = inputs x G.
 ROLLOUT_KEYS = ("tokens", "mask", "completion_mask", "image_tokens", "old_log_probs",
@@ -107,12 +108,8 @@ def grpo_step(state: TrainState, rollout: dict, rng: jax.Array, *, config: Any) 
     del rng   # the caption loss is deterministic given the rollout
     grad_fn = jax.value_and_grad(functools.partial(caption_grpo_loss, config=config), has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, rollout)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = config.train.ema_decay
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+    return apply_gradients(state, grads, config.train.ema_decay), {
+        **metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def jit_grpo_step(config: Any, mesh: jax.sharding.Mesh, state_sharding: Any, rollout_example: dict):

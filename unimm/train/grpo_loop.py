@@ -27,6 +27,7 @@ from unimm.models import vae as vae_lib
 from unimm.train import grpo, loop, rewards
 from unimm.train.state import create_train_state, frozen_groups, param_shardings, state_shardings
 
+
 class RolloutPosition:
     """Which shapes-world training images the next rollout uses (checkpointable)."""
 
@@ -45,7 +46,7 @@ class RolloutPosition:
         self.position = int(state["position"])
 
 
-def starting_params(config: Any, mesh: jax.sharding.Mesh, tok: Any) -> Any:
+def starting_params(config: Any, mesh: jax.sharding.Mesh) -> Any:
     """Params of ``config.init_from``: a supervised workdir (its newest EMA params) or a
     converter output directory; None (random init) when it is empty."""
     path = config.init_from
@@ -84,7 +85,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     cfg = layers.freeze(config.model)
 
     rng = jax.random.key(config.seed)
-    state = create_train_state(config, mesh, rng, params=starting_params(config, mesh, tok))
+    state = create_train_state(config, mesh, rng, params=starting_params(config, mesh))
     ref = jax.tree.map(jnp.copy, state.params)        # π_ref and the frozen decoder
     decoder = shapes_bench.Model(config, tok, ref, state.tokenizer_params)
     reward_fn = rewards.get_reward(g.reward)

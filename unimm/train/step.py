@@ -84,12 +84,16 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: Any) -
     rng = jax.random.fold_in(rng, state.step)
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, config=config), has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, state.tokenizer_params, batch, rng)
+    return apply_gradients(state, grads, config.train.ema_decay), {
+        **metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+def apply_gradients(state: TrainState, grads: Any, ema_decay: float) -> TrainState:
+    """The optimizer update, the EMA of the params and the step count (shared with GRPO)."""
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = config.train.ema_decay
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
 def make_train_step(config: Any):
