@@ -36,6 +36,10 @@ setup(
             "torch==2.13.0",
             "transformers>=4.45",
             "scipy>=1.11",
+            # notebooks/quickstart.ipynb is executed by tests/test_notebook.py
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
     },
 )

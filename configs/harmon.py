@@ -25,6 +25,8 @@ def llm_config(variant: str) -> ml_collections.ConfigDict:
     c.max_position_embeddings = 32768     # longest sequence the KV cache may hold
     c.dtype = "float32"                   # compute dtype (params stay float32)
     c.initializer_range = 0.02            # std of the normal init of every weight (HF)
+    c.scan_layers = False                 # one lax.scan over the layers (fast compiles at depth)
+    c.remat = "none"                      # "none", "full" (recompute layers) or "dots" (keep matmuls)
     if variant == "1.5b":
         c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads = 1536, 28, 12, 2
         c.head_dim, c.intermediate_size = 128, 8960
@@ -75,6 +77,7 @@ def diffusion_config(variant: str) -> ml_collections.ConfigDict:
     c.num_timesteps = 1000                # training diffusion steps
     c.num_sampling_steps = "100"          # respacing for sampling (guided-diffusion syntax)
     c.noise_schedule = "cosine"           # beta schedule
+    c.prediction = "epsilon"              # network target: "epsilon" (MAR / Harmon), "v" or "x0"
     c.batch_mul = 4                       # diffusion_batch_mul: repeats per token in the loss
     c.clip_denoised = 0.0                 # sampling: clamp predicted x0 to [-c, c] (0 = off, as MAR)
     c.dtype = "float32"                   # compute dtype

@@ -184,9 +184,9 @@ def test_process_sharding(tok):
     for step in range(2):
         for k, v in full[step].items():
             assert halves[0][step][k].shape[0] == 4
-            # Process p holds global rows p, p+2, ...: disjoint halves of the same global batch.
-            np.testing.assert_array_equal(halves[0][step][k], v[0::2])
-            np.testing.assert_array_equal(halves[1][step][k], v[1::2])
+            # Process p holds the p-th contiguous block of the same global batch.
+            np.testing.assert_array_equal(halves[0][step][k], v[:4])
+            np.testing.assert_array_equal(halves[1][step][k], v[4:])
     with pytest.raises(ValueError, match="not divisible"):
         pipeline.make_train_iterator(c, tok, process_index=0, process_count=3)
 

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from unimm.convert import CheckpointMismatchError  # noqa: E402
 from unimm.convert.qwen2_hf import (config_from_hf, params_from_hf_state,  # noqa: E402
                                     params_to_hf_state, qwen2_from_hf)
-from unimm.models import qwen2  # noqa: E402
+from unimm.models import layers, qwen2  # noqa: E402
 
 VOCAB = 256
 
@@ -175,3 +175,27 @@ def test_cached_forward_matches_full():
     h2, _ = qwen2.forward(params, cfg, qwen2.embed(params, cfg, tokens[:, 6:]), pos[:, 6:], kv_mask,
                           cache=cache, cache_offset=jnp.int32(6))
     np.testing.assert_allclose(jnp.concatenate([h1, h2], 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan,remat", [(True, "none"), (False, "full"), (True, "dots")])
+def test_scan_and_remat_match_unrolled(scan, remat):
+    """Layer scanning and rematerialisation change the program, not the function or its gradient."""
+    from configs.harmon import llm_config
+    cfg = llm_config("tiny")
+    params = qwen2.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    mask = jnp.ones((2, 10), bool)
+
+    def loss(p, c):
+        return jnp.mean(qwen2.forward(p, c, tokens, pos, mask)[0] ** 2)
+
+    other = llm_config("tiny")
+    other.scan_layers, other.remat = scan, remat
+    ref_val, ref_grad = jax.value_and_grad(loss)(params, cfg)
+    val, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, layers.freeze(other))
+    np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grad, ref_grad)
+    with pytest.raises(ValueError, match="model.llm.remat='some'"):
+        other.remat = "some"
+        qwen2.init(other, jax.random.key(0))

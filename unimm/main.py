@@ -5,13 +5,11 @@
 
 Re-running with the same --workdir resumes from its newest checkpoint.
 """
-import os
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unimm import inference
+from unimm import distributed, inference
 from unimm.eval.evaluate import make_eval_fn
 from unimm.train.grpo_loop import train_grpo
 from unimm.train.loop import train_and_evaluate
@@ -22,20 +20,10 @@ flags.DEFINE_bool("multiprocess", False, "call jax.distributed.initialize() (mul
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
-# Process-count variables set by multi-node launchers (TPU pods set none: pass --multiprocess).
-_WORLD_SIZE_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-
-
-def _multiprocess() -> bool:
-    return (FLAGS.multiprocess or "JAX_COORDINATOR_ADDRESS" in os.environ
-            or any(int(os.environ.get(k, "1")) > 1 for k in _WORLD_SIZE_ENV))
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _multiprocess():
-        jax.distributed.initialize()
+    distributed.initialize(FLAGS.multiprocess)
     config = FLAGS.config
     logging.info("process %d/%d, %d devices, config:\n%s", jax.process_index(),
                  jax.process_count(), jax.device_count(), config)

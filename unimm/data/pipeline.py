@@ -4,7 +4,7 @@ Each task (understanding "i2t", generation "t2i") is a finite or huge random-acc
 raw items (uint8 image + texts). Training walks it as
 
     range(N).shuffle(seed).repeat()  -> (stream position, item index)
-      -> [process_index::process_count] -> encode -> batch(local) -> to_iter_dataset()
+      -> this process's rows of each global batch -> encode -> batch(local) -> to_iter_dataset()
 
 so every process reads a disjoint, deterministic slice of one global stream, and the stream
 position seeds per-example randomness (caption dropout): batches do not depend on how many
@@ -215,6 +215,17 @@ def _encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
     return encode
 
 
+def process_slice(stream: grain.MapDataset, global_size: int, start: int, size: int) -> grain.MapDataset:
+    """Rows ``[start, start + size)`` of every global batch of ``stream``, in order.
+
+    Contiguous blocks (not ``stream[p::P]``): the global batch assembled from the processes'
+    blocks is then the same rows in the same order for every process count, so a run on
+    2 processes x 4 devices computes exactly what 1 process x 8 devices does."""
+    def position(j: int) -> int:
+        return (j // size) * global_size + start + j % size
+    return grain.MapDataset.range(len(stream) // global_size * size).map(lambda j: stream[position(j)])
+
+
 def task_dataset(config, tok, task: str, *, process_index: int, process_count: int,
                  split: str = "train") -> grain.IterDataset | None:
     """The per-process batched IterDataset for one task, or None when its batch size is 0."""
@@ -227,11 +238,12 @@ def task_dataset(config, tok, task: str, *, process_index: int, process_count: i
                          f"{process_count} processes")
     n, item_fn = task_source(d, task, split)
     seed = d.seed + TASKS.index(task)   # different orders for the two tasks
-    ds = (grain.MapDataset.range(n).shuffle(seed=seed).repeat()
-          .map_with_index(lambda pos, i: (pos, i)))
-    ds = ds[process_index::process_count]
+    stream = (grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+              .map_with_index(lambda pos, i: (pos, i)))
+    local = global_size // process_count
+    ds = process_slice(stream, global_size, local * process_index, local)
     ds = ds.map(_encoder(d, tok, task, item_fn))
-    ds = ds.batch(global_size // process_count, drop_remainder=True)
+    ds = ds.batch(local, drop_remainder=True)
     if d.worker_count:
         # Worker processes (grain mp_prefetch) read absl flags: run under absl.app.run.
         return ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+import jax
 from absl import logging
 from PIL import Image
 
@@ -47,6 +48,10 @@ def make_eval_fn(config: Any, workdir: str, tok: Any = None, num_examples: int |
     decoder) generate the images instead when given."""
     if config.data.source != "shapes":
         logging.info("data.source=%s: the shapes benchmark is skipped", config.data.source)
+        return None
+    if jax.process_count() > 1:
+        logging.info("%d processes: evaluation during training is skipped; run "
+                     "python -m unimm.evaluate --workdir=%s afterwards", jax.process_count(), workdir)
         return None
     if tok is None:
         from unimm.data.text import shapes_tokenizer

@@ -1,7 +1,9 @@
 """Gaussian diffusion as MAR uses it (guided-diffusion / DiT ``diffusion/`` package).
 
 Cosine betas over 1000 steps, epsilon prediction with learned-range variance, loss =
-MSE(eps) + VLB (bits). Sampling runs on a respaced process (``space_timesteps``) while
+MSE(eps) + VLB (bits). ``prediction="v"`` (or ``"x0"``) makes the network predict
+``v = sqrt(a) eps - sqrt(1-a) x0`` (or ``x0``) instead: the same sampler and VLB, with the
+MSE on that target. Sampling runs on a respaced process (``space_timesteps``) while
 the network always sees original-scale timesteps (``timestep_map``). Tables are built in
 float64 numpy and read as float32, as the reference does.
 
@@ -153,9 +155,36 @@ def q_posterior(s: Schedule, x0, x_t, t):
     return mean, _at(s.posterior_log_variance_clipped, t) * jnp.ones_like(x_t)
 
 
+PREDICTIONS = ("epsilon", "v", "x0")
+
+
+def check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"model.diffusion.prediction={prediction!r}; expected one of {PREDICTIONS}")
+    return prediction
+
+
+def predicted_x0(s: Schedule, out: jax.Array, x: jax.Array, t: jax.Array, prediction: str) -> jax.Array:
+    """x0 implied by the network's mean channels ``out`` at ``x_t``."""
+    if prediction == "x0":
+        return out
+    if prediction == "v":   # x0 = sqrt(a) x_t - sqrt(1-a) v
+        return _at(s.sqrt_alphas_cumprod, t) * x - _at(s.sqrt_one_minus_alphas_cumprod, t) * out
+    return _at(s.sqrt_recip_alphas_cumprod, t) * x - _at(s.sqrt_recipm1_alphas_cumprod, t) * out
+
+
+def training_target(s: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array, prediction: str) -> jax.Array:
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return _at(s.sqrt_alphas_cumprod, t) * noise - _at(s.sqrt_one_minus_alphas_cumprod, t) * x0
+    return noise
+
+
 def p_mean_variance(s: Schedule, model_output: jax.Array, x: jax.Array, t: jax.Array,
-                    clip: float = 0.0) -> dict:
-    """``p(x_{t-1} | x_t)`` from the network output ``[N, 2D]`` = (eps, variance value in [-1, 1]).
+                    clip: float = 0.0, prediction: str = "epsilon") -> dict:
+    """``p(x_{t-1} | x_t)`` from the network output ``[N, 2D]`` = (eps / v / x0 per
+    ``prediction``, variance value in [-1, 1]).
 
     ``clip > 0`` clamps the predicted x0 to ``[-clip, clip]`` (guided-diffusion's
     ``clip_denoised``): at the noisiest steps x0 = (x_t - sqrt(1-a) eps) / sqrt(a) multiplies
@@ -165,7 +194,7 @@ def p_mean_variance(s: Schedule, model_output: jax.Array, x: jax.Array, t: jax.A
     max_log = _at(s.log_betas, t)
     frac = (var_values + 1) / 2
     log_var = frac * max_log + (1 - frac) * min_log
-    pred_xstart = _at(s.sqrt_recip_alphas_cumprod, t) * x - _at(s.sqrt_recipm1_alphas_cumprod, t) * eps
+    pred_xstart = predicted_x0(s, eps, x, t, prediction)
     if clip:
         pred_xstart = jnp.clip(pred_xstart, -clip, clip)
     mean, _ = q_posterior(s, pred_xstart, x, t)
@@ -176,20 +205,25 @@ def p_mean_variance(s: Schedule, model_output: jax.Array, x: jax.Array, t: jax.A
 
 
 def training_loss(eps_fn: ModelFn, x0: jax.Array, t: jax.Array, noise: jax.Array,
-                  sched: Schedule | None = None) -> jax.Array:
+                  sched: Schedule | None = None, prediction: str = "epsilon") -> jax.Array:
     """Per-example ``mean(MSE(eps)) + VLB`` (bits); the VLB sees a stop-gradient eps so it
-    trains only the variance, and is the decoder NLL at ``t == 0``, a KL elsewhere."""
+    trains only the variance, and is the decoder NLL at ``t == 0``, a KL elsewhere.
+
+    ``prediction`` "v" / "x0" regress that target instead of eps. In x0 terms the eps MSE
+    weighs errors by the SNR, v by 1 + SNR: at high noise, where a token's content is
+    decided and only the condition can say what it is, eps pays almost nothing for
+    ignoring the condition and v pays the full x0 error."""
     s = make_schedule() if sched is None else sched
     x_t = q_sample(s, x0, t, noise)
     out = eps_fn(x_t, jnp.asarray(s.timestep_map)[t])
     eps, var_values = jnp.split(out, 2, axis=-1)
     frozen = jnp.concatenate([jax.lax.stop_gradient(eps), var_values], axis=-1)
-    p = p_mean_variance(s, frozen, x_t, t)
+    p = p_mean_variance(s, frozen, x_t, t, prediction=prediction)
     true_mean, true_log_var = q_posterior(s, x0, x_t, t)
     kl = jnp.mean(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"]), -1) / math.log(2.0)
     nll = -jnp.mean(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"]), -1)
     vb = jnp.where(t == 0, nll / math.log(2.0), kl)
-    return jnp.mean((noise - eps) ** 2, -1) + vb
+    return jnp.mean((training_target(s, x0, t, noise, prediction) - eps) ** 2, -1) + vb
 
 
 def diffusion_loss(head_params: Any, head_cfg: Any, diff_cfg: Any, target: jax.Array, z: jax.Array,
@@ -204,7 +238,7 @@ def diffusion_loss(head_params: Any, head_cfg: Any, diff_cfg: Any, target: jax.A
     t = jax.random.randint(k_t, (target.shape[0],), 0, s.num_timesteps)
     noise = jax.random.normal(k_noise, target.shape, jnp.float32)
     loss = training_loss(lambda x, tt: diffusion_head.apply(head_params, head_cfg, x, tt, z),
-                         target.astype(jnp.float32), t, noise, s)
+                         target.astype(jnp.float32), t, noise, s, _prediction(diff_cfg))
     return jnp.sum(loss * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -238,14 +272,19 @@ def head_model_fn(head_params: Any, head_cfg: Any, z: jax.Array, cfg_scale=1.0,
     return fn
 
 
-def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array, clip: float = 0.0):
+def _prediction(diff_cfg: Any) -> str:
+    return check_prediction(diff_cfg.get("prediction", "epsilon"))
+
+
+def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array, clip: float = 0.0,
+                      prediction: str = "epsilon"):
     t = jnp.full((x.shape[0],), i, jnp.int32)
-    p = p_mean_variance(s, model_fn(x, jnp.asarray(s.timestep_map)[t]), x, t, clip)
+    p = p_mean_variance(s, model_fn(x, jnp.asarray(s.timestep_map)[t]), x, t, clip, prediction)
     return p["mean"], p["log_variance"]
 
 
 def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, temperature=1.0,
-                clip: float = 0.0):
+                clip: float = 0.0, prediction: str = "epsilon"):
     """Ancestral sampling from ``x_T`` as one ``lax.scan`` over the steps ``S-1 .. 0``.
 
     Returns ``(x_0, log_probs [S, N], traj)``; ``traj`` holds per step (first = noisiest)
@@ -253,7 +292,7 @@ def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, 
     """
     def step(x, inp):
         i, key = inp
-        mean, log_var = _step_mean_logvar(model_fn, s, x, i, clip)
+        mean, log_var = _step_mean_logvar(model_fn, s, x, i, clip, prediction)
         noise = jax.random.normal(key, x.shape, x.dtype)
         std = jnp.where(i > 0, jnp.exp(0.5 * log_var) * temperature, 0.0)  # no noise at t = 0
         x_next = mean + std * noise
@@ -297,7 +336,8 @@ def sample(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, rng: ja
     k_init, k_loop = jax.random.split(rng)
     x_T = jax.random.normal(k_init, (m, head_cfg.token_dim), jnp.float32)
     x0, log_probs, traj = sample_loop(head_model_fn(head_params, head_cfg, z, cfg_scale, guided),
-                                      s, x_T, k_loop, temperature, diff_cfg.get("clip_denoised", 0.0))
+                                      s, x_T, k_loop, temperature, diff_cfg.get("clip_denoised", 0.0),
+                                      _prediction(diff_cfg))
     return (x0, log_probs, traj) if return_trajectory else (x0, log_probs)
 
 
@@ -312,7 +352,8 @@ def trajectory_log_probs(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.
     model_fn = head_model_fn(head_params, head_cfg, z, cfg_scale, guided)
 
     def one(step):
-        mean, log_var = _step_mean_logvar(model_fn, s, step["x"], step["t"], diff_cfg.get("clip_denoised", 0.0))
+        mean, log_var = _step_mean_logvar(model_fn, s, step["x"], step["t"],
+                                          diff_cfg.get("clip_denoised", 0.0), _prediction(diff_cfg))
         lp = step_log_prob(mean, log_var, step["x_next"], temperature)
         return jnp.where(step["t"] > 0, lp, 0.0)
 

@@ -100,6 +100,20 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
+# Rematerialisation (``model.llm.remat``): what the backward pass may keep from the forward.
+REMAT_POLICIES = {
+    "none": None,                                              # no remat: keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,          # recompute each layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,   # keep matmul outputs
+}
+
+
+def check_remat(name: str) -> str:
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.llm.remat={name!r}; expected one of {tuple(REMAT_POLICIES)}")
+    return name
+
+
 class Qwen2(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.embed_tokens = nnx.Embed(
@@ -107,6 +121,8 @@ class Qwen2(nnx.Module):
             embedding_init=nnx.with_partitioning(_init(cfg), ("vocab", "embed")), rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
+        self.scan_layers = bool(cfg.get("scan_layers", False))
+        self.remat = check_remat(cfg.get("remat", "none"))
         if not cfg.tie_word_embeddings:
             self.lm_head = layers.linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
                                          rngs=rngs, use_bias=False, kernel_init=_init(cfg))
@@ -119,11 +135,36 @@ class Qwen2(nnx.Module):
         # softmax stays finite on every backend; real queries are unaffected.
         diag = jnp.arange(s)[None, :] == q_slot
         mask = mask | (diag & ~mask.any(-1, keepdims=True))
+        if cache is None:
+            return self.norm(self._layers_without_cache(x, positions, mask)), None
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_offset)
+            x, c = layer(x, positions, mask, cache[i], cache_offset)
             new_cache.append(c)
-        return self.norm(x), (None if cache is None else new_cache)
+        return self.norm(x), new_cache
+
+    def _layers_without_cache(self, x, positions, mask):
+        """The layer stack of training and prefill: optionally rematerialised, optionally
+        one ``lax.scan`` over the layers (one compiled layer body instead of ``num_layers``).
+
+        Scanning stacks the per-layer params inside the program (they stay per-layer in
+        the params tree, so converters and checkpoints are unchanged): a transient copy of
+        the LLM's params on each device, 1/FSDP of them when sharded."""
+        graphdef, first = nnx.split(self.layers[0])
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, positions, mask)[0]
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+        states = [nnx.split(layer)[1] for layer in self.layers]
+        if not self.scan_layers:
+            for state in states:
+                x = body(x, state)
+            return x
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        x, _ = jax.lax.scan(lambda h, st: (body(h, st), None), x, stacked)
+        return x
 
     def lm_logits(self, hidden):
         h = hidden.astype(jnp.float32)

@@ -103,6 +103,7 @@ def train_and_evaluate(config: Any, workdir: str, *, eval_fn: EvalFn | None = No
         writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
     report = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer,
                                              every_steps=t.log_every, every_secs=None)
+    evaluate = eval_fn is not None and t.eval_every > 0
     train_step = None   # built from the first batch (the jit needs the batch's ranks)
     history: list[dict] = []
     last_time, last_step = time.perf_counter(), step
@@ -128,9 +129,9 @@ def train_and_evaluate(config: Any, workdir: str, *, eval_fn: EvalFn | None = No
                              scalars["loss"], losses, scalars["steps_per_sec"])
             if step % t.checkpoint_every == 0 or step == t.steps:
                 checkpoint.save(manager, state, iterator)
-            if eval_fn is not None and t.eval_every > 0 and step % t.eval_every == 0 and step < t.steps:
+            if evaluate and step % t.eval_every == 0 and step < t.steps:
                 eval_fn(state, step, writer)
-        if eval_fn is not None:
+        if evaluate:
             eval_fn(state, step, writer)
 
     manager.wait_until_finished()   # async saves must land before we return
