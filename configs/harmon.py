@@ -190,6 +190,8 @@ def train_config(variant: str) -> ml_collections.ConfigDict:
     t.checkpoint_every = 500              # steps between checkpoints
     t.eval_every = 4000                   # steps between evaluations (0 = never)
     t.keep_checkpoints = 3                # newest checkpoints kept
+    t.max_nonfinite_steps = 10            # this many skipped (NaN / inf) steps in a row stop the run
+    t.preemption_grace_secs = 30          # SIGTERM -> save within this long (warned if slower)
     return t
 
 

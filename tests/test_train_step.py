@@ -127,3 +127,45 @@ def test_stage3_trains_and_samples_at_twice_the_resolution(mesh1):
     out = harmon_sample.generate_image_tokens(state.params, layers.freeze(m), tokens, np.ones_like(tokens), jax.random.key(0),
                                               num_iter=4, guided=False, num_steps="5", grid=g)
     assert out.shape == (2, g * g, m.mar.token_dim) and np.isfinite(np.asarray(out)).all()
+
+
+def test_mixed_precision_keeps_float32_params_and_optimizer_state(mesh1):
+    """bf16 compute (the components' ``dtype``) with float32 params, moments and EMA; the
+    losses stay close to the float32 step's and the remat / scan switches compose with it."""
+    config = tiny_config(steps=10)
+    _, _, ref = run_steps(config, mesh1, n=2)
+    for part in ("llm", "mar", "diffusion"):
+        config.model[part].dtype = "bfloat16"
+    config.model.llm.remat, config.model.llm.scan_layers = "full", True
+    _, state, metrics = run_steps(config, mesh1, n=2)
+    for tree in (state.params, state.opt_state, state.ema_params):
+        assert {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)} == {np.dtype("float32")}
+    assert np.isfinite(metrics["loss"])
+    np.testing.assert_allclose(metrics["i2t_loss"], ref["i2t_loss"], rtol=0.05)
+    np.testing.assert_allclose(metrics["t2i_loss"], ref["t2i_loss"], rtol=0.1)
+
+
+def test_nonfinite_step_changes_nothing_but_the_step(mesh1):
+    config = tiny_config()
+    state = create_train_state(config, mesh1, jax.random.key(0))
+    batch = synthetic_batch(config)
+    batch["t2i_images"][0, 0, 0, 0] = np.nan          # one NaN pixel poisons the loss
+    step = step_lib.jit_train_step(config, mesh1, state_shardings(state), batch)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state, state.ema_params))
+    with jax.set_mesh(mesh1):
+        state, metrics = step(state, batch, jax.random.key(1))
+    assert float(metrics["nonfinite"]) == 1.0 and int(state.step) == 1
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state, state.ema_params))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+
+
+def test_nonfinite_guard_stops_after_a_run():
+    from unimm.train.loop import NonFiniteGuard
+    guard = NonFiniteGuard(3)
+    for i, flag in enumerate([1.0, 0.0, 1.0, 1.0]):
+        guard.observe(jnp.float32(flag), i + 1)
+    guard.flush()
+    assert (guard.total, guard.run) == (3, 2)
+    guard.observe(jnp.float32(1.0), 5)
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row \(up to step 5\).*max_nonfinite_steps=3"):
+        guard.flush()

@@ -21,3 +21,36 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+    """``"model.llm.remat=full"``: sets an existing field, parsing the value as that field's
+    type (Python literals for tuples / dicts via ``ast.literal_eval``, never ``eval``)."""
+    import ast
+    path, sep, raw = item.partition("=")
+    if not sep:
+        raise ValueError(f"override {item!r}: expected FIELD=VALUE")
+    *parents, leaf = path.split(".")
+    node = config
+    for name in parents:
+        if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+            raise ValueError(f"override {item!r}: {path} is not a config field")
+        node = node[name]
+    if leaf not in node:
+        raise ValueError(f"override {item!r}: {path} is not a config field")
+    old = node[leaf]
+    try:
+        if isinstance(old, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            value = raw.lower() in ("true", "1")
+        elif isinstance(old, (int, float)):
+            value = type(old)(raw)
+        elif isinstance(old, str):
+            value = raw
+        else:
+            value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"override {item!r}: {raw!r} is not a valid {type(old).__name__} for {path}") from None
+    with config.unlocked():
+        node[leaf] = value

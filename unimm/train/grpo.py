@@ -108,8 +108,8 @@ def grpo_step(state: TrainState, rollout: dict, rng: jax.Array, *, config: Any) 
     del rng   # the caption loss is deterministic given the rollout
     grad_fn = jax.value_and_grad(functools.partial(caption_grpo_loss, config=config), has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, rollout)
-    return apply_gradients(state, grads, config.train.ema_decay), {
-        **metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    state, skipped = apply_gradients(state, grads, config.train.ema_decay, loss)
+    return state, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "nonfinite": skipped}
 
 
 def jit_grpo_step(config: Any, mesh: jax.sharding.Mesh, state_sharding: Any, rollout_example: dict):

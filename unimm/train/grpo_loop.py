@@ -103,6 +103,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     report = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer, every_steps=t.log_every)
     step_fn, history, last = None, [], (time.perf_counter(), step)
+    guard = loop.NonFiniteGuard(t.get("max_nonfinite_steps", 10))
     k_roll, k_gen = jax.random.split(jax.random.fold_in(rng, 1))
     with jax.set_mesh(mesh):
         while step < t.steps:
@@ -125,6 +126,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
             for _ in range(g.ppo_epochs):
                 state, metrics = step_fn(state, scored, rng)
                 step += 1
+                guard.observe(metrics["nonfinite"], step)
                 report(step)
             history.append({**jax.device_get(metrics), "reward_mean": float(reward.mean()),
                             "reward_std": float(reward.std(axis=1).mean()),
@@ -140,6 +142,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
                              scalars["caption_length"])
             if step % t.checkpoint_every < g.ppo_epochs or step >= t.steps:
                 checkpoint.save(manager, state, positions)
+        guard.flush()
         if evaluate:   # captions by the policy, images by the frozen decoder
             make_eval_fn(config, workdir, tok, decoder_params=ref)(state, step, writer)
     manager.wait_until_finished()

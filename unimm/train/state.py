@@ -1,6 +1,7 @@
 """The train state (params, optimizer state, EMA params, step), created already sharded."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -49,13 +50,25 @@ def param_shardings(config: Any, mesh: jax.sharding.Mesh) -> Any:
                                     config.sharding.logical_axis_rules)
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, p_shard: Any,
+                        mesh: jax.sharding.Mesh) -> Any:
+    """Shardings of ``tx.init(params)``: every params-shaped tree (AdamW's mu / nu) takes the
+    params' shardings, everything else (step counts) is replicated. jit propagation cannot
+    give this: the moments are zeros, which depend on no sharded input."""
+    rep = sharding.replicated(mesh)
+    state = jax.eval_shape(tx.init, abstract_params)
+    masked = lambda x: isinstance(x, optax.MaskedNode)   # frozen groups hold no state
+    return optax.tree_utils.tree_map_params(tx, lambda x, s: x if masked(x) else s, state, p_shard,
+                                            transform_non_params=lambda _: rep, is_leaf=masked)
+
+
 def create_train_state(config: Any, mesh: jax.sharding.Mesh, rng: jax.Array,
                        params: Any = None, tokenizer_params: Any = None,
                        frozen: tuple[str, ...] | None = None) -> TrainState:
     """A fresh state with params born sharded (``params``/``tokenizer_params`` override init).
     ``frozen``: top-level param groups the optimizer leaves alone (default: the stage's).
 
-    The optimizer state and EMA inherit the params' shardings through ``jit`` propagation.
+    The optimizer moments and the EMA take the params' shardings (:func:`opt_state_shardings`).
     """
     m = layers.freeze(config.model)
     frozen = frozen_groups(config) if frozen is None else tuple(frozen)
@@ -70,14 +83,14 @@ def create_train_state(config: Any, mesh: jax.sharding.Mesh, rng: jax.Array,
         tokenizer_params = jax.jit(lambda r: vae_lib.init(m.vae, r))(k_vae)
     tokenizer_params = jax.device_put(tokenizer_params, sharding.replicated(mesh))
 
-    @jax.jit
+    o_shard = opt_state_shardings(tx, params, p_shard, mesh)
+
+    @functools.partial(jax.jit, out_shardings=(o_shard, p_shard))
     def finish(params):
         return tx.init(params), jax.tree.map(jnp.copy, params)
 
     opt_state, ema = finish(params)
-    # Leaves not derived from the params (step counters) may land on one device: replicate.
     rep = sharding.replicated(mesh)
-    opt_state = jax.tree.map(lambda x: x if x.ndim else jax.device_put(x, rep), opt_state)
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
                       opt_state=opt_state, ema_params=ema, tokenizer_params=tokenizer_params, tx=tx)
 

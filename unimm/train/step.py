@@ -84,16 +84,27 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: Any) -
     rng = jax.random.fold_in(rng, state.step)
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, config=config), has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, state.tokenizer_params, batch, rng)
-    return apply_gradients(state, grads, config.train.ema_decay), {
-        **metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    state, skipped = apply_gradients(state, grads, config.train.ema_decay, loss)
+    return state, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "nonfinite": skipped}
 
 
-def apply_gradients(state: TrainState, grads: Any, ema_decay: float) -> TrainState:
-    """The optimizer update, the EMA of the params and the step count (shared with GRPO)."""
+def apply_gradients(state: TrainState, grads: Any, ema_decay: float,
+                    loss: jax.Array | None = None) -> tuple[TrainState, jax.Array]:
+    """The optimizer update, the EMA of the params and the step count (shared with GRPO).
+
+    A step whose loss or gradient is not finite changes nothing but the step count (params,
+    optimizer state and EMA are kept): returns ``(state, skipped)`` with ``skipped`` 1.0 then.
+    """
+    finite = jnp.isfinite(optax.tree.norm(grads))
+    if loss is not None:
+        finite &= jnp.isfinite(loss)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return state.replace(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         ema_params=keep(ema, state.ema_params)), 1.0 - finite.astype(jnp.float32)
 
 
 def make_train_step(config: Any):
