@@ -5,6 +5,9 @@
 
 Re-running with the same --workdir resumes from its newest checkpoint.
 """
+import os
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,20 +23,59 @@ flags.DEFINE_bool("multiprocess", False, "call jax.distributed.initialize() (mul
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
+# What a user can get wrong (config values, paths, files, checkpoints): one "error:" line.
+# UNIMM_TRACEBACK=1 shows the traceback instead.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
+
+
+def check_workdir(workdir: str) -> None:
+    """The workdir must be creatable and writable before anything is built."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"--workdir={workdir} is not a writable directory ({e.strerror})") from None
+
+
+def run(config, workdir: str) -> None:
+    logging.info("process %d/%d, %d devices, config:\n%s", jax.process_index(),
+                 jax.process_count(), jax.device_count(), config)
+    if not workdir.startswith("gs://"):
+        check_workdir(workdir)
+    if jax.process_index() == 0:
+        inference.save_config(config, workdir)   # for the sample / caption / evaluate CLIs
+    if "grpo" in config:
+        train_grpo(config, workdir)
+    else:
+        train_and_evaluate(config, workdir, eval_fn=make_eval_fn(config, workdir))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    distributed.initialize(FLAGS.multiprocess)
-    config = FLAGS.config
-    logging.info("process %d/%d, %d devices, config:\n%s", jax.process_index(),
-                 jax.process_count(), jax.device_count(), config)
-    if jax.process_index() == 0:
-        inference.save_config(config, FLAGS.workdir)   # for the sample / caption / evaluate CLIs
-    if "grpo" in config:
-        train_grpo(config, FLAGS.workdir)
-    else:
-        train_and_evaluate(config, FLAGS.workdir, eval_fn=make_eval_fn(config, FLAGS.workdir))
+    try:
+        distributed.initialize(FLAGS.multiprocess)
+        run(FLAGS.config, FLAGS.workdir)
+    except USER_ERRORS as e:
+        if os.environ.get("UNIMM_TRACEBACK"):
+            raise
+        logging.error("%s: %s", type(e).__name__, e)
+        sys.exit(f"error: {e}")
+
+
+def parse_flags(argv):
+    """absl's parser, with config-flag mistakes (unknown fields, wrong types) as one line."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        message = " ".join(str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").split()).strip('"')
+        if isinstance(e, (AttributeError, KeyError)):   # config_flags: a path that is not a field
+            message = f"unknown config field in the --config.* overrides: {message}"
+        sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
