@@ -163,3 +163,44 @@ def test_cli(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "unimm.caption", f"--workdir={tmp_path / 'none'}",
                               f"--image={tmp_path / 'x.png'}"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert missing.returncode != 0 and "error:" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def _damaged_copy(workdir, tmp_path, name, damage):
+    out = str(tmp_path / name)
+    shutil.copytree(workdir, out)
+    damage(os.path.join(out, "checkpoints"))
+    return out
+
+
+def _truncate_largest(step_dir):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing_state"])
+def test_damaged_newest_checkpoint_falls_back(full_run, tmp_path, damage):
+    """The newest step is damaged: resume from the previous one, set the damaged one aside
+    (renamed, not deleted) and end bit-identical to the uninterrupted run."""
+    workdir, params = full_run
+    hurt = {"truncated": lambda c: _truncate_largest(os.path.join(c, "6")),
+            "missing_state": lambda c: shutil.rmtree(os.path.join(c, "6", "state"))}[damage]
+    run = _damaged_copy(workdir, tmp_path, damage, hurt)
+    state = loop.train_and_evaluate(tiny_config(), run)
+    assert int(state.step) == STEPS
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), params)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["3", "6", "6.broken"]
+
+
+def test_all_damaged_or_other_architecture_is_one_error(full_run, tmp_path):
+    workdir, _ = full_run
+    run = _damaged_copy(workdir, tmp_path, "all", lambda c: [shutil.rmtree(os.path.join(c, s, "state"))
+                                                              for s in ("3", "6")])
+    with pytest.raises(ValueError, match=r"no checkpoint in .* could be restored \(step 6: .*; step 3: "):
+        loop.train_and_evaluate(tiny_config(), run)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["3", "6"]   # nothing touched
+    other = tiny_config()
+    other.model.diffusion.width = 128
+    with pytest.raises(ValueError, match=r"checkpoint step 6 in .* was written by another model \(shape mismatch"):
+        loop.train_and_evaluate(other, workdir)

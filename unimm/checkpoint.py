@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 STATE_KEYS = ("step", "params", "opt_state", "ema_params")
 
@@ -51,18 +52,78 @@ def save(manager: ocp.CheckpointManager, state: Any, iterator: Any) -> bool:
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any, iterator: Any) -> tuple[Any, bool]:
-    """Restores the newest checkpoint into ``state``'s shardings and ``iterator``'s position.
+    """Restores the newest *valid* checkpoint into ``state``'s shardings and ``iterator``'s position.
 
-    Returns ``(state, restored)``; ``state`` is returned unchanged when there is none.
+    Returns ``(state, restored)``; ``state`` is returned unchanged when there is none. A step
+    that cannot be read (truncated files, a missing item) is set aside as ``<step>.broken``
+    (renamed, never deleted) and the next older one is tried; a checkpoint whose arrays do
+    not fit ``state`` (another architecture) is an error naming the differences.
     """
-    step = manager.latest_step()
-    if step is None:
-        return state, False
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(_arrays(state))),
-        data=ocp.args.JsonRestore()))
-    iterator.set_state(restored["data"])
-    return state.replace(**restored["state"]), True
+    broken = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            where = os.path.join(manager.directory, str(step), "state")
+            meta = ocp.StandardCheckpointer().metadata(where)
+            meta = getattr(meta, "item_metadata", meta)
+            saved = _leaf_shapes(getattr(meta, "tree", meta)) if meta is not None else {}
+            if not saved:
+                raise FileNotFoundError(f"no array metadata in {where}")
+        except Exception as e:  # unreadable metadata: a damaged step
+            broken.append((step, e))
+            continue
+        mismatch = _tree_mismatch(saved, _leaf_shapes(_arrays(state)))
+        if mismatch:
+            raise ValueError(f"checkpoint step {step} in {manager.directory} was written by another "
+                             f"model ({mismatch}); use a new --workdir or the config that wrote it")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(_arrays(state))),
+                data=ocp.args.JsonRestore()))
+            iterator.set_state(restored["data"])
+        except Exception as e:
+            broken.append((step, e))
+            continue
+        _set_aside(manager, broken, restored_step=step)
+        return state.replace(**restored["state"]), True
+    if broken:
+        details = "; ".join(f"step {s}: {type(e).__name__}: {_first_line(e)}" for s, e in broken)
+        raise ValueError(f"no checkpoint in {manager.directory} could be restored ({details}); "
+                         f"move the directory away to start afresh")
+    return state, False
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _set_aside(manager: ocp.CheckpointManager, broken: list, restored_step: int) -> None:
+    """Renames damaged steps newer than the restored one, so that training can write those
+    step numbers again without touching anything that was there."""
+    if not broken:
+        return
+    for step, e in broken:
+        src = os.path.join(manager.directory, str(step))
+        dst = f"{src}.broken"
+        n = 1
+        while os.path.exists(dst):
+            dst, n = f"{src}.broken{n}", n + 1
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        logging.warning("checkpoint step %d is damaged (%s: %s); moved to %s, resuming from step %d",
+                        step, type(e).__name__, _first_line(e), dst, restored_step)
+    manager.reload()
+
+
+def _tree_mismatch(saved: dict, want: dict) -> str:
+    """'' when the two ``{path: shape}`` maps agree, else a short list of the differences."""
+    if saved == want:
+        return ""
+    missing = sorted(set(want) - set(saved))[:5]
+    extra = sorted(set(saved) - set(want))[:5]
+    wrong = sorted(k for k in set(want) & set(saved) if want[k] != saved[k])[:5]
+    return "; ".join(f"{name}: {keys}" for name, keys in
+                     (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong)) if keys)
 
 
 def _key_name(k: Any) -> str:
@@ -96,16 +157,10 @@ def load_params(path: str, abstract_params: Any) -> Any:
         meta = ckptr.metadata(target).item_metadata
     except Exception as e:  # not an orbax checkpoint, or unreadable
         raise ValueError(f"init_from={path!r}: cannot read an orbax checkpoint at {target}: {e}") from e
-    saved = _leaf_shapes(getattr(meta, "tree", meta))
-    want = _leaf_shapes(abstract_params)
-    if saved != want:
-        missing = sorted(set(want) - set(saved))[:5]
-        extra = sorted(set(saved) - set(want))[:5]
-        wrong = sorted(k for k in set(want) & set(saved) if want[k] != saved[k])[:5]
-        details = [f"{name}: {keys}" for name, keys in
-                   (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong)) if keys]
+    mismatch = _tree_mismatch(_leaf_shapes(getattr(meta, "tree", meta)), _leaf_shapes(abstract_params))
+    if mismatch:
         raise ValueError(f"init_from={path!r}: the parameters in {target} do not fit the "
-                         f"configured model ({'; '.join(details)})")
+                         f"configured model ({mismatch})")
     return ckptr.restore(target, _abstract(abstract_params))
 
 

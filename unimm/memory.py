@@ -166,6 +166,12 @@ def main(argv=None) -> int:
     r = compile_step(config, mesh, args.batch, args.latents)
     print(f"{args.config} mesh {dict(mesh.shape)} global batch {args.batch}: compiled in "
           f"{r['compile_seconds']:.1f} s")
+    import jax
+    single = state_bytes_per_device(abstract_train_state(config, sharding.make_mesh(
+        {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])))
+    n = mesh.size
+    print(f"  params+opt+EMA: {single / GIB:.2f} GiB on one device, {r['state_bytes'] / GIB:.3f} GiB per "
+          f"device on this mesh = {n * r['state_bytes'] / single:.3f}/{n} of it (target <= 1.1/{n})")
     print(f"  per device: params+opt+EMA {r['state_bytes'] / GIB:.2f} GiB, arguments "
           f"{r['argument_bytes'] / GIB:.2f} GiB, temporaries {r['temp_bytes'] / GIB:.2f} GiB, "
           f"peak {r['peak_bytes'] / GIB:.2f} GiB")
