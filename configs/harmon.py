@@ -162,6 +162,7 @@ def data_config(variant: str, model) -> ml_collections.ConfigDict:
     d.max_i2t_len = 160                   # understanding sequence length (incl. image tokens)
     d.max_t2i_len = 64                    # generation prompt length
     d.cfg_drop_prob = 0.1                 # prompts replaced by the unconditional prompt
+    d.t2i_prompt_kinds = ("long_caption", "short_caption", "geneval")   # shapes prompts, in rotation
     d.num_image_tokens = model.mar.grid ** 2 + model.mar.buffer_size   # <image> placeholders (re-derived
                                           # from data.image_size at run time)
     d.image_token_id = -1                 # set from the tokenizer at run time

@@ -311,3 +311,16 @@ def test_tfds_source(tok):
     n = c.data.image_size
     assert b["i2t_images"].shape == (2, n, n, 3) and b["t2i_mask"].shape == (2, 64)
     np.testing.assert_allclose(b["i2t_images"][:, 0, 16], 127 / 127.5 - 1)   # 24x40: padded
+
+
+def test_t2i_prompt_kinds_long_captions_only(tok):
+    """UAE's long-caption decoder pretraining (configs/uae_decoder.py): every prompt is the
+    scene's long caption."""
+    c = load_config("configs/uae_decoder.py:tiny")
+    n, item = pipeline.task_source(c.data, "t2i")
+    for i in range(6):
+        x = item(i)
+        assert x["kind"] == "long_caption" and shapes.parse_long_caption(x["prompt"]) == x["scene"]
+    c.data.t2i_prompt_kinds = ("long_caption", "poems")
+    with pytest.raises(ValueError, match=r"data.t2i_prompt_kinds=\('long_caption', 'poems'\): choose"):
+        pipeline.task_source(c.data, "t2i")

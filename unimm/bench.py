@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m unimm.bench [components] [train] [sample] [--variants tiny,small]``.
+"""Benchmarks: ``python -m unimm.bench [components] [train] [sample] [grpo] [--variants tiny,small]``.
 
 Every figure is measured side by side in one process: the fp32 matmul peak of this
 machine (best of square matmuls) and each component's forward+backward, whose FLOPs come
@@ -239,10 +239,69 @@ def run_sample(variants: list[str], reps: int) -> list[dict]:
     return rows
 
 
+def run_grpo(variants: list[str], reps: int) -> list[dict]:
+    """Unified-GRPO (captioner policy) at each variant's ``configs/grpo.py`` settings: caption
+    rollout throughput (completion tokens/s, incl. the policy and reference scoring passes),
+    decoding the captions into images (images/s), and the ``grpo_step`` time."""
+    from unimm import config_utils, sharding
+    from unimm.data import images as images_lib
+    from unimm.data import shapes, text
+    from unimm.eval import shapes_bench
+    from unimm.models import layers
+    from unimm.models import vae as vae_lib
+    from unimm.train import grpo, loop, rewards
+    from unimm.train.state import create_train_state, state_shardings
+
+    rows = []
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    for variant in variants:
+        config = config_utils.load_config(f"configs/grpo.py:{variant}")
+        tok = loop.make_tokenizer(config)
+        loop.set_derived_fields(config, tok)
+        g, d, cfg = config.grpo, config.data, layers.freeze(config.model)
+        state = create_train_state(config, mesh, jax.random.key(0))
+        ref = jax.tree.map(jnp.copy, state.params)
+        scenes = [shapes.sample_scene(0, i) for i in range(g.inputs_per_step)]
+        source = np.stack([shapes.render(s, d.image_size) for s in scenes])
+        image_tokens = vae_lib.images_to_tokens(state.tokenizer_params, cfg.vae, jnp.asarray(
+            np.stack([images_lib.to_model(x) for x in source])))
+        prompt, prompt_mask = text.left_pad(
+            [text.i2t_prompt_ids(tok, text.LONG_CAPTION_Q, d.num_image_tokens)] * len(scenes), tok.pad_id)
+        roll = lambda: grpo.caption_rollout(
+            state.params, ref, cfg, prompt, prompt_mask, image_tokens, jax.random.key(1), group_size=g.group_size,
+            temperature=g.temperature, max_new_tokens=g.max_new_tokens, image_id=d.image_token_id,
+            eos_id=tok.eos_id, pad_id=tok.pad_id)
+        with jax.set_mesh(mesh):
+            t_roll = _time(roll, reps)
+            rollout = roll()
+            n_tokens = int(rollout["completion_mask"].sum())
+            captions = grpo.caption_texts(tok, rollout, prompt.shape[1])
+            decoder = shapes_bench.Model(config, tok, ref, state.tokenizer_params)
+            t_dec = _time(lambda: decoder.generate(captions, jax.random.key(2)), max(reps // 2, 1))
+            reward = rewards.get_reward("shapes_match")(np.repeat(source, g.group_size, axis=0),
+                                                        decoder.generate(captions, jax.random.key(2)))
+            scored = grpo.with_advantages(rollout, jnp.asarray(reward.reshape(len(scenes), g.group_size)), g)
+            step = grpo.jit_grpo_step(config, mesh, state_shardings(state), scored)
+            holder = [state]
+
+            def run():
+                holder[0], metrics = step(holder[0], scored, jax.random.key(3))
+                return metrics
+            t_step = _time(run, reps)
+        n_rows = g.inputs_per_step * g.group_size
+        row = dict(variant=variant, component="grpo", rollout_ms=1e3 * t_roll, caption_tokens_per_s=n_tokens / t_roll,
+                   decode_images_per_s=n_rows / t_dec, grpo_step_ms=1e3 * t_step)
+        rows.append(row)
+        print(f"{variant:>6} grpo: rollout of {n_rows} captions ({n_tokens} tokens) {row['rollout_ms']:8.1f} ms = "
+              f"{row['caption_tokens_per_s']:8.0f} caption tokens/s; decoding them {row['decode_images_per_s']:6.1f} "
+              f"images/s; grpo_step {row['grpo_step_ms']:7.1f} ms", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unimm.bench", description=__doc__)
-    parser.add_argument("what", nargs="*", default=["components", "train", "sample"],
-                        choices=("components", "train", "sample"))
+    parser.add_argument("what", nargs="*", default=["components", "train", "sample", "grpo"],
+                        choices=("components", "train", "sample", "grpo"))
     parser.add_argument("--variants", default="tiny,small")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
@@ -259,6 +318,8 @@ def main(argv=None) -> int:
         rows += run_train(variants, args.reps, args.batch, peak)
     if "sample" in args.what:
         rows += run_sample(variants, max(args.reps // 2, 1))
+    if "grpo" in args.what:
+        rows += run_grpo(variants, args.reps)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)

@@ -52,9 +52,10 @@ def shapes_i2t_item(seed: int, index: int, image_size: int) -> dict:
             "short_caption": shapes.short_caption(scene), "long_caption": shapes.long_caption(scene)}
 
 
-def shapes_t2i_item(seed: int, index: int, image_size: int) -> dict:
-    """Generation item; the prompt rotates over GEN_KINDS so GenEval-style prompts are trained."""
-    kind = GEN_KINDS[index % len(GEN_KINDS)]
+def shapes_t2i_item(seed: int, index: int, image_size: int, kinds: tuple[str, ...] = GEN_KINDS) -> dict:
+    """Generation item; the prompt rotates over ``kinds`` (default GEN_KINDS, so GenEval-style
+    prompts are trained; ``("long_caption",)`` is UAE's long-caption decoder pretraining)."""
+    kind = kinds[index % len(kinds)]
     spec = None
     if kind == "geneval":
         _, prompt, spec = shapes.geneval_prompt(seed, index)
@@ -164,8 +165,12 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
     size = d.image_size
     if d.source == "shapes":
         offset = d.eval_offset if split == "eval" else 0
-        fn = shapes_i2t_item if task == "i2t" else shapes_t2i_item
-        return SHAPES_RANGE, lambda i: fn(d.seed, offset + int(i), size)
+        if task == "i2t":
+            return SHAPES_RANGE, lambda i: shapes_i2t_item(d.seed, offset + int(i), size)
+        kinds = tuple(d.get("t2i_prompt_kinds", GEN_KINDS))
+        if not kinds or set(kinds) - set(GEN_KINDS):
+            raise ValueError(f"data.t2i_prompt_kinds={kinds}: choose one or more of {GEN_KINDS}")
+        return SHAPES_RANGE, lambda i: shapes_t2i_item(d.seed, offset + int(i), size, kinds)
     if d.source == "jsonl":
         if not d.jsonl_path:
             raise ValueError("data.source='jsonl' needs data.jsonl_path")
