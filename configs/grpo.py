@@ -3,24 +3,23 @@
 Usage: ``--config=configs/grpo.py:tiny --config.init_from=<supervised workdir or
 converter output>``. Variants are the Harmon ones; ``grpo`` holds the RL settings.
 """
-import importlib.util
 import os
 
 import ml_collections
 
 
-def _harmon():
-    """configs/harmon.py, loaded by path so this file works from any working directory."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harmon.py")
-    spec = importlib.util.spec_from_file_location("unimm_configs_harmon", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _harmon_config(arg):
+    """configs/harmon.py's config, found beside this file (works from any working directory)."""
+    from unimm import config_utils
+    here = os.path.dirname(os.path.abspath(__file__))
+    return config_utils.load_config(os.path.join(here, "harmon.py") + (f":{arg}" if arg else ""))
 
 
 def grpo_config(variant: str) -> ml_collections.ConfigDict:
     g = ml_collections.ConfigDict()
-    g.policy = "captioner"                # "captioner" (generation for understanding)
+    g.policy = "captioner"                # "captioner" (generation for understanding) or "decoder"
+                                          # (understanding for generation; set trainable to e.g.
+                                          # ("mar", "head"), or add "llm")
     g.trainable = ("llm",)                # param groups the policy update may change
     g.group_size = 8                      # G samples per input
     g.inputs_per_step = 8                 # images (captioner) per rollout
@@ -35,11 +34,13 @@ def grpo_config(variant: str) -> ml_collections.ConfigDict:
     g.ppo_epochs = 1                      # optimizer steps per rollout
     g.drop_constant_groups = True         # DAPO: skip groups whose rewards are all equal
     g.reward = "shapes_match"             # unimm.train.rewards.REWARDS
+    g.rollout_steps = "10"                # decoder policy: diffusion steps per rollout (sampling: 100)
+    g.step_fraction = 1.0                 # decoder policy: fraction of (iteration, step) pairs trained
     return g
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = _harmon().get_config(arg)
+    config = _harmon_config(arg)
     config.grpo = grpo_config((arg or "tiny").lower())
     config.train.steps = 200 if (arg or "tiny").lower() == "tiny" else 1000
     config.optimizer.lr = 1e-5

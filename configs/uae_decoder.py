@@ -5,20 +5,18 @@ Usage: ``python -m unimm.main --config=configs/uae_decoder.py:tiny --workdir=DIR
 result is a decoder for the auto-encoder view (``unimm.autoencoder``) and the starting point
 of Unified-GRPO's decoder side. Variants are the Harmon ones.
 """
-import importlib.util
 import os
 
 
-def _harmon():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harmon.py")
-    spec = importlib.util.spec_from_file_location("unimm_configs_harmon", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _harmon_config(arg):
+    """configs/harmon.py's config, found beside this file (works from any working directory)."""
+    from unimm import config_utils
+    here = os.path.dirname(os.path.abspath(__file__))
+    return config_utils.load_config(os.path.join(here, "harmon.py") + (f":{arg}" if arg else ""))
 
 
 def get_config(arg: str | None = None):
-    config = _harmon().get_config(arg)
+    config = _harmon_config(arg)
     d = config.data
     d.i2t_batch_size = 0                  # generation only
     d.t2i_batch_size = 16

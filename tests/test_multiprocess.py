@@ -14,10 +14,9 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from unimm import distributed
+from unimm import checkpoint, distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
@@ -56,14 +55,7 @@ def _losses(log: str) -> list[float]:
 
 
 def _params(workdir: str) -> list[np.ndarray]:
-    path = os.path.join(workdir, "checkpoints", str(STEPS), "state")
-    ckpt = ocp.StandardCheckpointer()
-    meta = ckpt.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
-    restored = ckpt.restore(path, target)
-    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+    return [np.asarray(x) for x in jax.tree.leaves(checkpoint.read_step_arrays(workdir, STEPS)["params"])]
 
 
 @pytest.fixture(scope="module")

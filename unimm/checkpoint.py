@@ -173,3 +173,14 @@ def restore_arrays(manager: ocp.CheckpointManager, state: Any) -> tuple[dict, in
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(_arrays(state)))))
     return restored["state"], int(step)
+
+
+def read_step_arrays(workdir: str, step: int) -> Any:
+    """A checkpoint's train-state arrays on this process's first device, whatever mesh wrote
+    them (inspection, tests, comparing runs)."""
+    path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+    ckptr = ocp.StandardCheckpointer()
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return ckptr.restore(path, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta))

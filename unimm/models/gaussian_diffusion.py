@@ -341,20 +341,28 @@ def sample(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, rng: ja
     return (x0, log_probs, traj) if return_trajectory else (x0, log_probs)
 
 
-def trajectory_log_probs(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, traj: dict, *,
-                         temperature=1.0, cfg_scale=1.0, guided: bool | None = None,
-                         num_steps: int | str | None = None) -> jax.Array:
-    """Per-step log-probs ``[S', M]`` of a recorded trajectory (any subset of its steps,
-    sliced along the first axis) under ``head_params``; differentiable. The noiseless
-    ``t == 0`` step scores 0. Steps run one after another (``lax.map``) to bound memory."""
+def trajectory_mean_logvar(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, traj: dict, *,
+                           cfg_scale=1.0, guided: bool | None = None, num_steps: int | str | None = None):
+    """``(mean, log_var)`` ``[S', M, D]`` of ``p(x_next | x)`` at every step of a recorded
+    trajectory (any subset of its steps, sliced along the first axis) under ``head_params``;
+    differentiable. Steps run one after another (``lax.map``) to bound memory."""
     guided = _is_guided(cfg_scale, guided)
     s = _sampling_schedule(diff_cfg, num_steps)
     model_fn = head_model_fn(head_params, head_cfg, z, cfg_scale, guided)
 
     def one(step):
-        mean, log_var = _step_mean_logvar(model_fn, s, step["x"], step["t"],
-                                          diff_cfg.get("clip_denoised", 0.0), _prediction(diff_cfg))
-        lp = step_log_prob(mean, log_var, step["x_next"], temperature)
-        return jnp.where(step["t"] > 0, lp, 0.0)
+        return _step_mean_logvar(model_fn, s, step["x"], step["t"], diff_cfg.get("clip_denoised", 0.0),
+                                 _prediction(diff_cfg))
 
-    return jax.lax.map(one, {k: traj[k] for k in ("t", "x", "x_next")})
+    return jax.lax.map(one, {k: traj[k] for k in ("t", "x")})
+
+
+def trajectory_log_probs(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, traj: dict, *,
+                         temperature=1.0, cfg_scale=1.0, guided: bool | None = None,
+                         num_steps: int | str | None = None) -> jax.Array:
+    """Per-step log-probs ``[S', M]`` of a recorded trajectory under ``head_params``
+    (:func:`trajectory_mean_logvar`); the noiseless ``t == 0`` step scores 0."""
+    mean, log_var = trajectory_mean_logvar(head_params, head_cfg, diff_cfg, z, traj, cfg_scale=cfg_scale,
+                                           guided=guided, num_steps=num_steps)
+    lp = step_log_prob(mean, log_var, traj["x_next"], temperature)
+    return jnp.where(traj["t"][:, None] > 0, lp, 0.0)

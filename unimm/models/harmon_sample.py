@@ -70,25 +70,14 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     # Padded so a window starting near the end is never clamped (its tail is invalid anyway).
     orders_padded = jnp.concatenate([orders, orders[:, :window]], axis=1)
     text_mask = mask.astype(bool)
-    cache = qwen2.init_cache(cfg.llm, rows, t_len + seq + buf, jnp.dtype(cfg.llm.dtype))
-    prefill_kv = jnp.concatenate([text_mask, jnp.zeros((rows, seq + buf), bool)], axis=1)
-    _, cache = qwen2.forward(params["llm"], cfg.llm, tokens, qwen2.positions_from_mask(text_mask),
-                             prefill_kv, cache=cache)
+    cache = prefill(params, cfg, tokens, text_mask, seq)
     head_cfg = harmon.head_config(cfg)
     both = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
 
     def body(s, carry):
         img, masked, key = carry
         key, k_diff = jax.random.split(key)
-        idx, valid = mar.gather_visible(both(masked), seq)
-        x_enc, z_enc = harmon.visual_features(params, cfg, both(img), idx, valid)
-        kv_mask = jnp.concatenate([text_mask, harmon.image_kv_mask(valid, buf)], axis=1)
-        positions = jnp.maximum(jnp.cumsum(kv_mask, axis=1) - 1, 0)[:, t_len:]
-        hidden, _ = qwen2.forward(params["llm"], cfg.llm, z_enc.astype(jnp.dtype(cfg.llm.dtype)), positions,
-                                  kv_mask, cache=cache, cache_offset=t_len)   # cache not kept
-        z_llm = harmon.buffer_to_start(hidden, buf)
-        z = mar.decode(params["mar"], m, x_enc + harmon.project_out(params, cfg, z_llm), idx, valid,
-                       grid=mar.grid_for(m, seq))
+        z = cached_condition(params, cfg, cache, text_mask, both(img), both(masked))
         # The tokens this step predicts: ranks [after[s], before[s]) of each order.
         pos = jax.lax.dynamic_slice_in_dim(orders_padded, after_j[s], window, axis=1)
         pos_valid = jnp.arange(pos.shape[1])[None, :] < (before_j[s] - after_j[s])
@@ -104,6 +93,32 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     init = (jnp.zeros((b, seq, dim), jnp.float32), jnp.ones((b, seq), bool), k_loop)
     img, _, _ = jax.lax.fori_loop(0, num_iter, body, init)
     return img
+
+
+def prefill(params: dict, cfg: Any, tokens: jax.Array, text_mask: jax.Array, seq: int) -> list:
+    """The prompts' KV cache, sized for the prompt + ``seq`` image tokens + the buffers."""
+    rows, t_len = tokens.shape
+    cache = qwen2.init_cache(cfg.llm, rows, t_len + seq + cfg.mar.buffer_size, jnp.dtype(cfg.llm.dtype))
+    kv = jnp.concatenate([text_mask, jnp.zeros((rows, seq + cfg.mar.buffer_size), bool)], axis=1)
+    _, cache = qwen2.forward(params["llm"], cfg.llm, tokens, qwen2.positions_from_mask(text_mask), kv, cache=cache)
+    return cache
+
+
+def cached_condition(params: dict, cfg: Any, cache: list, text_mask: jax.Array, img: jax.Array,
+                     masked: jax.Array) -> jax.Array:
+    """One MAR iteration's condition ``z [B, L, Cd]``: the visible tokens of ``img`` (``masked``
+    False) through the MAR encoder, the LLM after the cached prompt, and the MAR decoder."""
+    m, buf = cfg.mar, cfg.mar.buffer_size
+    seq, t_len = img.shape[1], text_mask.shape[1]
+    idx, valid = mar.gather_visible(masked, seq)
+    x_enc, z_enc = harmon.visual_features(params, cfg, img, idx, valid)
+    kv_mask = jnp.concatenate([text_mask, harmon.image_kv_mask(valid, buf)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(kv_mask, axis=1) - 1, 0)[:, t_len:]
+    hidden, _ = qwen2.forward(params["llm"], cfg.llm, z_enc.astype(jnp.dtype(cfg.llm.dtype)), positions,
+                              kv_mask, cache=cache, cache_offset=t_len)   # cache not kept
+    z_llm = harmon.buffer_to_start(hidden, buf)
+    return mar.decode(params["mar"], m, x_enc + harmon.project_out(params, cfg, z_llm), idx, valid,
+                      grid=mar.grid_for(m, seq))
 
 
 def caption(params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array, image_tokens: jax.Array,

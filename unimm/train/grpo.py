@@ -112,10 +112,12 @@ def grpo_step(state: TrainState, rollout: dict, rng: jax.Array, *, config: Any) 
     return state, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "nonfinite": skipped}
 
 
-def jit_grpo_step(config: Any, mesh: jax.sharding.Mesh, state_sharding: Any, rollout_example: dict):
-    """The jitted ``grpo_step``: state sharded as given (and donated), rollout over data axes."""
+def jit_grpo_step(config: Any, mesh: jax.sharding.Mesh, state_sharding: Any, rollout_example: dict,
+                  step_fn: Any = None):
+    """The jitted GRPO step (``grpo_step``, or ``step_fn`` such as the decoder policy's):
+    state sharded as given (and donated), rollout over the data axes."""
     rollout_sharding = {k: sharding.batch_sharding(mesh, jnp.ndim(v)) for k, v in rollout_example.items()}
-    return jax.jit(functools.partial(grpo_step, config=layers.freeze(config)),
+    return jax.jit(functools.partial(step_fn or grpo_step, config=layers.freeze(config)),
                    in_shardings=(state_sharding, rollout_sharding, sharding.replicated(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)),
                    donate_argnums=(0,))

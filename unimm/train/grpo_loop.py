@@ -1,4 +1,4 @@
-"""The Unified-GRPO loop (captioner policy): rollout, reward, ``grpo_step``, checkpoints, metrics.
+"""The Unified-GRPO loop (captioner or decoder policy): rollout, reward, step, checkpoints, metrics.
 
 ``train_grpo(config, workdir)`` starts from ``config.init_from`` (a supervised workdir or a
 converter output); that starting point is also the frozen reference π_ref and the frozen
@@ -24,7 +24,7 @@ from unimm.eval import shapes_bench
 from unimm.eval.evaluate import make_eval_fn
 from unimm.models import harmon, layers
 from unimm.models import vae as vae_lib
-from unimm.train import grpo, loop, rewards
+from unimm.train import grpo, grpo_decoder, loop, rewards
 from unimm.train.state import create_train_state, frozen_groups, param_shardings, state_shardings
 
 
@@ -44,6 +44,24 @@ class RolloutPosition:
 
     def set_state(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+POLICIES = ("captioner", "decoder")
+
+
+def decoder_rollout(config: Any, tok: Any, state: Any, ref: Any, captions: list[str], rng: jax.Array):
+    """The decoder policy's rollout for ``captions`` (already repeated G times) and its images."""
+    d, s, g = config.data, config.sample, config.grpo
+    cfg = layers.freeze(config.model)
+    rows = [text.t2i_example(tok, c, d.max_t2i_len, False) for c in captions]
+    unc = [text.t2i_example(tok, "", d.max_t2i_len, True)] * len(captions)
+    arrays = [jnp.asarray(np.stack([r[k] for r in rs])) for rs in (rows, unc) for k in ("tokens", "mask")]
+    rollout = grpo_decoder.image_rollout(
+        state.params, ref, cfg, *arrays, rng, num_iter=s.num_iter, guided=float(s.cfg) != 1.0,
+        cfg_scale=s.cfg, temperature=s.temperature, num_steps=grpo_decoder.rollout_steps(config))
+    grid = vae_lib.grid(cfg.vae, d.image_size)
+    images = vae_lib.to_uint8(vae_lib.tokens_to_images(state.tokenizer_params, cfg.vae, rollout["image_tokens"], grid))
+    return rollout, np.asarray(images)
 
 
 def starting_params(config: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -70,8 +88,8 @@ def starting_params(config: Any, mesh: jax.sharding.Mesh) -> Any:
 def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     g, t, d = config.grpo, config.train, config.data
     frozen_groups(config)   # validates grpo.trainable before anything is built
-    if g.policy != "captioner":
-        raise ValueError(f"grpo.policy={g.policy!r}: only 'captioner' is implemented")
+    if g.policy not in POLICIES:
+        raise ValueError(f"grpo.policy={g.policy!r}: expected one of {POLICIES}")
     if d.source != "shapes":
         raise ValueError("grpo: rollouts draw images from the shapes world (data.source='shapes')")
     mesh = sharding.make_mesh(loop.mesh_shape(config))
@@ -88,6 +106,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     state = create_train_state(config, mesh, rng, params=starting_params(config, mesh))
     ref = jax.tree.map(jnp.copy, state.params)        # π_ref and the frozen decoder
     decoder = shapes_bench.Model(config, tok, ref, state.tokenizer_params)
+    encoder = decoder   # the frozen starting point captions for the decoder policy
     reward_fn = rewards.get_reward(g.reward)
     context = {"features": rewards.mar_features(ref, cfg, state.tokenizer_params, d.image_size),
                "tokenize": rewards.tokenizer_latents(cfg, state.tokenizer_params, d.image_size)}
@@ -112,17 +131,23 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
             source = np.stack([shapes.render(s, d.image_size) for s in scenes])
             image_tokens = vae_lib.images_to_tokens(state.tokenizer_params, cfg.vae,
                                                     jnp.asarray(np.stack([images_lib.to_model(x) for x in source])))
-            rollout = grpo.caption_rollout(
-                state.params, ref, cfg, prompt, prompt_mask, image_tokens, jax.random.fold_in(k_roll, n),
-                group_size=g.group_size, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
-                image_id=d.image_token_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-            captions = grpo.caption_texts(tok, rollout, prompt.shape[1])
-            generated = decoder.generate(captions, jax.random.fold_in(k_gen, n))
+            if g.policy == "captioner":
+                rollout = grpo.caption_rollout(
+                    state.params, ref, cfg, prompt, prompt_mask, image_tokens, jax.random.fold_in(k_roll, n),
+                    group_size=g.group_size, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
+                    image_id=d.image_token_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+                captions = grpo.caption_texts(tok, rollout, prompt.shape[1])
+                generated = decoder.generate(captions, jax.random.fold_in(k_gen, n))
+            else:   # the frozen encoder captions each image once; the policy draws G images
+                captions = encoder.answer(source, [text.LONG_CAPTION_Q] * len(source))
+                rollout, generated = decoder_rollout(config, tok, state, ref, np.repeat(captions, g.group_size),
+                                                     jax.random.fold_in(k_roll, n))
             reward = reward_fn(np.repeat(source, g.group_size, axis=0), generated, **context)
             reward = jnp.asarray(reward.reshape(g.inputs_per_step, g.group_size))
             scored = grpo.shard_rollout(grpo.with_advantages(rollout, reward, g), mesh)
             if step_fn is None:
-                step_fn = grpo.jit_grpo_step(config, mesh, state_shardings(state), scored)
+                step_fn = grpo.jit_grpo_step(config, mesh, state_shardings(state), scored, step_fn=(
+                    grpo.grpo_step if g.policy == "captioner" else grpo_decoder.decoder_grpo_step))
             for _ in range(g.ppo_epochs):
                 state, metrics = step_fn(state, scored, rng)
                 step += 1
@@ -139,7 +164,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
                 writer.write_scalars(step, scalars)
                 logging.info("grpo step %d/%d reward=%.3f kl=%.4f clip=%.3f caption_length=%.1f", step, t.steps,
                              scalars["reward_mean"], scalars["kl"], scalars["clip_fraction"],
-                             scalars["caption_length"])
+                             scalars.get("caption_length", float("nan")))
             if step % t.checkpoint_every < g.ppo_epochs or step >= t.steps:
                 checkpoint.save(manager, state, positions)
         guard.flush()

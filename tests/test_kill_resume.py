@@ -1,0 +1,64 @@
+"""SIGKILL at five moments (two of them right as a checkpoint is being written) and a restart
+each time end with parameters bit-identical to one uninterrupted run of the same command."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from unimm import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 30
+KILL_AFTER = (5, 8, 13, 16, 23)          # 8 and 16 are checkpoint steps: killed mid-write
+
+
+def _cmd(workdir):
+    return [sys.executable, "-m", "unimm.main", "--config=configs/harmon.py:tiny", f"--workdir={workdir}",
+            f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=0",
+            "--config.train.checkpoint_every=4", "--config.train.keep_checkpoints=2",
+            "--config.data.i2t_batch_size=4", "--config.data.t2i_batch_size=4"]
+
+
+def _env(cache_dir):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # Seven processes compile the same programs: share them through a persistent cache.
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def _final_params(workdir):
+    return [np.asarray(x) for x in jax.tree.leaves(checkpoint.read_step_arrays(workdir, STEPS))]
+
+
+def _run_until_killed(workdir, kill_after, env):
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = ""
+    for line in proc.stdout:
+        log += line
+        m = re.search(r"step (\d+)/%d loss" % STEPS, line)
+        if m and int(m.group(1)) >= kill_after:
+            proc.kill()
+            break
+    proc.wait(timeout=120)
+    return log
+
+
+def test_sigkill_and_restart_is_bit_exact(tmp_path):
+    env = _env(str(tmp_path / "jax_cache"))
+    reference = str(tmp_path / "reference")
+    done = subprocess.run(_cmd(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = str(tmp_path / "killed")
+    resumed_at = []
+    for kill_after in KILL_AFTER:
+        log = _run_until_killed(killed, kill_after, env)
+        resumed_at += [int(x) for x in re.findall(r"resumed from .* at step (\d+)", log)]
+    done = subprocess.run(_cmd(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(resumed_at) >= 2                         # restarts continued from saved steps
+    for a, b in zip(_final_params(killed), _final_params(reference)):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,171 @@
+"""Unified-GRPO, understanding for generation: the policy is the decoder (MAR + diffusion head,
+optionally the LLM); the frozen encoder writes the captions, the reward compares each sampled
+image with its source.
+
+Every MAR iteration draws its tokens with the Gaussian ancestral sampler, so an image's
+probability factorises over (iteration, diffusion step, token) into Gaussians whose means
+the policy computes. :func:`image_rollout` samples ``G`` images per caption and records
+each step (``x_t``, ``x_{t-1}``, its log-prob under the sampling policy and the reference's
+mean); :func:`decoder_grpo_loss` recomputes the means under the current params, and
+combines the PPO-clipped per-step ratio with the closed-form Gaussian KL to the reference
+(Flow-GRPO). Rollout arrays are batch-leading (one row per image) so ``grpo_step`` shards
+them over the data axes like the captioner's.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from unimm.models import gaussian_diffusion, harmon, harmon_sample, mar, qwen2
+from unimm.train import grpo_math
+from unimm.train.state import TrainState
+from unimm.train.step import apply_gradients
+
+
+def _to_rows(x: jax.Array, b: int, w: int) -> jax.Array:
+    """Sampler layout ``[S, b*W, ...]`` -> batch-leading ``[b, S, W, ...]``."""
+    x = x.reshape(x.shape[0], b, w, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _to_sampler(x: jax.Array) -> jax.Array:
+    """Batch-leading ``[b, S, W, ...]`` -> sampler layout ``[S, b*W, ...]``."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _window(z: jax.Array, pos: jax.Array, guided: bool) -> jax.Array:
+    """The condition rows of the tokens an iteration draws: ``[cond; uncond]`` when guided."""
+    pos = jnp.concatenate([pos, pos]) if guided else pos
+    z_win = jnp.take_along_axis(z, pos[..., None], axis=1)
+    return z_win.reshape(-1, z_win.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnums=(2,), static_argnames=("num_iter", "guided", "num_steps"))
+def image_rollout(policy_params: dict, ref_params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array,
+                  uncond_tokens: jax.Array, uncond_mask: jax.Array, rng: jax.Array, *, num_iter: int,
+                  guided: bool, cfg_scale=1.0, temperature=1.0, num_steps: str | None = None) -> dict:
+    """One image per prompt row (repeat prompts ``G`` times for groups), with its trajectory.
+
+    ``tokens / mask [b, T]`` are the (cond) prompts, ``uncond_*`` the unconditional prompt
+    rows used for CFG when ``guided``. Returns batch-leading arrays: ``image_tokens [b, L, D]``,
+    per iteration ``masked [b, I, L]``, ``pos / pos_valid [b, I, W]``, per diffusion step
+    ``t [b, I, S]``, ``x / x_next [b, I, S, W, D]``, ``old_log_probs [b, I, S, W]``,
+    ``ref_mean / ref_log_var [b, I, S, W, D]``, and the prompts.
+    """
+    m = cfg.mar
+    seq, dim = m.grid ** 2, m.token_dim
+    b = tokens.shape[0]
+    after, _ = harmon_sample.mask_schedule(num_iter, seq)
+    before = np.concatenate([[seq], after[:-1]])
+    window = int((before - after).max())
+    k_order, k_loop = jax.random.split(rng)
+    orders = mar.random_orders(k_order, b, seq)
+    ranks = jnp.argsort(orders, axis=-1)
+    orders_padded = jnp.concatenate([orders, orders[:, :window]], axis=1)
+    rows_tok = jnp.concatenate([tokens, uncond_tokens]) if guided else tokens
+    rows_mask = (jnp.concatenate([mask, uncond_mask]) if guided else mask).astype(bool)
+    both = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
+    cache = harmon_sample.prefill(policy_params, cfg, rows_tok, rows_mask, seq)
+    head_cfg = harmon.head_config(cfg)
+
+    def body(carry, s):
+        img, masked, key = carry
+        key, k_diff = jax.random.split(key)
+        z = harmon_sample.cached_condition(policy_params, cfg, cache, rows_mask, both(img), both(masked))
+        pos = jax.lax.dynamic_slice_in_dim(orders_padded, jnp.asarray(after)[s], window, axis=1)
+        pos_valid = jnp.arange(window)[None, :] < (jnp.asarray(before)[s] - jnp.asarray(after)[s])
+        x0, log_probs, traj = gaussian_diffusion.sample(
+            policy_params["head"], head_cfg, cfg.diffusion, _window(z, pos, guided), k_diff,
+            temperature=temperature, cfg_scale=cfg_scale, guided=guided, num_steps=num_steps,
+            return_trajectory=True)
+        record = {"masked": masked, "pos": pos, "pos_valid": jnp.broadcast_to(pos_valid, pos.shape),
+                  "t": jnp.broadcast_to(traj["t"], (b, traj["t"].shape[0])),
+                  "x": _to_rows(traj["x"], b, window), "x_next": _to_rows(traj["x_next"], b, window),
+                  "old_log_probs": _to_rows(log_probs, b, window)}
+        img = harmon_sample._fill(img, pos, pos_valid, x0.reshape(b, window, dim))
+        return (img, ranks < jnp.asarray(after)[s], key), record
+
+    init = (jnp.zeros((b, seq, dim), jnp.float32), jnp.ones((b, seq), bool), k_loop)
+    (img, _, _), rec = jax.lax.scan(body, init, jnp.arange(num_iter))
+    rec = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), rec)          # [b, I, ...]
+    rollout = {**rec, "image_tokens": img, "tokens": tokens, "mask": mask,
+               "uncond_tokens": uncond_tokens, "uncond_mask": uncond_mask}
+    ref_mean, ref_log_var = step_means(ref_params, cfg, rollout, guided=guided, cfg_scale=cfg_scale,
+                                       num_steps=num_steps)
+    return {**rollout, "ref_mean": ref_mean, "ref_log_var": ref_log_var}
+
+
+def step_means(params: dict, cfg: Any, rollout: dict, *, guided: bool, cfg_scale, num_steps) -> tuple:
+    """``(mean, log_var) [b, I, S, W, D]`` of every recorded step under ``params``: each
+    iteration's condition recomputed in one LLM pass over prompt + visible tokens."""
+    b, n_iter, seq = rollout["masked"].shape
+    img = rollout["image_tokens"]
+    rows_tok = jnp.concatenate([rollout["tokens"], rollout["uncond_tokens"]]) if guided else rollout["tokens"]
+    rows_mask = jnp.concatenate([rollout["mask"], rollout["uncond_mask"]]) if guided else rollout["mask"]
+    text = qwen2.embed(params["llm"], cfg.llm, rows_tok)
+    both = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
+    head_cfg = harmon.head_config(cfg)
+
+    def one_iteration(masked, pos, traj):
+        idx, valid = mar.gather_visible(both(masked), seq)
+        z = harmon.decoder_condition(params, cfg, text, rows_mask, both(img), idx, valid)
+        return gaussian_diffusion.trajectory_mean_logvar(
+            params["head"], head_cfg, cfg.diffusion, _window(z, pos, guided),
+            {"t": traj["t"][0], "x": _to_sampler(traj["x"])}, cfg_scale=cfg_scale, guided=guided,
+            num_steps=num_steps)
+
+    per_iter = {"t": jnp.moveaxis(rollout["t"], 1, 0), "x": jnp.moveaxis(rollout["x"], 1, 0)}
+    mean, log_var = jax.lax.map(lambda a: one_iteration(*a), (
+        jnp.moveaxis(rollout["masked"], 1, 0), jnp.moveaxis(rollout["pos"], 1, 0), per_iter))
+    w = rollout["pos"].shape[-1]
+    # [I, S, b*W, D] -> [b, I, S, W, D]
+    mean, log_var = (jnp.moveaxis(x.reshape(n_iter, x.shape[1], b, w, -1), 2, 0) for x in (mean, log_var))
+    return mean, log_var
+
+
+def rollout_steps(config: Any) -> str | None:
+    """Diffusion steps of the decoder rollouts: ``grpo.rollout_steps`` (fewer than sampling's,
+    as Flow-GRPO) or the sampling default."""
+    return config.grpo.get("rollout_steps") or config.sample.num_sampling_steps or None
+
+
+def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: Any) -> tuple[jax.Array, dict]:
+    g, s = config.grpo, config.sample
+    guided = float(s.cfg) != 1.0
+    mean, log_var = step_means(params, config.model, rollout, guided=guided, cfg_scale=s.cfg,
+                               num_steps=rollout_steps(config))
+    logp = gaussian_diffusion.step_log_prob(mean, log_var, rollout["x_next"], s.temperature)
+    tau2 = 2.0 * jnp.log(jnp.maximum(jnp.asarray(s.temperature, jnp.float32), 1e-30))
+    kl = grpo_math.gaussian_kl(mean, log_var + tau2, rollout["ref_mean"], rollout["ref_log_var"] + tau2)
+    adv = rollout["advantages"][:, None, None, None]
+    # Which (iteration, diffusion step) pairs train: a random fraction, the same for the batch.
+    keep = jax.random.uniform(rng, rollout["t"].shape[1:]) < g.get("step_fraction", 1.0)
+    counts = (rollout["pos_valid"][:, :, None, :] & (rollout["t"] > 0)[..., None] & keep[None, ..., None]
+              & rollout["group_valid"][:, None, None, None])
+    # Elements that do not count (the noiseless last step, padded window slots) get the old
+    # log-prob: ratio 1, so no inf * 0 in the value or its gradient.
+    logp = jnp.where(counts, logp, rollout["old_log_probs"])
+    obj, clipped = grpo_math.clipped_objective(logp, rollout["old_log_probs"], adv, g.epsilon, g.epsilon_high)
+    b = counts.shape[0]
+    flat = lambda x: x.reshape(b, -1)
+    loss = grpo_math.aggregate(flat(-obj + g.beta * kl), flat(counts), g.loss_aggregation)
+    n = jnp.maximum(counts.sum(), 1)
+    metrics = {"grpo_loss": loss, "kl": jnp.sum(kl * counts) / n, "clip_fraction": jnp.sum(clipped & counts) / n,
+               "ratio_max": jnp.max(jnp.where(counts, jnp.exp(logp - rollout["old_log_probs"]), 0.0))}
+    return loss, metrics
+
+
+def decoder_grpo_step(state: TrainState, rollout: dict, rng: jax.Array, *, config: Any):
+    """One GRPO step of the decoder policy on a scored rollout; pure (``rng``: the step subset)."""
+    rng = jax.random.fold_in(rng, state.step)
+    grad_fn = jax.value_and_grad(functools.partial(decoder_grpo_loss, config=config), has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, rollout, rng)
+    state, skipped = apply_gradients(state, grads, config.train.ema_decay, loss)
+    return state, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "nonfinite": skipped}
+
