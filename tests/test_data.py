@@ -1,7 +1,6 @@
 """Data path: images, sequence assembly, shapes vocabulary, grain pipelines, sources."""
 import json
 import logging
-import os
 
 import jax
 import numpy as np

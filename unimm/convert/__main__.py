@@ -6,7 +6,6 @@ the params belong to, so they can be loaded without guessing).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

@@ -9,14 +9,13 @@ indices ``mlp.0`` / ``adaLN_modulation.1``.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from unimm.models.layers import abstract_params, bind, layer_norm, linear, normal, zeros
+from unimm.models.layers import bind, layer_norm, linear, normal, zeros
 
 FREQ_DIM = 256  # sinusoidal timestep features
 

@@ -56,7 +56,7 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     if cfg_schedule not in ("constant", "linear"):
         raise ValueError(f"cfg_schedule={cfg_schedule!r}: expected 'constant' or 'linear'")
     m = cfg.mar
-    seq, buf, dim = (grid or m.grid) ** 2, m.buffer_size, m.token_dim
+    seq, dim = (grid or m.grid) ** 2, m.token_dim
     rows, t_len = tokens.shape
     b = rows // 2 if guided else rows
     after, cfg_len = mask_schedule(num_iter, seq)

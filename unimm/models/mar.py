@@ -12,7 +12,7 @@ Public compute is pure: ``encode(params, cfg, ...)`` / ``decode(params, cfg, ...
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -194,7 +194,7 @@ def decode(params: Any, cfg: Any, x_enc: jax.Array, idx: jax.Array, valid: jax.A
     """
     m = bind(MAR, cfg, params)
     h, w = _grid(cfg, grid)
-    b, buf = x_enc.shape[0], cfg.buffer_size
+    buf = cfg.buffer_size
     x = m.decoder_embed(x_enc)
     mask_token = m.mask_token[...].astype(x.dtype)
     # Slot -> encoder row by comparison + gather, not a scatter: XLA's SPMD partitioner

@@ -51,7 +51,7 @@ POLICIES = ("captioner", "decoder")
 
 def decoder_rollout(config: Any, tok: Any, state: Any, ref: Any, captions: list[str], rng: jax.Array):
     """The decoder policy's rollout for ``captions`` (already repeated G times) and its images."""
-    d, s, g = config.data, config.sample, config.grpo
+    d, s = config.data, config.sample
     cfg = layers.freeze(config.model)
     rows = [text.t2i_example(tok, c, d.max_t2i_len, False) for c in captions]
     unc = [text.t2i_example(tok, "", d.max_t2i_len, True)] * len(captions)
