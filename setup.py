@@ -33,6 +33,7 @@ setup(
         "torch": ["torch>=2.4"],
         "test": [
             "pytest>=8.0",
+            "pytest-xdist>=3.5",   # the suite runs on two workers (most tests are compile-bound)
             "torch==2.13.0",
             "transformers>=4.45",
             "scipy>=1.11",
