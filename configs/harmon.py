@@ -55,6 +55,7 @@ def mar_config(variant: str) -> ml_collections.ConfigDict:
     c.buffer_size = 64                    # buffer tokens (hold fake_latent in Harmon)
     c.mask_ratio_min = 0.7                # truncated-normal mask ratio lower bound
     c.layer_norm_eps = 1e-6               # LayerNorm epsilon
+    c.pos_embed_init_std = 0.02           # std of the encoder / decoder position embeddings' init
     c.dtype = "float32"                   # compute dtype
     if variant == "1.5b":  # MAR-H
         c.width = c.decoder_width = 1280

@@ -46,18 +46,6 @@ def test_load_image_modes(tmp_path, mode):
     assert img.shape == (10, 12, 3) and img.dtype == np.uint8
 
 
-def test_load_image_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.png"):
-        images.load_image(str(tmp_path / "nope.png"))
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not an image at all")
-    with pytest.raises(ValueError, match="bad.png"):
-        images.load_image(str(bad))
-    Image.new("RGB", (5, 30)).save(tmp_path / "small.png")
-    with pytest.raises(ValueError, match="small.png.*too small"):
-        images.load_image(str(tmp_path / "small.png"))
-
-
 def test_square_and_resize():
     img = np.full((10, 20, 3), 255, np.uint8)   # wide: padded top and bottom
     sq = images.square_and_resize(img, 20)
@@ -255,27 +243,6 @@ def test_jsonl_source(tmp_path, tok):
     np.testing.assert_allclose(b["t2i_images"][:, 0, 16], 127 / 127.5 - 1)
     answers = {tok.decode(row[row >= 0]) for x in batches for row in x["i2t_targets"]}
     assert answers == {"a red square", "green"}
-
-
-def test_jsonl_errors(tmp_path, tok):
-    Image.new("RGB", (16, 16)).save(tmp_path / "ok.png")
-    for bad in ["../outside.png", "/etc/passwd"]:
-        path = _write_jsonl(tmp_path, [{"image": bad, "caption": "x"}])
-        with pytest.raises(ValueError, match="escapes"):
-            pipeline.read_jsonl(path)
-    assert pipeline.read_jsonl(path, allow_outside_root=True)[0]["image"] == "/etc/passwd"
-    path = _write_jsonl(tmp_path, [{"image": "ok.png", "caption": "x"},
-                                   {"image": "ok.png", "caption": "y"}, "{not json"])
-    with pytest.raises(ValueError, match=r"data\.jsonl:3"):
-        pipeline.read_jsonl(path)
-    path = _write_jsonl(tmp_path, [{"image": "ok.png"}])
-    with pytest.raises(ValueError, match=r"data\.jsonl:1"):
-        pipeline.read_jsonl(path)
-    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG garbage")
-    path = _write_jsonl(tmp_path, [{"image": "corrupt.png", "caption": "x"}])
-    c = tiny_config(source="jsonl", jsonl_path=path, i2t_batch_size=1, t2i_batch_size=0)
-    with pytest.raises(ValueError, match="corrupt.png"):
-        next(pipeline.make_train_iterator(c, tok))
 
 
 # ----------------------------------------------------------------------------- TFDS

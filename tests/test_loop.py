@@ -107,24 +107,14 @@ def test_init_from_converter_output(tmp_path):
 def test_init_from_errors_name_the_path(tmp_path):
     config = tiny_config()
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
-    config.init_from = str(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="missing"):
-        loop.initial_params(config, mesh)
-    # A converter output for a different architecture (the LM alone).
+    # A converter output for a different architecture (the LM alone); a missing or non-orbax
+    # init_from: tests/test_bad_input.py.
     dst = str(tmp_path / "lm_only")
     params = jax.tree.map(np.asarray, _init(layers.freeze(config.model), jax.random.key(0)))
     convert_save(dst, {"llm": params["llm"]}, config.model)
     config.init_from = dst
     with pytest.raises(ValueError, match="lm_only.*do not fit.*missing"):
         loop.initial_params(config, mesh)
-
-
-def test_mesh_batch_mismatch_is_clear(tmp_path):
-    config = tiny_config()
-    config.sharding.mesh = {"data": 8, "fsdp": 1, "tensor": 1}
-    config.data.i2t_batch_size = 4
-    with pytest.raises(ValueError, match="i2t_batch_size=4 is not divisible by the data-parallel size 8"):
-        loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_cli(tmp_path):
@@ -160,9 +150,6 @@ def test_cli(tmp_path):
     n = config_utils.load_config("configs/harmon.py:tiny").data.image_size
     assert Image.open(out).size == (2 * n, n)     # one prompt, two samples
     assert "x.png: " in proc.stdout
-    missing = subprocess.run([sys.executable, "-m", "unimm.caption", f"--workdir={tmp_path / 'none'}",
-                              f"--image={tmp_path / 'x.png'}"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert missing.returncode != 0 and "error:" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def _damaged_copy(workdir, tmp_path, name, damage):

@@ -60,13 +60,6 @@ def test_sharded_outputs_match_single_device(setup):
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
-def test_mesh_errors_are_clear():
-    with pytest.raises(ValueError, match="needs 12 devices, but 8 are available"):
-        sharding.make_mesh({"data": 3, "fsdp": 2, "tensor": 2})
-    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
-        sharding.make_mesh({"model": 2})
-
-
 def test_indivisible_axes_are_dropped():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     spec = sharding.logical_to_spec(("vocab", "embed"), (7, 64), mesh, {"vocab": "tensor", "embed": "fsdp"})

@@ -46,11 +46,3 @@ def test_hf_tokenizer_from_local_file(tmp_path):
     ids = tok.encode("<image> two red circles <|im_end|>")
     assert ids == [tok.image_id, vocab["two"], vocab["red"], vocab["circles"], tok.eos_id]
     assert tok.decode(ids) == "two red circles"
-
-
-def test_hf_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
-        tk.HFTokenizer(str(tmp_path))
-    (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
-        tk.HFTokenizer(str(tmp_path))

@@ -157,19 +157,55 @@ def load_params(path: str, abstract_params: Any) -> Any:
         meta = ckptr.metadata(target).item_metadata
     except Exception as e:  # not an orbax checkpoint, or unreadable
         raise ValueError(f"init_from={path!r}: cannot read an orbax checkpoint at {target}: {e}") from e
-    mismatch = _tree_mismatch(_leaf_shapes(getattr(meta, "tree", meta)), _leaf_shapes(abstract_params))
+    saved = _leaf_shapes(getattr(meta, "tree", meta)) if meta is not None else {}
+    if not saved:
+        raise ValueError(f"init_from={path!r}: cannot read an orbax checkpoint at {target} (no array "
+                         "metadata; expected the output directory of `python -m unimm.convert`)")
+    mismatch = _tree_mismatch(saved, _leaf_shapes(abstract_params))
     if mismatch:
         raise ValueError(f"init_from={path!r}: the parameters in {target} do not fit the "
                          f"configured model ({mismatch})")
     return ckptr.restore(target, _abstract(abstract_params))
 
 
+def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict:
+    """``{path: shape}`` of the train-state arrays saved at ``step`` (from the metadata only)."""
+    where = os.path.join(manager.directory, str(step), "state")
+    try:
+        meta = ocp.StandardCheckpointer().metadata(where)
+        meta = getattr(meta, "item_metadata", meta)
+        saved = _leaf_shapes(getattr(meta, "tree", meta)) if meta is not None else {}
+    except Exception as e:  # missing or unreadable files
+        raise ValueError(f"checkpoint step {step} in {manager.directory} cannot be read "
+                         f"({type(e).__name__}: {_first_line(e)})") from e
+    if not saved:
+        raise ValueError(f"checkpoint step {step} in {manager.directory} has no array metadata")
+    return saved
+
+
+def _check_fits(manager: ocp.CheckpointManager, step: int, saved: dict, want: dict) -> None:
+    mismatch = _tree_mismatch(saved, want)
+    if mismatch:
+        raise ValueError(f"checkpoint step {step} in {manager.directory} was written by another "
+                         f"model ({mismatch}); pass the --config that wrote it")
+
+
+def check_params_fit(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> None:
+    """Raises a ValueError naming the missing / unexpected / mis-shaped params when the
+    checkpoint's ``params`` do not fit ``abstract_params`` (nothing is restored or built)."""
+    saved = {k[len("params/"):]: v for k, v in saved_shapes(manager, step).items()
+             if k.startswith("params/")}
+    _check_fits(manager, step, saved, _leaf_shapes(abstract_params))
+
+
 def restore_arrays(manager: ocp.CheckpointManager, state: Any) -> tuple[dict, int]:
     """The newest checkpoint's ``{"step", "params", "opt_state", "ema_params"}`` (no data
-    iterator: inference), restored into ``state``'s shardings, and its step."""
+    iterator: inference), restored into ``state``'s shardings, and its step. A checkpoint
+    whose arrays do not fit ``state`` is a ValueError naming the differing arrays."""
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    _check_fits(manager, step, saved_shapes(manager, step), _leaf_shapes(_arrays(state)))
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(_arrays(state)))))
     return restored["state"], int(step)

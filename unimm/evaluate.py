@@ -3,12 +3,10 @@
     python -m unimm.evaluate --workdir=DIR [--num_examples=60]
 """
 import json
-import sys
 
 from absl import app, flags
 
-from unimm import inference
-from unimm.eval import evaluate, shapes_bench
+from unimm import cli, inference
 
 flags.DEFINE_string("workdir", None, "training workdir (checkpoints + config.json)")
 flags.DEFINE_string("config", None, "configs/<model>.py:<variant> (default: the run's config.json)")
@@ -19,16 +17,20 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    config, model, step = inference.load_or_exit(FLAGS.workdir, FLAGS.config)
-    try:
+    with cli.user_errors():
+        cli.check_positive(num_examples=FLAGS.num_examples)
+        config = inference.load_config(FLAGS.workdir, FLAGS.config)
+        if config.data.source != "shapes":
+            raise ValueError(f"the shapes benchmark needs data.source='shapes'; this run's data.source "
+                             f"is {config.data.source!r}")
+        model, step = inference.load_model(config, FLAGS.workdir)
+        from unimm.eval import evaluate, shapes_bench   # heavy: only once the inputs are checked
         metrics, samples = shapes_bench.evaluate(model, FLAGS.num_examples or config.eval.num_examples,
                                                  config.eval.batch_size)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
     path = evaluate.write_results(FLAGS.workdir, step, metrics, samples)
     print(json.dumps({"step": step, **metrics}, indent=2))
     print(f"{evaluate.summary_line(metrics)}\nwrote {path}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

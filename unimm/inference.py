@@ -1,18 +1,20 @@
-"""Loading a trained model from a workdir for the ``sample`` / ``caption`` / ``evaluate`` CLIs."""
+"""Loading a trained model from a workdir for the ``sample`` / ``caption`` / ``evaluate`` CLIs.
+
+The steps are separate so that the CLIs check what the user gave (workdir, config.json,
+prompts, checkpoint) before the expensive ones: :func:`load_config` (the run's
+``config.json``), :func:`prepare` (tokenizer, derived fields), :func:`load_model` (checks
+the newest checkpoint fits the config, then builds and restores the model).
+"""
 from __future__ import annotations
 
 import json
 import os
-import sys
+import re
 from typing import Any
 
-import jax
 import ml_collections
 
-from unimm import checkpoint, config_utils, sharding
-from unimm.eval import shapes_bench
-from unimm.train import loop
-from unimm.train.state import create_train_state
+from unimm import cli, config_utils
 
 CONFIG_FILE = "config.json"
 
@@ -24,16 +26,40 @@ def save_config(config: Any, workdir: str) -> None:
         f.write(config.to_json_best_effort(indent=2))
 
 
+def check_workdir(workdir: str) -> None:
+    """A training workdir must exist (the CLIs never create one)."""
+    if not workdir:
+        raise ValueError("--workdir is empty: expected a training workdir (config.json + checkpoints/)")
+    if not os.path.exists(workdir):
+        raise FileNotFoundError(f"--workdir={workdir} does not exist: expected a training workdir "
+                                "(config.json + checkpoints/ written by python -m unimm.main)")
+    if not os.path.isdir(workdir):
+        raise NotADirectoryError(f"--workdir={workdir} is not a directory: expected a training workdir")
+
+
 def load_config(workdir: str, spec: str | None = None) -> ml_collections.ConfigDict:
     """``spec`` (``configs/x.py:variant``) if given, else the run's saved ``config.json``."""
+    check_workdir(workdir)
     if spec:
         return config_utils.load_config(spec)
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: pass --config=configs/harmon.py:<variant>")
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    return _tuples(ml_collections.ConfigDict(raw))
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON config ({e}); expected the config.json written "
+                         "by python -m unimm.main, or pass --config=configs/harmon.py:<variant>") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object (the run's config), found {type(raw).__name__}")
+    try:
+        return _tuples(ml_collections.ConfigDict(raw))
+    except (AttributeError, KeyError) as e:
+        named = re.search(r"'(\w+)'", str(e))
+        field = named.group(1) if named else cli.one_line(e)
+        raise ValueError(f"{path}: a required config field is missing ({field}); expected the "
+                         "config.json written by python -m unimm.main") from None
 
 
 def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -45,10 +71,43 @@ def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def load_model(config: Any, workdir: str, use_ema: bool = True) -> tuple[shapes_bench.Model, int]:
-    """The newest checkpoint's (EMA) params as a :class:`shapes_bench.Model`, and its step."""
+def prepare(config: Any):
+    """The tokenizer, with the fields derived from it and the resolution set on ``config``."""
+    from unimm.train import loop
+
     tok = loop.make_tokenizer(config)
     loop.set_derived_fields(config, tok)
+    return tok
+
+
+def latest_step(config: Any, workdir: str) -> int:
+    """The newest checkpoint step in ``workdir``; errors name the directory when there is none
+    or when its params do not fit ``config``'s model (checked without building the model)."""
+    from unimm import checkpoint
+    from unimm.models import harmon
+
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in --workdir={workdir}: expected {directory} "
+                                "written by python -m unimm.main")
+    manager = checkpoint.make_manager(workdir, keep=1)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    checkpoint.check_params_fit(manager, step, harmon.abstract_params(config.model))
+    return int(step)
+
+
+def load_model(config: Any, workdir: str, use_ema: bool = True, tok: Any = None):
+    """The newest checkpoint's (EMA) params as a :class:`shapes_bench.Model`, and its step."""
+    import jax
+
+    from unimm import checkpoint, sharding
+    from unimm.eval import shapes_bench
+    from unimm.train.state import create_train_state
+
+    tok = prepare(config) if tok is None else tok
+    latest_step(config, workdir)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     state = create_train_state(config, mesh, jax.random.key(config.seed))
     manager = checkpoint.make_manager(workdir, keep=max(int(config.train.keep_checkpoints), 1))
@@ -57,14 +116,16 @@ def load_model(config: Any, workdir: str, use_ema: bool = True) -> tuple[shapes_
     return shapes_bench.Model(config, tok, params, state.tokenizer_params), step
 
 
+def apply_sample_overrides(config: Any, sample_overrides: dict | None) -> None:
+    for key, value in (sample_overrides or {}).items():
+        if value is not None:
+            config.sample[key] = value
+
+
 def load_or_exit(workdir: str, spec: str | None = None, sample_overrides: dict | None = None):
     """For the CLIs: ``(config, model, step)``, or exit with one ``error:`` line (no traceback)."""
-    try:
+    with cli.user_errors():
         config = load_config(workdir, spec)
-        for key, value in (sample_overrides or {}).items():
-            if value is not None:
-                config.sample[key] = value
+        apply_sample_overrides(config, sample_overrides)
         model, step = load_model(config, workdir)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
     return config, model, step

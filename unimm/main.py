@@ -6,16 +6,11 @@
 Re-running with the same --workdir resumes from its newest checkpoint.
 """
 import os
-import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unimm import distributed, inference
-from unimm.eval.evaluate import make_eval_fn
-from unimm.train.grpo_loop import train_grpo
-from unimm.train.loop import train_and_evaluate
+from unimm import cli
 
 config_flags.DEFINE_config_file("config", None, "configs/<model>.py:<variant>", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints and metrics go here")
@@ -25,7 +20,7 @@ FLAGS = flags.FLAGS
 
 # What a user can get wrong (config values, paths, files, checkpoints): one "error:" line.
 # UNIMM_TRACEBACK=1 shows the traceback instead.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
+USER_ERRORS = cli.USER_ERRORS
 
 
 def check_workdir(workdir: str) -> None:
@@ -41,40 +36,39 @@ def check_workdir(workdir: str) -> None:
 
 
 def run(config, workdir: str) -> None:
+    # Heavy imports (jax, TensorFlow via clu) only now: flag mistakes are reported without them.
+    import jax
+
+    from unimm import inference
+
     logging.info("process %d/%d, %d devices, config:\n%s", jax.process_index(),
                  jax.process_count(), jax.device_count(), config)
+    cli.validate_config(config)   # enum / consistency mistakes before anything is built
     if not workdir.startswith("gs://"):
         check_workdir(workdir)
     if jax.process_index() == 0:
         inference.save_config(config, workdir)   # for the sample / caption / evaluate CLIs
     if "grpo" in config:
+        from unimm.train.grpo_loop import train_grpo
         train_grpo(config, workdir)
     else:
+        from unimm.eval.evaluate import make_eval_fn
+        from unimm.train.loop import train_and_evaluate
         train_and_evaluate(config, workdir, eval_fn=make_eval_fn(config, workdir))
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
+    from unimm import distributed
+
+    with cli.user_errors():
         distributed.initialize(FLAGS.multiprocess)
         run(FLAGS.config, FLAGS.workdir)
-    except USER_ERRORS as e:
-        if os.environ.get("UNIMM_TRACEBACK"):
-            raise
-        logging.error("%s: %s", type(e).__name__, e)
-        sys.exit(f"error: {e}")
 
 
-def parse_flags(argv):
-    """absl's parser, with config-flag mistakes (unknown fields, wrong types) as one line."""
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        message = " ".join(str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").split()).strip('"')
-        if isinstance(e, (AttributeError, KeyError)):   # config_flags: a path that is not a field
-            message = f"unknown config field in the --config.* overrides: {message}"
-        sys.exit(f"error: {message}")
+# absl's parser, with config-flag mistakes (unknown fields, wrong types) as one line.
+parse_flags = cli.parse_flags
 
 
 if __name__ == "__main__":

@@ -2,37 +2,90 @@
 
     python -m unimm.sample --workdir=DIR --prompt="a red circle" --prompt="two blue squares" \
         --out=grid.png [--num_per_prompt=4 --cfg=3.0 --num_iter=16 --temperature=1.0 --seed=0]
-"""
-import jax
-import numpy as np
-from absl import app, flags
-from PIL import Image
+    python -m unimm.sample --workdir=DIR --prompt_file=prompts.txt   # UTF-8, one prompt per line
 
-from unimm import inference
-from unimm.eval.shapes_bench import image_grid
+Prompts are checked before the model is loaded: an empty or non-UTF-8 prompt is an error;
+one longer than ``data.max_t2i_len`` tokens (with the chat template) is truncated at its
+end, with a warning.
+"""
+import os
+
+from absl import app, flags, logging
+
+from unimm import cli, inference
+from unimm.data import text
 
 flags.DEFINE_string("workdir", None, "training workdir (checkpoints + config.json)")
 flags.DEFINE_string("config", None, "configs/<model>.py:<variant> (default: the run's config.json)")
 flags.DEFINE_multi_string("prompt", None, "prompt(s) to draw")
+flags.DEFINE_string("prompt_file", None, "UTF-8 text file, one prompt per line (after any --prompt)")
 flags.DEFINE_string("out", "samples.png", "output PNG grid (one row per prompt)")
 flags.DEFINE_integer("num_per_prompt", 4, "images per prompt")
 flags.DEFINE_float("cfg", None, "guidance scale (default: config.sample.cfg)")
 flags.DEFINE_integer("num_iter", None, "MAR iterations (default: config.sample.num_iter)")
 flags.DEFINE_float("temperature", None, "diffusion temperature (default: config.sample.temperature)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
-flags.mark_flags_as_required(["workdir", "prompt"])
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
+    """The ``--prompt`` values then the ``--prompt_file`` lines, each checked (UTF-8, not empty)."""
+    named = [(f"--prompt #{i}", p) for i, p in enumerate(prompts or [], 1)]
+    if prompt_file:
+        named += [(f"{prompt_file}:{i}", p) for i, p in enumerate(text.read_lines(prompt_file), 1)]
+    if not named:
+        raise ValueError("no prompt: give --prompt=TEXT (repeatable) or --prompt_file=FILE")
+    return [text.check_text(p, what) for what, p in named]
+
+
+def warn_long_prompts(prompts: list[str], tok, max_len: int) -> None:
+    for i, p in enumerate(prompts, 1):
+        n = text.t2i_length(tok, p)
+        if n > max_len:
+            logging.warning("prompt #%d (%r...) has %d tokens with the chat template, more than "
+                            "data.max_t2i_len=%d: truncated, its end is dropped", i, p[:40], n, max_len)
+
+
+def check_out(path: str) -> None:
+    """The output image: a format PIL writes, in an existing writable folder (checked first,
+    not after sampling)."""
+    from PIL import Image
+
+    Image.init()
+    ext = os.path.splitext(path)[1].lower()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise ValueError(f"--out={path}: unknown image format {ext or '(no extension)'!r}; "
+                         "expected e.g. a .png file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise PermissionError(f"--out={path}: the folder {folder} does not exist or is not writable")
 
 
 def main(argv):
     del argv
-    _, model, step = inference.load_or_exit(FLAGS.workdir, FLAGS.config, {
-        name: getattr(FLAGS, name) for name in ("cfg", "num_iter", "temperature")})
-    prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_per_prompt)]
+    with cli.user_errors():
+        cli.check_positive(num_per_prompt=FLAGS.num_per_prompt, num_iter=FLAGS.num_iter)
+        check_out(FLAGS.out)
+        prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file)
+        config = inference.load_config(FLAGS.workdir, FLAGS.config)
+        inference.apply_sample_overrides(config, {
+            name: getattr(FLAGS, name) for name in ("cfg", "num_iter", "temperature")})
+        tok = inference.prepare(config)
+        warn_long_prompts(prompts, tok, config.data.max_t2i_len)
+        model, step = inference.load_model(config, FLAGS.workdir, tok=tok)
+
+    import jax
+    import numpy as np
+    from PIL import Image
+
+    from unimm.eval.shapes_bench import image_grid
+
+    prompts = [p for p in prompts for _ in range(FLAGS.num_per_prompt)]
     images = model.generate(prompts, jax.random.key(FLAGS.seed))
     Image.fromarray(image_grid(np.asarray(images), cols=FLAGS.num_per_prompt)).save(FLAGS.out)
     print(f"wrote {len(images)} images (checkpoint step {step}) to {FLAGS.out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

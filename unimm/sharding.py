@@ -49,7 +49,8 @@ def _mesh_axes_for(logical: str | None, rules: Mapping[str, Any]) -> tuple[str, 
     if logical is None:
         return ()
     if logical not in rules:
-        raise KeyError(f"logical axis {logical!r} has no entry in sharding.logical_axis_rules")
+        raise ValueError(f"sharding.logical_axis_rules: no entry for the logical axis {logical!r}; "
+                         f"add one, e.g. ({logical!r}, None) to replicate it")
     target = rules[logical]
     if target is None:
         return ()
@@ -76,10 +77,21 @@ def logical_to_spec(logical_spec: Sequence[str | None], shape: Sequence[int], me
 
 
 def rules_dict(rules: Any) -> dict[str, Any]:
-    """Accepts the config's rules as a mapping or as ((logical, mesh_axes), ...) pairs."""
-    if isinstance(rules, Mapping):
-        return dict(rules)
-    return {k: v for k, v in rules}
+    """Accepts the config's rules as a mapping or as ((logical, mesh_axes), ...) pairs, where
+    mesh_axes is None, one mesh axis or a tuple of them; anything else is a ValueError."""
+    pairs = list(rules.items()) if isinstance(rules, Mapping) else rules
+    out = {}
+    for entry in pairs if isinstance(pairs, (list, tuple)) else [pairs]:
+        ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
+        axes = entry[1] if ok else None
+        axes = (axes,) if isinstance(axes, str) else () if axes is None else axes
+        if not ok or not isinstance(axes, (list, tuple)) or any(a not in MESH_AXES for a in axes):
+            shown = repr(entry) if len(repr(entry)) <= 80 else repr(entry)[:77] + "..."
+            raise ValueError(f"sharding.logical_axis_rules: entry {shown} is not a (logical axis, mesh "
+                             f"axes) pair; expected e.g. ('embed', 'fsdp') with mesh axes None or from "
+                             f"{MESH_AXES}")
+        out[entry[0]] = entry[1]
+    return out
 
 
 def param_shardings(abstract_params: Any, logical_specs: Any, mesh: Mesh, rules: Any) -> Any:

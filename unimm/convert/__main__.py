@@ -6,6 +6,7 @@ the params belong to, so they can be loaded without guessing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -22,19 +23,38 @@ def _harmon_variant(src_state) -> str:
     return variants[hidden.shape[0]]
 
 
-def save(dst: str, params, model_cfg) -> str:
-    import orbax.checkpoint as ocp
-
-    os.makedirs(dst, exist_ok=True)
+def check_dst(dst: str) -> str:
+    """``DST/params`` must not exist and DST must be creatable and writable (checked before
+    anything is read or converted)."""
     target = os.path.join(os.path.abspath(dst), "params")
     if os.path.exists(target):
         raise SystemExit(f"error: {target} already exists; choose an empty destination")
+    try:
+        os.makedirs(dst, exist_ok=True)
+        probe = os.path.join(dst, f".write_test_{os.getpid()}")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: destination {dst} is not a writable directory ({e.strerror or e})") from None
+    return target
+
+
+def save(dst: str, params, model_cfg) -> str:
+    import orbax.checkpoint as ocp
+
+    target = check_dst(dst)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(target, jax.tree.map(np.asarray, params))
     ckptr.wait_until_finished()
     with open(os.path.join(dst, "model_config.json"), "w", encoding="utf-8") as f:
         f.write(model_cfg.to_json_best_effort(indent=2))
     return target
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str):
+    parser.print_usage(sys.stderr)
+    raise SystemExit(f"error: {message}")   # exit status 1, the message as the last line
 
 
 def main(argv=None) -> int:
@@ -47,28 +67,40 @@ def main(argv=None) -> int:
     parser.add_argument("dst", help="output directory")
     parser.add_argument("--config", default=None,
                         help="architecture, e.g. configs/harmon.py:1.5b (harmon: inferred; vae: 1.5b's KL-16)")
+    parser.error = lambda message: _usage_error(parser, message)
     args = parser.parse_args(argv)
+    created = not os.path.exists(args.dst)
+    check_dst(args.dst)
     try:
-        if args.kind == "qwen2":
-            from unimm.convert.qwen2_hf import qwen2_from_hf
-            model_cfg, params = qwen2_from_hf(args.src)
-        elif args.kind == "harmon":
-            from unimm.convert.harmon_pth import harmon_from_torch
-            state = common.load_torch_file(args.src)
-            spec = args.config or f"configs/harmon.py:{_harmon_variant(state)}"
-            model_cfg = config_utils.load_config(spec).model
-            params = harmon_from_torch(state, model_cfg, source=args.src)
-        else:
-            from unimm.convert.vae_ckpt import vae_from_ckpt
-            model_cfg = config_utils.load_config(args.config or "configs/harmon.py:1.5b").model.vae
-            params = vae_from_ckpt(args.src, model_cfg)
-    except (common.CheckpointMismatchError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    target = save(args.dst, params, model_cfg)
+        try:
+            model_cfg, params = _convert(args, config_utils, common)
+        except (common.CheckpointMismatchError, FileNotFoundError, ValueError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        target = save(args.dst, params, model_cfg)
+        created = False
+    finally:
+        if created:   # nothing written: leave no empty destination behind
+            with contextlib.suppress(OSError):
+                os.rmdir(args.dst)
     n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     print(f"wrote {n:,} parameters to {target}")
     return 0
+
+
+def _convert(args, config_utils, common):
+    if args.kind == "qwen2":
+        from unimm.convert.qwen2_hf import qwen2_from_hf
+        return qwen2_from_hf(args.src)
+    if args.kind == "harmon":
+        from unimm.convert.harmon_pth import harmon_from_torch
+        state = common.load_torch_file(args.src)
+        spec = args.config or f"configs/harmon.py:{_harmon_variant(state)}"
+        model_cfg = config_utils.load_config(spec).model
+        return model_cfg, harmon_from_torch(state, model_cfg, source=args.src)
+    from unimm.convert.vae_ckpt import vae_from_ckpt
+    model_cfg = config_utils.load_config(args.config or "configs/harmon.py:1.5b").model.vae
+    return model_cfg, vae_from_ckpt(args.src, model_cfg)
 
 
 if __name__ == "__main__":

@@ -13,20 +13,47 @@ PAD_COLOR = (127, 127, 127)   # Harmon's expand2square background
 MIN_SIDE = 8                  # smaller images are almost certainly broken thumbnails
 
 
+def _high_depth_to_rgb(img: Image.Image, path: str) -> np.ndarray:
+    """16-bit (``I;16*``) and 32-bit integer (``I``, how some PIL versions open 16-bit PNGs)
+    greyscale -> uint8 RGB, scaled (PIL's own conversion clips at 255: a white image)."""
+    arr = np.asarray(img).astype(np.int64)
+    if arr.min() < 0 or arr.max() > 65535:
+        raise ValueError(f"image {path} has mode {img.mode} with values outside 0..65535; expected an "
+                         "8-bit or 16-bit image")
+    if img.mode.startswith("I;16") or arr.max() > 255:
+        arr = (arr * 255 + 32767) // 65535
+    return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=-1)
+
+
 def load_image(path: str) -> np.ndarray:
-    """uint8 [H, W, 3] RGB; any PIL mode (L, LA, P, RGBA, CMYK, ...) is converted."""
-    if not os.path.isfile(path):
+    """uint8 [H, W, 3] RGB; any 8-bit PIL mode (L, LA, P, RGBA, CMYK, ...) is converted and
+    16-bit greyscale is scaled to 8 bits. Errors name the file and what is expected."""
+    if not os.path.exists(path):
         raise FileNotFoundError(f"image file not found: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"image path {path} is not a file; expected an image file (PNG, JPEG, ...)")
     try:
         with Image.open(path) as img:
             img.load()   # decode now so truncated files fail here, not later
-            if img.mode == "P":
-                # Palette images may carry transparency; going through RGBA avoids PIL's warning.
-                img = img.convert("RGBA")
-            img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            if img.mode in ("F", "I;32", "I;32B", "I;32L"):
+                raise ValueError(f"image {path} has mode {img.mode} (32-bit samples); expected an 8-bit "
+                                 "or 16-bit image")
+            if img.mode == "I" or img.mode.startswith("I;16"):
+                arr = _high_depth_to_rgb(img, path)
+            else:
+                if img.mode == "P":
+                    # Palette images may carry transparency; going through RGBA avoids PIL's warning.
+                    img = img.convert("RGBA")
+                arr = np.asarray(img.convert("RGB"), np.uint8)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path} is too large to decode safely: {str(e).rstrip('.')}; expected "
+                         f"at most {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot decode image {path}: {e}; expected an image file (PNG, JPEG, ...)") from e
+    except ValueError as e:
+        if str(e).startswith(f"image {path}"):
+            raise
         raise ValueError(f"cannot decode image {path}: {e}") from e
-    arr = np.asarray(img, np.uint8)
     if min(arr.shape[:2]) < MIN_SIDE:
         raise ValueError(f"image {path} is too small: {arr.shape[1]}x{arr.shape[0]} px "
                          f"(need at least {MIN_SIDE} px per side)")

@@ -91,17 +91,23 @@ def read_jsonl(path: str, allow_outside_root: bool = False) -> list[dict]:
         raise FileNotFoundError(f"JSONL file not found: {path}")
     root = os.path.dirname(os.path.abspath(path))
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); expected UTF-8 JSON lines") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e})") from e
+                raise ValueError(f"{where}: malformed JSON ({e}); expected one JSON object per line") from None
             if not isinstance(rec, dict) or "image" not in rec:
-                raise ValueError(f"{where}: expected an object with an 'image' field")
+                found = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+                raise ValueError(f"{where}: expected an object with an 'image' field, found {found}")
             item = {"image": _resolve(root, rec["image"], allow_outside_root, where),
                     "i2t": None, "t2i": None, "where": where}
             if isinstance(rec.get("caption"), str):
@@ -120,10 +126,11 @@ def read_jsonl(path: str, allow_outside_root: bool = False) -> list[dict]:
                 question = conv[0]["value"].replace("<image>", "").strip()
                 item["i2t"] = (question, conv[1]["value"])
             else:
-                raise ValueError(f"{where}: needs a string 'caption' or 'prompt', or 'conversations'")
+                raise ValueError(f"{where}: needs a string 'caption' or 'prompt', or 'conversations' "
+                                 f"(found the fields {sorted(rec)})")
             out.append(item)
     if not out:
-        raise ValueError(f"{path}: no records")
+        raise ValueError(f"{path}: no records (expected one JSON object per line)")
     return out
 
 
@@ -180,7 +187,11 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
 
         def item(i):
             r = recs[int(i)]
-            img = images.square_and_resize(images.load_image(r["image"]), size)
+            try:
+                img = images.load_image(r["image"])
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"{r['where']}: {e}") from None   # which record named the image
+            img = images.square_and_resize(img, size)
             if task == "i2t":
                 return {"image": img, "question": r["i2t"][0], "answer": r["i2t"][1]}
             return {"image": img, "prompt": r["t2i"]}

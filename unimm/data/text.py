@@ -10,6 +10,7 @@ Works with either tokenizer of ``unimm.data.tokenizer``; imports nothing from mo
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -50,6 +51,64 @@ def shapes_tokenizer() -> WordTokenizer:
     for i in range(600):
         words += shapes_texts(0, i)
     return WordTokenizer.from_words(words)
+
+
+# ----------------------------------------------------------------------------- user text
+
+def check_text(value: str, what: str) -> str:
+    """A user's prompt / question: valid UTF-8 (command-line bytes that are not arrive as
+    surrogate escapes) and not empty. ``what`` names it in the error (``--prompt #2``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(value[e.start])
+        byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
+        raise ValueError(f"{what} is not valid UTF-8 ({byte} at position {e.start}); expected UTF-8 "
+                         "text") from None
+    if not value.strip():
+        raise ValueError(f"{what} is empty; expected some text")
+    return value
+
+
+def read_lines(path: str, what: str = "prompt file") -> list[str]:
+    """Non-blank lines of a UTF-8 text file; errors name the file and the line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    out = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); expected UTF-8 text") from None
+            if line.strip():
+                out.append(line.rstrip("\r\n"))
+    if not out:
+        raise ValueError(f"{path}: no prompts (expected one per line)")
+    return out
+
+
+def t2i_length(tok, prompt: str) -> int:
+    """Tokens of the generation prompt with its chat template (what ``t2i_example`` packs)."""
+    return len(tok.encode(_HEAD + GEN_TEMPLATE.format(prompt=prompt))) + len(tok.encode(_TAIL))
+
+
+def fit_question(tok, question: str, num_image_tokens: int, max_prompt_len: int) -> tuple[str, int]:
+    """``(question, prompt length)``: the question cut at its end (at token boundaries) so that
+    the understanding prompt with its image tokens has at most ``max_prompt_len`` tokens."""
+    n = len(i2t_prompt_ids(tok, question, num_image_tokens))
+    if n <= max_prompt_len:
+        return question, n
+    ids = tok.encode(question)
+    keep = len(ids) - (n - max_prompt_len)
+    while keep > 0:
+        cut = tok.decode(ids[:keep])
+        if len(i2t_prompt_ids(tok, cut, num_image_tokens)) <= max_prompt_len:
+            return cut, n
+        keep -= 1
+    raise ValueError(f"the understanding prompt needs {n - len(ids)} tokens without any question "
+                     f"({num_image_tokens} image tokens), more than the {max_prompt_len} available")
 
 
 # ----------------------------------------------------------------------------- examples
