@@ -169,3 +169,29 @@ def test_nonfinite_guard_stops_after_a_run():
     guard.observe(jnp.float32(1.0), 5)
     with pytest.raises(FloatingPointError, match=r"3 steps in a row \(up to step 5\).*max_nonfinite_steps=3"):
         guard.flush()
+
+
+def test_readout_aid_adds_a_trained_regression_of_z_onto_the_tokens(mesh1):
+    assert "readout" not in harmon.abstract_params(config_utils.load_config("configs/harmon.py:0.5b").model)
+    config = tiny_config(steps=30, i2t_weight=0.0)
+    config.model.readout_weight = 2.0
+    config.optimizer.lr = 1e-3
+    _, _, first = run_steps(config, mesh1, n=1)
+    start, state, last = run_steps(config, mesh1, n=30)
+    # The step's loss is the diffusion loss plus the weighted readout MSE, and both train.
+    assert first["loss"] == pytest.approx(first["t2i_loss"] + 2.0 * first["t2i_readout_loss"], rel=1e-5)
+    assert last["t2i_readout_loss"] < 0.5 * first["t2i_readout_loss"]
+    for group in ("readout", "llm", "mar"):
+        moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), start[group], state.params[group])
+        assert (all if group == "readout" else any)(jax.tree.leaves(moved)), group
+
+
+def test_readout_loss_by_hand():
+    rng = np.random.default_rng(0)
+    z, tokens = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 3, 5))
+    kernel, bias = rng.normal(size=(4, 5)), rng.normal(size=(5,))
+    mask = np.array([[1, 0, 1], [0, 0, 1]], bool)
+    want = np.mean([np.mean((z[b, i] @ kernel + bias - tokens[b, i]) ** 2) for b, i in zip(*np.nonzero(mask))])
+    got = harmon.readout_loss({"readout": {"kernel": kernel, "bias": bias}}, jnp.asarray(z), jnp.asarray(tokens),
+                              jnp.asarray(mask))
+    assert float(got) == pytest.approx(want, rel=1e-5)

@@ -139,9 +139,11 @@ def _leaf_shapes(tree: Any) -> dict:
             for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
+def load_params(path: str, abstract_params: Any, optional: tuple[str, ...] = ()) -> Any:
     """Params from a converter output dir (``path/params``), restored into the shardings of
     ``abstract_params`` (a pytree of ``jax.ShapeDtypeStruct`` with ``sharding``, or arrays).
+    Top-level groups named in ``optional`` may be absent from the saved tree; they are then
+    absent from the result too (the caller initialises them).
 
     Raises FileNotFoundError / ValueError naming ``path`` when it is not a converter output
     or its parameter tree does not fit the configured model.
@@ -161,6 +163,8 @@ def load_params(path: str, abstract_params: Any) -> Any:
     if not saved:
         raise ValueError(f"init_from={path!r}: cannot read an orbax checkpoint at {target} (no array "
                          "metadata; expected the output directory of `python -m unimm.convert`)")
+    absent = [k for k in optional if k in abstract_params and not any(n.split("/")[0] == k for n in saved)]
+    abstract_params = {k: v for k, v in abstract_params.items() if k not in absent}
     mismatch = _tree_mismatch(saved, _leaf_shapes(abstract_params))
     if mismatch:
         raise ValueError(f"init_from={path!r}: the parameters in {target} do not fit the "

@@ -1,7 +1,8 @@
 """Harmon: one MAR encoder shared by understanding and generation, a Qwen2 LM, a diffusion head.
 
-The params pytree is ``{"llm", "mar", "head", "proj_in", "proj_out"}``; each sub-tree is
-exactly what its component's pure functions take. The VAE (or pixel-patch tokenizer) is
+The params pytree is ``{"llm", "mar", "head", "proj_in", "proj_out"}`` (plus ``"readout"``
+when ``model.readout_weight > 0``); each sub-tree is exactly what its component's pure
+functions take. The VAE (or pixel-patch tokenizer) is
 frozen and kept outside this tree (it is not in the official checkpoint either).
 """
 from __future__ import annotations
@@ -80,6 +81,36 @@ class Harmon(nnx.Module):
         self.head = DiffusionHead(layers.freeze(head_config(cfg)), rngs=rngs)
         self.proj_in = Projector(proj_in_config(cfg), rngs=rngs)      # MAR width -> LLM hidden
         self.proj_out = Projector(proj_out_config(cfg), rngs=rngs)    # LLM hidden -> MAR width
+        if has_readout(cfg):   # training aid, not in Harmon's checkpoints (see readout_loss)
+            self.readout = layers.linear(cfg.mar.decoder_width, cfg.mar.token_dim, ("embed", "token"), rngs=rngs)
+
+
+TRAINING_AIDS = ("readout",)   # param groups of ours that Harmon's checkpoints lack
+
+
+def has_readout(cfg: Any) -> bool:
+    return cfg.get("readout_weight", 0.0) > 0
+
+
+def init_readout(cfg: Any, rng: jax.Array) -> dict:
+    """Fresh ``readout`` params (as :class:`Harmon` initialises them), for converted weights."""
+    shape = (cfg.mar.decoder_width, cfg.mar.token_dim)
+    return {"kernel": layers.xavier_uniform(rng, shape), "bias": jnp.zeros(shape[1:])}
+
+
+def readout_loss(params: dict, z: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean squared error of a linear readout ``z -> token`` over the masked tokens.
+
+    The diffusion head reads ``z`` only through zero-initialised adaLN gates, so at the
+    start the decoder and the LLM get no gradient that says what ``z`` should hold, and
+    the head has nothing in ``z`` worth learning to read: neither side moves. This direct
+    regression target breaks that stall (``model.readout_weight``; sampling ignores it).
+    """
+    r = params["readout"]
+    pred = z @ r["kernel"].astype(z.dtype) + r["bias"].astype(z.dtype)
+    err = jnp.mean(jnp.square(pred.astype(jnp.float32) - tokens.astype(jnp.float32)), axis=-1)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(err * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
 def init(cfg: Any, rng: jax.Array) -> dict:

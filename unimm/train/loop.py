@@ -6,6 +6,7 @@ result is bit-identical to an uninterrupted run (data position and step rng are 
 """
 from __future__ import annotations
 
+import functools
 import signal
 import time
 from typing import Any, Callable
@@ -75,7 +76,12 @@ def initial_params(config: Any, mesh: jax.sharding.Mesh) -> Any:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             harmon.abstract_params(config.model), param_shardings(config, mesh))
     logging.info("initialising params from %s", config.init_from)
-    return checkpoint.load_params(config.init_from, abstract)
+    params = checkpoint.load_params(config.init_from, abstract, optional=harmon.TRAINING_AIDS)
+    for group in set(abstract) - set(params):   # converted Harmon weights have no training aids
+        logging.info("init_from has no %r params (a training aid): initialised fresh", group)
+        params[group] = jax.jit(functools.partial(harmon.init_readout, config.model),
+                                out_shardings=param_shardings(config, mesh)[group])(jax.random.key(config.seed))
+    return params
 
 
 class Preemption:

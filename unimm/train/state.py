@@ -28,7 +28,7 @@ class TrainState:
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
-PARAM_GROUPS = ("llm", "mar", "head", "proj_in", "proj_out")
+PARAM_GROUPS = ("llm", "mar", "head", "proj_in", "proj_out", "readout")
 
 
 def frozen_groups(config: Any) -> tuple[str, ...]:

@@ -62,7 +62,11 @@ def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
     loss = gaussian_diffusion.diffusion_loss(
         params["head"], harmon.head_config(model_cfg), model_cfg.diffusion,
         img_tokens.reshape(-1, dim), z.reshape(b * seq, -1), mask.reshape(-1), k_diff)
-    return loss, {"t2i_loss": loss, "mask_ratio": ratio}
+    metrics = {"t2i_loss": loss, "mask_ratio": ratio}
+    if harmon.has_readout(model_cfg):
+        aux = harmon.readout_loss(params, z, img_tokens, mask)
+        loss, metrics = loss + model_cfg.readout_weight * aux, {**metrics, "t2i_readout_loss": aux}
+    return loss, metrics
 
 
 def loss_fn(params: Any, tokenizer_params: Any, batch: dict, rng: jax.Array, *, config: Any):
