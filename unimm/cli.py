@@ -66,6 +66,19 @@ def parse_flags(argv):
     return rest
 
 
+def check_writable_dir(path: str, label: str) -> None:
+    """Creates ``path`` if needed and proves it writable; PermissionError ``<label> is not a
+    writable directory (...)`` otherwise. Checked before anything is built or converted."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"{label} is not a writable directory ({e.strerror or e})") from None
+
+
 def check_positive(**values: int | float | None) -> None:
     """``check_positive(num_per_prompt=FLAGS.num_per_prompt)``: None (= default) or > 0."""
     for name, value in values.items():

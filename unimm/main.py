@@ -5,7 +5,6 @@
 
 Re-running with the same --workdir resumes from its newest checkpoint.
 """
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,14 +24,7 @@ USER_ERRORS = cli.USER_ERRORS
 
 def check_workdir(workdir: str) -> None:
     """The workdir must be creatable and writable before anything is built."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-        with open(probe, "w", encoding="utf-8") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(f"--workdir={workdir} is not a writable directory ({e.strerror})") from None
+    cli.check_writable_dir(workdir, f"--workdir={workdir}")
 
 
 def run(config, workdir: str) -> None:

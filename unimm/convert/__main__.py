@@ -13,6 +13,8 @@ import sys
 import jax
 import numpy as np
 
+from unimm import cli
+
 
 def _harmon_variant(src_state) -> str:
     hidden = src_state.get("llm.model.norm.weight")
@@ -30,13 +32,9 @@ def check_dst(dst: str) -> str:
     if os.path.exists(target):
         raise SystemExit(f"error: {target} already exists; choose an empty destination")
     try:
-        os.makedirs(dst, exist_ok=True)
-        probe = os.path.join(dst, f".write_test_{os.getpid()}")
-        with open(probe, "w", encoding="utf-8") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"error: destination {dst} is not a writable directory ({e.strerror or e})") from None
+        cli.check_writable_dir(dst, f"destination {dst}")
+    except PermissionError as e:
+        raise SystemExit(f"error: {e}") from None
     return target
 
 
