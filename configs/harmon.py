@@ -234,6 +234,8 @@ def eval_config(variant: str) -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
     e.num_examples = 60                   # held-out items per task (shapes benchmark)
     e.batch_size = 12                     # items per sampling / captioning call
+    e.unified_bench = ("mar", "latent")   # image encoders of the Unified-Bench score (mean cosine
+                                          # of source vs reconstruction features)
     return e
 
 

@@ -10,8 +10,8 @@ import pytest
 from unimm import config_utils, sharding
 from unimm.data import text
 from unimm.models import harmon, layers
-from unimm.train import grpo_decoder, loop
-from unimm.train.state import create_train_state
+from unimm.train import grpo, grpo_decoder, loop
+from unimm.train.state import create_train_state, state_shardings
 
 STEPS, ITERS = "5", 3
 
@@ -91,6 +91,36 @@ def test_decoder_step_moves_the_policy_towards_high_reward(setup):
     head_moved = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
                               new.params["head"], params["head"])
     assert any(jax.tree.leaves(head_moved))
+
+
+def test_decoder_grpo_step_sharded_equals_single_device(setup):
+    config, cfg, params, rollout = setup
+    scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
+    results = []
+    for shape in ({"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        mesh = sharding.make_mesh(shape, devices=jax.devices()[:1] if shape == {"data": 1} else None)
+        copy = jax.tree.map(jnp.array, params)   # the step donates its state; keep the fixture's
+        state = create_train_state(config, mesh, jax.random.key(0), params=copy)
+        sharded = grpo.shard_rollout(scored, mesh)
+        step = grpo.jit_grpo_step(config, mesh, state_shardings(state), sharded,
+                                  step_fn=grpo_decoder.decoder_grpo_step)
+        with jax.set_mesh(mesh):
+            for _ in range(2):   # the second step sees ratios != 1 and a non-zero KL
+                state, m = step(state, sharded, jax.random.key(0))
+        results.append((jax.device_get(m), jax.tree.map(np.asarray, state.params)))
+    (m1, p1), (m8, p8) = results
+    assert float(m1["kl"]) > 0 and float(m1["grad_norm"]) > 0
+    for k in ("loss", "kl", "grad_norm"):
+        np.testing.assert_allclose(m8[k], m1[k], rtol=2e-3, atol=1e-6, err_msg=k)
+    # Adam scales every update to ~lr whatever the gradient's size, so an element whose
+    # gradient is ~0 may step either way under a different reduction order: allow a few.
+    p0 = jax.tree.leaves(jax.tree.map(np.asarray, params))
+    d1 = np.concatenate([(a - z).ravel() for a, z in zip(jax.tree.leaves(p1), p0)])
+    d8 = np.concatenate([(b - z).ravel() for b, z in zip(jax.tree.leaves(p8), p0)])
+    off = np.abs(d8 - d1) > 2e-6
+    cos = d1 @ d8 / (np.linalg.norm(d1) * np.linalg.norm(d8))
+    assert off.mean() <= 1e-3 and cos > 0.999 and np.abs(d8 - d1).max() <= 4 * config.optimizer.lr, (
+        off.sum(), off.size, cos)
 
 
 def test_decoder_policy_loop_runs_and_resumes(tmp_path):

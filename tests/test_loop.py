@@ -134,7 +134,8 @@ def test_cli(tmp_path):
     with open(workdir / "eval.json") as f:
         scores = json.load(f)
     assert scores["step"] == 2 and 0.0 <= scores["geneval"]["overall"] <= 1.0
-    assert {"caption_exact_match", "qa_accuracy", "reconstruction"} <= set(scores)
+    assert {"caption_exact_match", "qa_accuracy", "reconstruction", "unified_bench"} <= set(scores)
+    assert set(scores["unified_bench"]) == {"mar", "latent", "overall"}
     assert (workdir / "geneval_grid_2.png").exists() and (workdir / "config.json").exists()
 
     # The inference CLIs read the run's config.json and newest checkpoint.

@@ -43,3 +43,23 @@ def test_cosine_rewards(name):
     np.testing.assert_allclose(same, [1.0, 1.0], atol=1e-5)
     diff = fn(src, other, **context)
     assert (diff < same - 1e-3).all()
+
+
+def test_unified_bench_scores_each_encoder_and_their_mean():
+    from unimm.eval import shapes_bench
+    config = config_utils.load_config("configs/harmon.py:tiny")
+    s = config.data.image_size
+    params = harmon.init(layers.freeze(config.model), jax.random.key(0))
+    model = shapes_bench.Model(config, None, params, {})
+    encoders = shapes_bench.builtin_encoders(model, config.eval.unified_bench)
+    encoders["pixels"] = lambda images: np.asarray(images, np.float32)
+    src = np.stack([shapes.render((A, B), s), shapes.render((A,), s)])
+    other = np.stack([shapes.render((C,), s), shapes.render((B,), s)])
+    same = shapes_bench.unified_bench(src, src, encoders)
+    assert set(same) == {"mar", "latent", "pixels", "overall"}
+    np.testing.assert_allclose(list(same.values()), 1.0, atol=1e-5)
+    diff = shapes_bench.unified_bench(src, other, encoders)
+    assert all(diff[k] < 1.0 - 1e-3 for k in diff)
+    assert diff["overall"] == pytest.approx(np.mean([diff["mar"], diff["latent"], diff["pixels"]]))
+    with pytest.raises(ValueError, match="unknown encoder 'clip'"):
+        shapes_bench.builtin_encoders(model, ("clip",))

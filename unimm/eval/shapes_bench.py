@@ -9,6 +9,11 @@ exactly through the shapes world's detector on held-out indices.
   generated from the prompt satisfies the prompt's spec.
 * ``reconstruction`` — image -> model's long caption -> generated image -> detector: the
   detected scene equals the source scene.
+* ``unified_bench`` — UAE's Unified-Bench on the same reconstructions: per image encoder,
+  the mean cosine of source and reconstruction features, and ``overall`` (their mean).
+  ``config.eval.unified_bench`` names the built-in encoders (``mar``: the evaluated
+  model's MAR encoder, mean-pooled; ``latent``: the image tokenizer's latents); callers
+  add any JAX image encoder through ``feature_encoders``.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from unimm.data import images as images_lib
 from unimm.data import pipeline, shapes, text
 from unimm.models import harmon_sample, layers
 from unimm.models import vae as vae_lib
+from unimm.train import rewards
 
 
 class Model:
@@ -80,9 +86,35 @@ def _batched(items: Sequence[Any], size: int):
         yield items[i:i + size]
 
 
-def evaluate(model: Model, num_examples: int = 60, batch_size: int = 12, seed: int = 0) -> tuple[dict, dict]:
+UNIFIED_BENCH_ENCODERS = ("mar", "latent")
+
+
+def builtin_encoders(model: Model, names: Sequence[str]) -> dict:
+    """Image encoders ``uint8 [B, H, W, 3] -> [B, ...]`` for the Unified-Bench score."""
+    size, out = model.config.data.image_size, {}
+    for name in names:
+        if name == "mar":
+            out[name] = rewards.mar_features(model.params, model.cfg, model.tokenizer_params, size)
+        elif name == "latent":
+            out[name] = rewards.tokenizer_latents(model.cfg, model.tokenizer_params, size)
+        else:
+            raise ValueError(f"eval.unified_bench: unknown encoder {name!r}; built in: {UNIFIED_BENCH_ENCODERS}")
+    return out
+
+
+def unified_bench(source: np.ndarray, generated: np.ndarray, encoders: dict) -> dict:
+    """Per encoder the mean cosine of source and generated features, and their mean."""
+    scores = {name: float(np.mean(rewards.cosine(fn(source), fn(generated)))) for name, fn in encoders.items()}
+    if scores:
+        scores["overall"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def evaluate(model: Model, num_examples: int = 60, batch_size: int = 12, seed: int = 0,
+             feature_encoders: dict | None = None) -> tuple[dict, dict]:
     """Scores on ``num_examples`` held-out items per task; returns ``(metrics, samples)``
-    where ``samples`` holds image grids and a few texts for writing."""
+    where ``samples`` holds image grids and a few texts for writing. ``feature_encoders``
+    (name -> images -> features) join the configured built-in ones in ``unified_bench``."""
     config, tok = model.config, model.tok
     if config.data.source != "shapes":
         raise ValueError("the shapes benchmark needs data.source='shapes'")
@@ -118,6 +150,9 @@ def evaluate(model: Model, num_examples: int = 60, batch_size: int = 12, seed: i
     recon_imgs = np.concatenate(recon_imgs)
     metrics["reconstruction"] = float(np.mean([shapes.detect(im) == it["scene"]
                                                 for im, it in zip(recon_imgs, items)]))
+    encoders = builtin_encoders(model, config.eval.get("unified_bench", UNIFIED_BENCH_ENCODERS))
+    encoders.update(feature_encoders or {})
+    metrics["unified_bench"] = unified_bench(np.stack([it["image"] for it in items]), recon_imgs, encoders)
 
     gen_items = pipeline.eval_examples(config, tok, num_examples, "geneval")
     gen_imgs = np.concatenate([model.generate([g["prompt"] for g in chunk], jax.random.fold_in(rng, 1000 + k))

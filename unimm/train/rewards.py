@@ -54,19 +54,19 @@ def shapes_match(source: np.ndarray, generated: np.ndarray, **_: Any) -> np.ndar
                     np.float32)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, np.float32).reshape(len(a), -1), np.asarray(b, np.float32).reshape(len(b), -1)
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-8)
 
 
 @register_reward("feature_cosine")
 def feature_cosine(source: np.ndarray, generated: np.ndarray, *, features: Callable, **_: Any) -> np.ndarray:
-    return _cosine(features(source), features(generated))
+    return cosine(features(source), features(generated))
 
 
 @register_reward("latent_similarity")
 def latent_similarity(source: np.ndarray, generated: np.ndarray, *, tokenize: Callable, **_: Any) -> np.ndarray:
-    return _cosine(tokenize(source), tokenize(generated))
+    return cosine(tokenize(source), tokenize(generated))
 
 
 def _model_input(images_uint8: np.ndarray, size: int) -> jax.Array:
