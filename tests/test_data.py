@@ -239,7 +239,7 @@ def test_jsonl_source(tmp_path, tok):
     batches = take(pipeline.make_train_iterator(c, tok), 3)
     b = batches[0]
     n = c.data.image_size
-    assert b["i2t_images"].shape == (2, n, n, 3) and b["t2i_tokens"].shape == (2, 64)
+    assert b["i2t_images"].shape == (2, n, n, 3) and b["t2i_tokens"].shape == (2, c.data.max_t2i_len)
     # Wide images are gray-padded top and bottom.
     np.testing.assert_allclose(b["t2i_images"][:, 0, 16], 127 / 127.5 - 1)
     answers = {tok.decode(row[row >= 0]) for x in batches for row in x["i2t_targets"]}
@@ -276,7 +276,7 @@ def test_tfds_source(tok):
         it2.set_state(state)
         assert_batches_equal([next(it2)], [nxt])
     n = c.data.image_size
-    assert b["i2t_images"].shape == (2, n, n, 3) and b["t2i_mask"].shape == (2, 64)
+    assert b["i2t_images"].shape == (2, n, n, 3) and b["t2i_mask"].shape == (2, c.data.max_t2i_len)
     np.testing.assert_allclose(b["i2t_images"][:, 0, 16], 127 / 127.5 - 1)   # 24x40: padded
 
 

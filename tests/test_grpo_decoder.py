@@ -29,10 +29,9 @@ def setup():
     final = params["head"]["final_layer"]["linear"]   # non-zero output layer: a real policy
     final["kernel"] = 0.05 * jax.random.normal(jax.random.key(1), final["kernel"].shape)
     prompts = ["a photo of a red circle", "a photo of two squares"] * 2
-    rows = [text.t2i_example(tok, p, config.data.max_t2i_len, False) for p in prompts]
-    unc = [text.t2i_example(tok, "", config.data.max_t2i_len, True)] * len(prompts)
-    arrays = [jnp.asarray(np.stack([r[k] for r in rs])) for rs in (rows, unc) for k in ("tokens", "mask")]
-    rollout = grpo_decoder.image_rollout(params, params, cfg, *arrays, jax.random.key(2), num_iter=ITERS,
+    tokens, mask = (jnp.asarray(a) for a in text.t2i_rows(tok, prompts, config.data.max_t2i_len, True))
+    rollout = grpo_decoder.image_rollout(params, params, cfg, tokens[:4], mask[:4], tokens[4:], mask[4:],
+                                         jax.random.key(2), num_iter=ITERS,
                                          guided=True, cfg_scale=3.0, num_steps=STEPS)
     return config, cfg, params, rollout
 

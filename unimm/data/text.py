@@ -171,3 +171,12 @@ def t2i_example(tok, prompt: str, max_len: int, drop: bool) -> dict:
         head = head[:max_len - len(tail)]
     tokens, mask = _pad(head + tail, max_len, tok.pad_id)
     return {"tokens": tokens, "mask": mask}
+
+
+def t2i_rows(tok, prompts: list[str], max_len: int, guided: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The sampler's prompt rows, tokens / mask int32 ``[N or 2N, max_len]``: the prompts, then
+    (``guided``, i.e. CFG) one unconditional row per prompt."""
+    rows = [t2i_example(tok, p, max_len, False) for p in prompts]
+    if guided:
+        rows += [t2i_example(tok, "", max_len, True)] * len(prompts)
+    return np.stack([r["tokens"] for r in rows]), np.stack([r["mask"] for r in rows])

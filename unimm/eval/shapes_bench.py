@@ -70,10 +70,7 @@ class Model:
         """uint8 images ``[N, H, W, 3]`` for the prompts (Harmon's CFG sampler)."""
         d, s, tok = self.config.data, self.config.sample, self.tok
         grid = vae_lib.grid(self.cfg.vae, d.image_size)   # data.image_size: stage 3 may exceed the model's
-        cond = [text.t2i_example(tok, p, d.max_t2i_len, False) for p in prompts]
-        rows = cond + [text.t2i_example(tok, "", d.max_t2i_len, True)] * len(prompts) if s.cfg != 1.0 else cond
-        tokens = np.stack([r["tokens"] for r in rows])
-        mask = np.stack([r["mask"] for r in rows])
+        tokens, mask = text.t2i_rows(tok, list(prompts), d.max_t2i_len, guided=s.cfg != 1.0)
         toks = harmon_sample.generate_image_tokens(
             self.decoder_params, self.cfg, tokens, mask, rng, num_iter=s.num_iter, guided=s.cfg != 1.0,
             cfg_scale=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,

@@ -53,11 +53,10 @@ def decoder_rollout(config: Any, tok: Any, state: Any, ref: Any, captions: list[
     """The decoder policy's rollout for ``captions`` (already repeated G times) and its images."""
     d, s = config.data, config.sample
     cfg = layers.freeze(config.model)
-    rows = [text.t2i_example(tok, c, d.max_t2i_len, False) for c in captions]
-    unc = [text.t2i_example(tok, "", d.max_t2i_len, True)] * len(captions)
-    arrays = [jnp.asarray(np.stack([r[k] for r in rs])) for rs in (rows, unc) for k in ("tokens", "mask")]
+    tokens, mask = (jnp.asarray(a) for a in text.t2i_rows(tok, captions, d.max_t2i_len, guided=True))
+    n = len(captions)
     rollout = grpo_decoder.image_rollout(
-        state.params, ref, cfg, *arrays, rng, num_iter=s.num_iter, guided=float(s.cfg) != 1.0,
+        state.params, ref, cfg, tokens[:n], mask[:n], tokens[n:], mask[n:], rng, num_iter=s.num_iter, guided=float(s.cfg) != 1.0,
         cfg_scale=s.cfg, temperature=s.temperature, num_steps=grpo_decoder.rollout_steps(config))
     grid = vae_lib.grid(cfg.vae, d.image_size)
     images = vae_lib.to_uint8(vae_lib.tokens_to_images(state.tokenizer_params, cfg.vae, rollout["image_tokens"], grid))
@@ -162,14 +161,15 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
                 scalars["steps_per_sec"] = (step - last[1]) / (now - last[0])
                 last, history = (now, step), []
                 writer.write_scalars(step, scalars)
-                logging.info("grpo step %d/%d reward=%.3f kl=%.4f clip=%.3f caption_length=%.1f", step, t.steps,
+                logging.info("grpo step %d/%d reward=%.3f kl=%.4f clip=%.3f%s", step, t.steps,
                              scalars["reward_mean"], scalars["kl"], scalars["clip_fraction"],
-                             scalars.get("caption_length", float("nan")))
+                             f" caption_length={scalars['caption_length']:.1f}" if "caption_length" in scalars else "")
             if step % t.checkpoint_every < g.ppo_epochs or step >= t.steps:
                 checkpoint.save(manager, state, positions)
         guard.flush()
-        if evaluate:   # captions by the policy, images by the frozen decoder
-            make_eval_fn(config, workdir, tok, decoder_params=ref)(state, step, writer)
+        if evaluate:   # the policy scored; the captioner policy's images come from the frozen decoder
+            make_eval_fn(config, workdir, tok, decoder_params=ref if g.policy == "captioner" else None)(
+                state, step, writer)
     manager.wait_until_finished()
     manager.close()
     writer.flush()
