@@ -12,6 +12,7 @@ function images -> ``[B, C]``). Register new ones with :func:`register_reward`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -74,21 +75,27 @@ def _model_input(images_uint8: np.ndarray, size: int) -> jax.Array:
                                  for im in images_uint8]))
 
 
+# Module-level jits with the weights as arguments: compiled once per config (not once per
+# evaluation) and the weights are never baked into the program as constants.
+@functools.partial(jax.jit, static_argnums=1)
+def _latents(tokenizer_params: Any, vae_cfg: Any, x: jax.Array) -> jax.Array:
+    return vae_lib.images_to_tokens(tokenizer_params, vae_cfg, x)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _mar_pooled(params: dict, cfg: Any, tokenizer_params: Any, x: jax.Array) -> jax.Array:
+    toks = vae_lib.images_to_tokens(tokenizer_params, cfg.vae, x)
+    x_enc, _ = harmon.visual_features(params, cfg, toks, *harmon.full_visibility(*toks.shape[:2]))
+    return x_enc[:, cfg.mar.buffer_size:].mean(1)
+
+
 def tokenizer_latents(cfg: Any, tokenizer_params: Any, image_size: int) -> Callable:
     """images uint8 -> tokenizer latents ``[B, L, D]`` (for ``latent_similarity``)."""
-    f = jax.jit(lambda x: vae_lib.images_to_tokens(tokenizer_params, cfg.vae, x))
-    return lambda images: np.asarray(f(_model_input(images, image_size)))
+    vae_cfg = layers.freeze(cfg).vae
+    return lambda images: np.asarray(_latents(tokenizer_params, vae_cfg, _model_input(images, image_size)))
 
 
 def mar_features(params: dict, cfg: Any, tokenizer_params: Any, image_size: int) -> Callable:
     """images uint8 -> the frozen MAR encoder's mean-pooled features ``[B, C]`` (nothing masked)."""
     cfg = layers.freeze(cfg)
-
-    @jax.jit
-    def encode(x):
-        toks = vae_lib.images_to_tokens(tokenizer_params, cfg.vae, x)
-        x_enc, _ = harmon.visual_features(params, cfg, toks, *harmon.full_visibility(*toks.shape[:2]))
-        return x_enc[:, cfg.mar.buffer_size:].mean(1)
-
-    return lambda images: np.asarray(encode(_model_input(images, image_size)))
-
+    return lambda images: np.asarray(_mar_pooled(params, cfg, tokenizer_params, _model_input(images, image_size)))
