@@ -210,7 +210,7 @@ def _write_fake_checkpoint(workdir, params):
 
     manager = checkpoint.make_manager(workdir, keep=1)
     manager.save(1, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"step": np.int32(1), "params": params, "opt_state": {"count": np.int32(0)},
+        state=ocp.args.PyTreeSave({"step": np.int32(1), "params": params, "opt_state": {"count": np.int32(0)},
                                      "ema_params": {"x": np.zeros(1, np.float32)}}),
         data=ocp.args.JsonSave({})))
     manager.wait_until_finished()

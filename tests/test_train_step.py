@@ -51,22 +51,32 @@ def mesh1():
 
 
 def run_steps(config, mesh, n=3):
+    """``n`` steps on one synthetic batch: (start params, end state, each step's metrics)."""
     state = create_train_state(config, mesh, jax.random.key(0))
     batch = synthetic_batch(config)
     step = step_lib.jit_train_step(config, mesh, state_shardings(state), batch)
     start = jax.tree.map(np.asarray, state.params)
+    history = []
     with jax.set_mesh(mesh):
         for _ in range(n):
             state, metrics = step(state, batch, jax.random.key(1))
-    return start, state, jax.tree.map(float, metrics)
+            history.append(jax.tree.map(float, metrics))
+    return start, state, history
+
+
+@pytest.fixture(scope="module")
+def float32_two_steps(mesh1):
+    """The reference two steps of the default tiny config on one device (shared by the tests
+    that compare a sharded or a bfloat16 step against it)."""
+    return run_steps(tiny_config(), mesh1, n=2)
 
 
 def test_steps_reduce_loss_and_update_everything(mesh1):
     config = tiny_config(steps=30)
     config.optimizer.lr = 1e-3
-    _, _, first = run_steps(config, mesh1, n=1)
+    start, state, history = run_steps(config, mesh1, n=30)
+    first, metrics = history[0], history[-1]
     assert np.isfinite(first["loss"]) and first["i2t_loss"] > 0 and first["t2i_loss"] > 0
-    start, state, metrics = run_steps(config, mesh1, n=30)
     assert int(state.step) == 30
     for group in ("llm", "mar", "head", "proj_in", "proj_out"):
         moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), start[group], state.params[group])
@@ -100,12 +110,11 @@ def test_understanding_gradient_into_mar_is_scaled(mesh1):
         np.testing.assert_allclose(a, ratio * b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
 
 
-def test_sharded_step_matches_single_device(mesh1):
-    config = tiny_config()
-    _, want, m_want = run_steps(config, mesh1, n=2)
+def test_sharded_step_matches_single_device(float32_two_steps):
+    _, want, m_want = float32_two_steps
     mesh8 = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    _, got, m_got = run_steps(config, mesh8, n=2)
-    np.testing.assert_allclose(m_got["loss"], m_want["loss"], rtol=1e-4)
+    _, got, m_got = run_steps(tiny_config(), mesh8, n=2)
+    np.testing.assert_allclose([m["loss"] for m in m_got], [m["loss"] for m in m_want], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
         # Reduction order differs across shardings: one element in 65k differed by 2.3e-5.
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=5e-5, rtol=1e-4)
@@ -119,7 +128,8 @@ def test_stage3_trains_and_samples_at_twice_the_resolution(mesh1):
     g = 2 * m.mar.grid
     assert config.data.image_size == 2 * m.image_size
     assert config.data.num_image_tokens == g * g + m.mar.buffer_size
-    start, state, metrics = run_steps(config, mesh1, n=2)
+    start, state, history = run_steps(config, mesh1, n=2)
+    metrics = history[-1]
     assert np.isfinite(metrics["loss"]) and metrics["i2t_loss"] > 0 and metrics["t2i_loss"] > 0
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), start["llm"], state.params["llm"])
     assert any(jax.tree.leaves(moved))     # stage 3 trains the LLM too
@@ -129,15 +139,16 @@ def test_stage3_trains_and_samples_at_twice_the_resolution(mesh1):
     assert out.shape == (2, g * g, m.mar.token_dim) and np.isfinite(np.asarray(out)).all()
 
 
-def test_mixed_precision_keeps_float32_params_and_optimizer_state(mesh1):
+def test_mixed_precision_keeps_float32_params_and_optimizer_state(mesh1, float32_two_steps):
     """bf16 compute (the components' ``dtype``) with float32 params, moments and EMA; the
     losses stay close to the float32 step's and the remat / scan switches compose with it."""
-    config = tiny_config(steps=10)
-    _, _, ref = run_steps(config, mesh1, n=2)
+    config = tiny_config()
+    ref = float32_two_steps[2][-1]
     for part in ("llm", "mar", "diffusion"):
         config.model[part].dtype = "bfloat16"
     config.model.llm.remat, config.model.llm.scan_layers = "full", True
-    _, state, metrics = run_steps(config, mesh1, n=2)
+    _, state, history = run_steps(config, mesh1, n=2)
+    metrics = history[-1]
     for tree in (state.params, state.opt_state, state.ema_params):
         assert {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)} == {np.dtype("float32")}
     assert np.isfinite(metrics["loss"])
@@ -176,8 +187,8 @@ def test_readout_aid_adds_a_trained_regression_of_z_onto_the_tokens(mesh1):
     config = tiny_config(steps=30, i2t_weight=0.0)
     config.model.readout_weight = 2.0
     config.optimizer.lr = 1e-3
-    _, _, first = run_steps(config, mesh1, n=1)
-    start, state, last = run_steps(config, mesh1, n=30)
+    start, state, history = run_steps(config, mesh1, n=30)
+    first, last = history[0], history[-1]
     # The step's loss is the diffusion loss plus the weighted readout MSE, and both train.
     assert first["loss"] == pytest.approx(first["t2i_loss"] + 2.0 * first["t2i_readout_loss"], rel=1e-5)
     assert last["t2i_readout_loss"] < 0.5 * first["t2i_readout_loss"]
