@@ -84,3 +84,30 @@ def test_caption_decodes_with_image_slots(tiny):
     is_img = tokens == image_id
     assert not np.allclose(np.asarray(other)[is_img], np.asarray(embeds)[is_img])
     np.testing.assert_array_equal(np.asarray(other)[~is_img], np.asarray(embeds)[~is_img])
+
+
+def test_readout_residual_samples_add_the_readout_back(tiny):
+    """With ``readout_residual`` the head draws ``token - readout(z)``: a readout that maps
+    every z to the same vector v moves every sampled token by exactly v (guided: u + s(c - u)
+    = v), and the head is trained on the residual."""
+    cfg, params = tiny
+    assert cfg.readout_residual
+    model = config_utils.load_config("configs/harmon.py:tiny").model
+    model.readout_residual = False
+    plain = layers.freeze(model)
+    v = jnp.linspace(-0.5, 0.5, cfg.mar.token_dim)
+    const = {**params, "readout": {"kernel": jnp.zeros_like(params["readout"]["kernel"]), "bias": v}}
+    tokens, mask = prompts(cfg, 4)
+    # One iteration: every token is drawn from the same all-masked condition in both runs.
+    kw = dict(num_iter=1, guided=True, cfg_scale=3.0, num_steps="4")
+    shifted = harmon_sample.generate_image_tokens(const, cfg, tokens, mask, jax.random.key(3), **kw)
+    base = harmon_sample.generate_image_tokens(const, plain, tokens, mask, jax.random.key(3), **kw)
+    np.testing.assert_allclose(np.asarray(shifted - base), np.broadcast_to(v, base.shape), atol=1e-5)
+    z = jax.random.normal(jax.random.key(4), (2, 5, cfg.mar.decoder_width))
+    toks = jax.random.normal(jax.random.key(5), (2, 5, cfg.mar.token_dim))
+    np.testing.assert_allclose(np.asarray(harmon.head_target(params, cfg, z, toks)),
+                               np.asarray(toks - harmon.readout(params, z)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(harmon.head_target(params, plain, z, toks)), np.asarray(toks))
+    with pytest.raises(ValueError, match="readout_residual=True needs the readout"):
+        model.readout_residual, model.readout_weight = True, 0.0
+        harmon.validate(model)

@@ -84,9 +84,11 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
         z_win = jnp.take_along_axis(z, both(pos)[..., None], axis=1)             # [B', W, Cd]
         scale = cfg_scale if cfg_schedule == "constant" else \
             1.0 + (cfg_scale - 1.0) * (seq - cfg_len_j[s]) / seq
+        z_rows = z_win.reshape(-1, z_win.shape[-1])
         x0, _ = gaussian_diffusion.sample(
-            params["head"], head_cfg, cfg.diffusion, z_win.reshape(-1, z_win.shape[-1]), k_diff,
+            params["head"], head_cfg, cfg.diffusion, z_rows, k_diff,
             temperature=temperature, cfg_scale=scale, guided=guided, num_steps=num_steps)
+        x0 = x0 + harmon.head_offset(params, cfg, z_rows, guided, scale)
         img = _fill(img, pos, pos_valid, x0.reshape(b, -1, dim))
         return img, ranks < after_j[s], key
 

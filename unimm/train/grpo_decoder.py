@@ -80,10 +80,14 @@ def image_rollout(policy_params: dict, ref_params: dict, cfg: Any, tokens: jax.A
         z = harmon_sample.cached_condition(policy_params, cfg, cache, rows_mask, both(img), both(masked))
         pos = jax.lax.dynamic_slice_in_dim(orders_padded, jnp.asarray(after)[s], window, axis=1)
         pos_valid = jnp.arange(window)[None, :] < (jnp.asarray(before)[s] - jnp.asarray(after)[s])
+        z_rows = _window(z, pos, guided)
         x0, log_probs, traj = gaussian_diffusion.sample(
-            policy_params["head"], head_cfg, cfg.diffusion, _window(z, pos, guided), k_diff,
+            policy_params["head"], head_cfg, cfg.diffusion, z_rows, k_diff,
             temperature=temperature, cfg_scale=cfg_scale, guided=guided, num_steps=num_steps,
             return_trajectory=True)
+        # The trajectory and its log-probs live in the head's space; the (deterministic)
+        # readout offset of readout_residual models moves only the finished tokens.
+        x0 = x0 + harmon.head_offset(policy_params, cfg, z_rows, guided, cfg_scale)
         record = {"masked": masked, "pos": pos, "pos_valid": jnp.broadcast_to(pos_valid, pos.shape),
                   "t": jnp.broadcast_to(traj["t"], (b, traj["t"].shape[0])),
                   "x": _to_rows(traj["x"], b, window), "x_next": _to_rows(traj["x_next"], b, window),

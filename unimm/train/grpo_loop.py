@@ -107,8 +107,8 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     decoder = shapes_bench.Model(config, tok, ref, state.tokenizer_params)
     encoder = decoder   # the frozen starting point captions for the decoder policy
     reward_fn = rewards.get_reward(g.reward)
-    context = {"features": rewards.mar_features(ref, cfg, state.tokenizer_params, d.image_size),
-               "tokenize": rewards.tokenizer_latents(cfg, state.tokenizer_params, d.image_size)}
+    judges = shapes_bench.builtin_encoders(decoder, ("mar", "latent"))    # frozen: the reference's
+    context = {"features": judges["mar"], "tokenize": judges["latent"]}
     positions = RolloutPosition(g.inputs_per_step)
     manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
     state, resumed = checkpoint.restore_latest(manager, state, positions)

@@ -61,7 +61,8 @@ def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
     z = harmon.decoder_condition(params, model_cfg, text, batch["t2i_mask"], img_tokens, idx, valid)
     loss = gaussian_diffusion.diffusion_loss(
         params["head"], harmon.head_config(model_cfg), model_cfg.diffusion,
-        img_tokens.reshape(-1, dim), z.reshape(b * seq, -1), mask.reshape(-1), k_diff)
+        harmon.head_target(params, model_cfg, z, img_tokens).reshape(-1, dim), z.reshape(b * seq, -1),
+        mask.reshape(-1), k_diff)
     metrics = {"t2i_loss": loss, "mask_ratio": ratio}
     if harmon.has_readout(model_cfg):
         aux = harmon.readout_loss(params, z, img_tokens, mask)
