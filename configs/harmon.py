@@ -88,7 +88,7 @@ def diffusion_config(variant: str) -> ml_collections.ConfigDict:
         c.width, c.depth = 512, 3
     elif variant == "tiny":
         c.width, c.depth, c.batch_mul = 256, 3, 2
-        c.clip_denoised = 2.0             # residuals of pixel-patch tokens in [-1, 1] (readout_residual)
+        c.clip_denoised = 1.0             # pixel-patch tokens live in [-1, 1]
     return c
 
 
@@ -125,10 +125,10 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     # MAR decoder without a signal to carry the prompt into z: without it tiny never follows
     # prompts; with it the prompt-vs-unconditional loss gap opens after ~1000 steps.
     m.readout_weight = 1.0 if variant == "tiny" else 0.0
-    # True: the diffusion head models token - readout(z) and samples add readout(z) back
-    # (needs readout_weight > 0; not in Harmon). Tiny's 256-wide head sampling whole tokens
-    # rebuilt 0.32 of scenes where the readout's mean alone rebuilt 0.75.
-    m.readout_residual = variant == "tiny"
+    # True: the diffusion head models token - readout(z) and samples add the (guided)
+    # readout back (needs readout_weight > 0; not in Harmon; set diffusion.clip_denoised=2
+    # with it). Off: on tiny it reconstructed less (README, "The tiny run's numbers").
+    m.readout_residual = False
     return m
 
 

@@ -90,11 +90,11 @@ def test_readout_residual_samples_add_the_readout_back(tiny):
     """With ``readout_residual`` the head draws ``token - readout(z)``: a readout that maps
     every z to the same vector v moves every sampled token by exactly v (guided: u + s(c - u)
     = v), and the head is trained on the residual."""
-    cfg, params = tiny
-    assert cfg.readout_residual
+    plain, params = tiny
+    assert not plain.readout_residual
     model = config_utils.load_config("configs/harmon.py:tiny").model
-    model.readout_residual = False
-    plain = layers.freeze(model)
+    model.readout_residual = True
+    cfg = layers.freeze(model)
     v = jnp.linspace(-0.5, 0.5, cfg.mar.token_dim)
     const = {**params, "readout": {"kernel": jnp.zeros_like(params["readout"]["kernel"]), "bias": v}}
     tokens, mask = prompts(cfg, 4)
@@ -109,5 +109,5 @@ def test_readout_residual_samples_add_the_readout_back(tiny):
                                np.asarray(toks - harmon.readout(params, z)), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(harmon.head_target(params, plain, z, toks)), np.asarray(toks))
     with pytest.raises(ValueError, match="readout_residual=True needs the readout"):
-        model.readout_residual, model.readout_weight = True, 0.0
+        model.readout_weight = 0.0
         harmon.validate(model)

@@ -34,7 +34,8 @@ def test_fsdp_holds_an_eighth_of_the_state(spec):
 # README "Memory"), in ~100 s on 2 cores: too slow for the suite, so it is the benchmark's.
 # The supervised step takes pre-computed latents here (its VAE-encoder half would double the
 # compile time; the memory command compiles it with images).
-@pytest.mark.parametrize("spec", ["configs/harmon.py:0.5b", "configs/grpo.py:0.5b", "configs/grpo.py:1.5b"])
+# (grpo.py:0.5b is the same program as 1.5b at a smaller width: 68 s more for no new path.)
+@pytest.mark.parametrize("spec", ["configs/harmon.py:0.5b", "configs/grpo.py:1.5b"])
 def test_large_steps_compile_with_fsdp_and_tensor_sharding(spec):
     r = memory.compile_step(_config(spec), _mesh(fsdp=4, tensor=2), batch=8, latents=True)
     assert r["temp_bytes"] > 0 and r["argument_bytes"] >= r["state_bytes"] > 0
