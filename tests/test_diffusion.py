@@ -21,6 +21,7 @@ D, C = 6, 12                               # token channels, condition width
 HEAD = ml_collections.ConfigDict(dict(width=32, depth=2, token_dim=D, cond_dim=C))
 DIFF = diffusion_config("tiny")            # 1000 steps, cosine, x0 clamp 1.0
 DIFF.num_sampling_steps, DIFF.batch_mul = "10", 4   # fixed here: the tests' figures assume them
+DIFF.prediction, DIFF.clip_log_variance = "epsilon", False   # MAR's sampler (tiny's own: below)
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +311,29 @@ def test_sampler_compiles_once_and_cfg(head, monkeypatch):
     full = real_apply(head, HEAD, jnp.concatenate([x, x]), jnp.concatenate([t, t]), zz)
     np.testing.assert_allclose(out[:, :D], full[3:, :D] + 3.0 * (full[:3, :D] - full[3:, :D]), atol=1e-5)
     np.testing.assert_allclose(out[:, D:], full[:3, D:], atol=1e-6)
+
+
+def test_clip_log_variance_keeps_the_learned_range():
+    """Variance values past [-1, 1] extrapolate the log-variance beyond log beta_t (MAR);
+    ``clip_log_variance`` holds it at the range's ends, through the sampler too."""
+    s = gd.make_schedule(1000, "10")
+    t = jnp.array([0, 1, 5, 9])
+    x = jnp.zeros((4, D))
+    for v, end in ((20.0, s.log_betas), (-5.0, s.posterior_log_variance_clipped)):
+        out = jnp.concatenate([jnp.zeros((4, D)), jnp.full((4, D), v)], -1)
+        free = gd.p_mean_variance(s, out, x, t)["log_variance"]
+        kept = gd.p_mean_variance(s, out, x, t, clip_var=True)["log_variance"]
+        np.testing.assert_allclose(kept, np.broadcast_to(end[np.asarray(t)][:, None], (4, D)), rtol=1e-5)
+        assert np.all(np.abs(np.asarray(free[1]) - np.asarray(kept[1])) > 5.0)   # step 1's range is wide
+    wild = lambda x, tt: jnp.concatenate([jnp.zeros_like(x), jnp.full_like(x, 20.0)], -1)  # noqa: E731
+    x_T = jax.random.normal(jax.random.key(0), (4, D))
+    _, _, free = gd.sample_loop(wild, s, x_T, jax.random.key(1), prediction="x0")
+    _, _, kept = gd.sample_loop(wild, s, x_T, jax.random.key(1), prediction="x0", clip_var=True)
+    np.testing.assert_allclose(kept["log_var"], np.broadcast_to(s.log_betas[::-1, None, None], (10, 4, D)), rtol=1e-5)
+    assert float(jnp.max(free["log_var"][-2])) > float(s.log_betas[1]) + 10   # the step noise MAR would draw
+    # The config flag reaches the sampler.
+    cfg = diffusion_config("tiny")
+    assert cfg.clip_log_variance and cfg.prediction == "x0" and not diffusion_config("1.5b").clip_log_variance
 
 
 def test_temperature_scales_step_noise_only(head):

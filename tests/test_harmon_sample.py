@@ -10,8 +10,14 @@ from unimm.models import harmon, harmon_sample, layers, qwen2
 
 @pytest.fixture(scope="module")
 def tiny():
+    """Perturbed params: the head's zero-initialised final layer makes a fresh x0 head (tiny's)
+    draw all-zero tokens whatever the prompt, which would hide an unfilled or mixed-up slot."""
     cfg = layers.freeze(config_utils.load_config("configs/harmon.py:tiny").model)
-    return cfg, harmon.init(cfg, jax.random.key(0))
+    params = harmon.init(cfg, jax.random.key(0))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return cfg, jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype)
+                                          for x, k in zip(leaves, keys)])
 
 
 @pytest.mark.parametrize("num_iter,seq", [(16, 64), (64, 256), (4, 16), (1, 9)])

@@ -252,6 +252,13 @@ def test_masking_utilities():
     # Every training ratio leaves at most K visible.
     k = mar.max_visible_for_training(L, 0.7)
     assert int((L - jax.vmap(lambda r: mar.num_masked(L, r))(ratios)).max()) <= k
+    # A wider scale (tiny: min 0.1, std 0.5) keeps the bounds and moves mass down: the
+    # truncated normal's P(ratio <= 2/3) = (Phi(-2/3 / 0.5) - Phi(-1.8)) / (0.5 - Phi(-1.8)).
+    wide = jax.vmap(lambda k: mar.sample_mask_ratio(k, 0.1, 0.5))(jax.random.split(jax.random.key(8), 8000))
+    assert float(wide.min()) >= 0.1 - 1e-6 and float(wide.max()) <= 1.0
+    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    expect = (cdf(-1 / 3 / 0.5) - cdf(-1.8)) / (0.5 - cdf(-1.8))
+    assert abs(float(jnp.mean(wide <= 2 / 3)) - expect) < 0.015
 
 
 @pytest.mark.parametrize("seq_len,num_iter", [(16, 4), (16, 64), (256, 64), (1024, 10)])

@@ -182,14 +182,21 @@ def training_target(s: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array, 
 
 
 def p_mean_variance(s: Schedule, model_output: jax.Array, x: jax.Array, t: jax.Array,
-                    clip: float = 0.0, prediction: str = "epsilon") -> dict:
+                    clip: float = 0.0, prediction: str = "epsilon", clip_var: bool = False) -> dict:
     """``p(x_{t-1} | x_t)`` from the network output ``[N, 2D]`` = (eps / v / x0 per
     ``prediction``, variance value in [-1, 1]).
 
     ``clip > 0`` clamps the predicted x0 to ``[-clip, clip]`` (guided-diffusion's
     ``clip_denoised``): at the noisiest steps x0 = (x_t - sqrt(1-a) eps) / sqrt(a) multiplies
-    the eps error by ~2e4, which a head short of training cannot keep small."""
+    the eps error by ~2e4, which a head short of training cannot keep small.
+
+    ``clip_var`` keeps the variance value in [-1, 1], i.e. the log-variance between the
+    posterior's and log beta_t, the ends of the learned range. Unclipped (guided-diffusion),
+    a head whose x0 is off by more than beta_t at the last steps learns values of 20-40
+    there, and the step noise, exp(20 x (log beta - log posterior)), destroys the sample."""
     eps, var_values = jnp.split(model_output, 2, axis=-1)
+    if clip_var:
+        var_values = jnp.clip(var_values, -1.0, 1.0)
     min_log = _at(s.posterior_log_variance_clipped, t)
     max_log = _at(s.log_betas, t)
     frac = (var_values + 1) / 2
@@ -277,14 +284,14 @@ def _prediction(diff_cfg: Any) -> str:
 
 
 def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array, clip: float = 0.0,
-                      prediction: str = "epsilon"):
+                      prediction: str = "epsilon", clip_var: bool = False):
     t = jnp.full((x.shape[0],), i, jnp.int32)
-    p = p_mean_variance(s, model_fn(x, jnp.asarray(s.timestep_map)[t]), x, t, clip, prediction)
+    p = p_mean_variance(s, model_fn(x, jnp.asarray(s.timestep_map)[t]), x, t, clip, prediction, clip_var)
     return p["mean"], p["log_variance"]
 
 
 def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, temperature=1.0,
-                clip: float = 0.0, prediction: str = "epsilon"):
+                clip: float = 0.0, prediction: str = "epsilon", clip_var: bool = False):
     """Ancestral sampling from ``x_T`` as one ``lax.scan`` over the steps ``S-1 .. 0``.
 
     Returns ``(x_0, log_probs [S, N], traj)``; ``traj`` holds per step (first = noisiest)
@@ -292,7 +299,7 @@ def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, 
     """
     def step(x, inp):
         i, key = inp
-        mean, log_var = _step_mean_logvar(model_fn, s, x, i, clip, prediction)
+        mean, log_var = _step_mean_logvar(model_fn, s, x, i, clip, prediction, clip_var)
         noise = jax.random.normal(key, x.shape, x.dtype)
         std = jnp.where(i > 0, jnp.exp(0.5 * log_var) * temperature, 0.0)  # no noise at t = 0
         x_next = mean + std * noise
@@ -337,7 +344,7 @@ def sample(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, rng: ja
     x_T = jax.random.normal(k_init, (m, head_cfg.token_dim), jnp.float32)
     x0, log_probs, traj = sample_loop(head_model_fn(head_params, head_cfg, z, cfg_scale, guided),
                                       s, x_T, k_loop, temperature, diff_cfg.get("clip_denoised", 0.0),
-                                      _prediction(diff_cfg))
+                                      _prediction(diff_cfg), diff_cfg.get("clip_log_variance", False))
     return (x0, log_probs, traj) if return_trajectory else (x0, log_probs)
 
 
@@ -352,7 +359,7 @@ def trajectory_mean_logvar(head_params: Any, head_cfg: Any, diff_cfg: Any, z: ja
 
     def one(step):
         return _step_mean_logvar(model_fn, s, step["x"], step["t"], diff_cfg.get("clip_denoised", 0.0),
-                                 _prediction(diff_cfg))
+                                 _prediction(diff_cfg), diff_cfg.get("clip_log_variance", False))
 
     return jax.lax.map(one, {k: traj[k] for k in ("t", "x")})
 

@@ -219,9 +219,9 @@ def random_orders(rng: jax.Array, batch: int, seq_len: int) -> jax.Array:
     return jnp.argsort(jax.random.uniform(rng, (batch, seq_len)), axis=-1).astype(jnp.int32)
 
 
-def sample_mask_ratio(rng: jax.Array, min_ratio: float) -> jax.Array:
-    """Truncated normal (loc 1.0, scale 0.25) restricted to ``[min_ratio, 1]``."""
-    return 1.0 + 0.25 * jax.random.truncated_normal(rng, (min_ratio - 1.0) / 0.25, 0.0)
+def sample_mask_ratio(rng: jax.Array, min_ratio: float, std: float = 0.25) -> jax.Array:
+    """Truncated normal (loc 1.0, scale ``std``; MAR: 0.25) restricted to ``[min_ratio, 1]``."""
+    return 1.0 + std * jax.random.truncated_normal(rng, (min_ratio - 1.0) / std, 0.0)
 
 
 def num_masked(seq_len: int, ratio: jax.Array) -> jax.Array:
@@ -262,7 +262,7 @@ def next_mask_len(step: jax.Array, num_iter: int, seq_len: int, remaining: jax.A
 
 
 def training_mask(rng: jax.Array, batch: int, seq_len: int, min_ratio: float,
-                  mask_len: jax.Array | int | None = None):
+                  mask_len: jax.Array | int | None = None, std: float = 0.25):
     """One training mask: random orders, one truncated-normal ratio for the batch (or a given
     ``mask_len``), and the visible tokens gathered into the static ``K`` of training.
 
@@ -270,7 +270,7 @@ def training_mask(rng: jax.Array, batch: int, seq_len: int, min_ratio: float,
     """
     k_order, k_ratio = jax.random.split(rng)
     orders = random_orders(k_order, batch, seq_len)
-    ratio = sample_mask_ratio(k_ratio, min_ratio)
+    ratio = sample_mask_ratio(k_ratio, min_ratio, std)
     mask = mask_by_order(num_masked(seq_len, ratio) if mask_len is None else mask_len, orders)
     idx, valid = gather_visible(mask, max_visible_for_training(seq_len, min_ratio))
     return mask, idx, valid, ratio
