@@ -239,7 +239,7 @@ def sample_config(variant: str) -> ml_collections.ConfigDict:
     # MAR iterations (<= tokens per image). tiny: 1, all 9 cells at once. Its training masks
     # (ratio >= 0.7) leave at most 2 of 9 tokens visible, and later iterations, conditioned
     # on more generated ones, lose the scene (reconstruction 1.00 / 0.92 / 0.52 with 1 / 2 / 3
-    # iterations); wider training masks (0.1, std 0.5) made it worse (0.20-0.23).
+    # iterations at CFG 1); wider training masks (0.1, std 0.5) made it worse (0.20-0.23).
     s.num_iter = 1 if variant == "tiny" else 64
     s.cfg = 2.0 if variant == "tiny" else 3.0   # classifier-free guidance scale
     s.cfg_schedule = "constant"           # "constant" or "linear" (Muse)
