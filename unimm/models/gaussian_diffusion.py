@@ -283,6 +283,12 @@ def _prediction(diff_cfg: Any) -> str:
     return check_prediction(diff_cfg.get("prediction", "epsilon"))
 
 
+def _step_options(diff_cfg: Any) -> dict:
+    """How the config turns a network output into a step: x0 clamp, target, variance clip."""
+    return dict(clip=diff_cfg.get("clip_denoised", 0.0), prediction=_prediction(diff_cfg),
+                clip_var=diff_cfg.get("clip_log_variance", False))
+
+
 def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array, clip: float = 0.0,
                       prediction: str = "epsilon", clip_var: bool = False):
     t = jnp.full((x.shape[0],), i, jnp.int32)
@@ -343,8 +349,7 @@ def sample(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, rng: ja
     k_init, k_loop = jax.random.split(rng)
     x_T = jax.random.normal(k_init, (m, head_cfg.token_dim), jnp.float32)
     x0, log_probs, traj = sample_loop(head_model_fn(head_params, head_cfg, z, cfg_scale, guided),
-                                      s, x_T, k_loop, temperature, diff_cfg.get("clip_denoised", 0.0),
-                                      _prediction(diff_cfg), diff_cfg.get("clip_log_variance", False))
+                                      s, x_T, k_loop, temperature, **_step_options(diff_cfg))
     return (x0, log_probs, traj) if return_trajectory else (x0, log_probs)
 
 
@@ -357,9 +362,10 @@ def trajectory_mean_logvar(head_params: Any, head_cfg: Any, diff_cfg: Any, z: ja
     s = _sampling_schedule(diff_cfg, num_steps)
     model_fn = head_model_fn(head_params, head_cfg, z, cfg_scale, guided)
 
+    opts = _step_options(diff_cfg)
+
     def one(step):
-        return _step_mean_logvar(model_fn, s, step["x"], step["t"], diff_cfg.get("clip_denoised", 0.0),
-                                 _prediction(diff_cfg), diff_cfg.get("clip_log_variance", False))
+        return _step_mean_logvar(model_fn, s, step["x"], step["t"], **opts)
 
     return jax.lax.map(one, {k: traj[k] for k in ("t", "x")})
 

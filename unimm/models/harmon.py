@@ -46,9 +46,10 @@ def validate(model_cfg: Any) -> None:
     for name, width, heads in (("width", m.width, m.num_heads), ("decoder_width", m.decoder_width, m.num_heads)):
         if width % heads:
             raise ValueError(f"model.mar.{name}={width} is not divisible by model.mar.num_heads={heads}")
-    if not (0.0 <= m.mask_ratio_min < 1.0 and m.get("mask_ratio_std", 0.25) > 0):
+    std = m.get("mask_ratio_std", mar.MASK_RATIO_STD)   # absent from older runs' config.json
+    if not (0.0 <= m.mask_ratio_min < 1.0 and std > 0):
         raise ValueError(f"model.mar.mask_ratio_min={m.mask_ratio_min} must lie in [0, 1) and "
-                         f"model.mar.mask_ratio_std={m.get('mask_ratio_std', 0.25)} be > 0")
+                         f"model.mar.mask_ratio_std={std} be > 0")
     if model_cfg.get("readout_residual", False) and not has_readout(model_cfg):
         raise ValueError(f"model.readout_residual=True needs the readout: model.readout_weight > 0 "
                          f"(got {model_cfg.get('readout_weight', 0.0)})")

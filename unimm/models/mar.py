@@ -219,8 +219,11 @@ def random_orders(rng: jax.Array, batch: int, seq_len: int) -> jax.Array:
     return jnp.argsort(jax.random.uniform(rng, (batch, seq_len)), axis=-1).astype(jnp.int32)
 
 
-def sample_mask_ratio(rng: jax.Array, min_ratio: float, std: float = 0.25) -> jax.Array:
-    """Truncated normal (loc 1.0, scale ``std``; MAR: 0.25) restricted to ``[min_ratio, 1]``."""
+MASK_RATIO_STD = 0.25   # MAR's scale of the training mask ratio (model.mar.mask_ratio_std)
+
+
+def sample_mask_ratio(rng: jax.Array, min_ratio: float, std: float = MASK_RATIO_STD) -> jax.Array:
+    """Truncated normal (loc 1.0, scale ``std``) restricted to ``[min_ratio, 1]``."""
     return 1.0 + std * jax.random.truncated_normal(rng, (min_ratio - 1.0) / std, 0.0)
 
 
@@ -262,7 +265,7 @@ def next_mask_len(step: jax.Array, num_iter: int, seq_len: int, remaining: jax.A
 
 
 def training_mask(rng: jax.Array, batch: int, seq_len: int, min_ratio: float,
-                  mask_len: jax.Array | int | None = None, std: float = 0.25):
+                  mask_len: jax.Array | int | None = None, std: float = MASK_RATIO_STD):
     """One training mask: random orders, one truncated-normal ratio for the batch (or a given
     ``mask_len``), and the visible tokens gathered into the static ``K`` of training.
 

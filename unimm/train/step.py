@@ -57,7 +57,7 @@ def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
     b, seq, dim = img_tokens.shape
     k_mask, k_diff = jax.random.split(rng)
     mask, idx, valid, ratio = mar.training_mask(k_mask, b, seq, model_cfg.mar.mask_ratio_min,
-                                                std=model_cfg.mar.get("mask_ratio_std", 0.25))
+                                                std=model_cfg.mar.get("mask_ratio_std", mar.MASK_RATIO_STD))
     text = qwen2.embed(params["llm"], model_cfg.llm, batch["t2i_tokens"])
     z = harmon.decoder_condition(params, model_cfg, text, batch["t2i_mask"], img_tokens, idx, valid)
     loss = gaussian_diffusion.diffusion_loss(
