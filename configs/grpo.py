@@ -20,7 +20,13 @@ def grpo_config(variant: str) -> ml_collections.ConfigDict:
     g.policy = "captioner"                # "captioner" (generation for understanding) or "decoder"
                                           # (understanding for generation; set trainable to e.g.
                                           # ("mar", "head"), or add "llm")
+    g.decoder_from = ""                   # captioner policy: the frozen decoder's supervised workdir
+                                          # (UAE's separate decoder); "" = init_from's model
     g.trainable = ("llm",)                # param groups the policy update may change
+    g.prompts = "captions"                # decoder policy: "captions" (the frozen encoder's caption of
+                                          # each training image, scored by `reward`), "geneval" (GenEval
+                                          # prompts of the training split, scored by the GenEval check)
+                                          # or "both" (half of the inputs each)
     g.group_size = 8                      # G samples per input
     g.inputs_per_step = 8                 # images (captioner) per rollout
     g.temperature = 0.7                   # caption sampling temperature (UAE: 0.7)
@@ -33,7 +39,7 @@ def grpo_config(variant: str) -> ml_collections.ConfigDict:
     g.loss_aggregation = "seq-mean-token-mean"   # or "token-mean" (DAPO / Dr. GRPO)
     g.ppo_epochs = 1                      # optimizer steps per rollout
     g.drop_constant_groups = True         # DAPO: skip groups whose rewards are all equal
-    g.reward = "shapes_match"             # unimm.train.rewards.REWARDS
+    g.reward = "shapes_match"             # unimm.train.rewards.REWARDS: image vs its source image
     g.rollout_steps = "10"                # decoder policy: diffusion steps per rollout (sampling: 100)
     g.step_fraction = 1.0                 # decoder policy: fraction of (iteration, step) pairs trained
     return g

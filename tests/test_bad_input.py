@@ -74,6 +74,7 @@ JSONL data files
 checkpoints
   cli caption_ckpt_missing_keys   checkpoint params lack proj_out -> written by another model (missing: ...)
   cli evaluate_ckpt_extra_keys    checkpoint params have extra/w -> written by another model (unexpected: ...)
+  cli evaluate_decoder_workdir_*  --decoder_workdir missing / of another model -> named, before any model loads
   cli convert_not_a_checkpoint    a text file -> cannot be read as a weights-only PyTorch checkpoint
   cli convert_missing_keys        .pth without one key -> does not fit the configured model: missing keys
   cli convert_bad_kind            kind llama -> argument kind: invalid choice
@@ -179,6 +180,13 @@ CLI = {
     "evaluate_ckpt_extra_keys": (["unimm.evaluate", "--workdir={tmp}/wd_extra"],
                                  "checkpoint step 1 in {tmp}/wd_extra/checkpoints was written by another model "
                                  "(unexpected: ['extra/w']); pass the --config that wrote it", None),
+    "evaluate_decoder_workdir_missing": (["unimm.evaluate", "--workdir={tmp}/wd_config",
+                                          "--decoder_workdir={tmp}/nope"],
+                                         "--decoder_workdir: --decoder_workdir={tmp}/nope does not exist", None),
+    "evaluate_decoder_workdir_other_model": (["unimm.evaluate", "--workdir={tmp}/wd_config",
+                                              "--decoder_workdir={tmp}/wd_extra"],
+                                             "--decoder_workdir: checkpoint step 1 in {tmp}/wd_extra/checkpoints "
+                                             "was written by another model (unexpected: ['extra/w'])", None),
     "evaluate_config_json_bad": (["unimm.evaluate", "--workdir={tmp}/wd_badjson"],
                                  "{tmp}/wd_badjson/config.json: not a valid JSON config (Expecting property name",
                                  None),

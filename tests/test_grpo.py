@@ -159,6 +159,12 @@ def test_grpo_starts_from_a_supervised_workdir(tmp_path):
     for group in ("mar", "head", "proj_in", "proj_out"):     # frozen under grpo.trainable = ("llm",)
         for a, b in zip(jax.tree.leaves(trained.ema_params[group]), jax.tree.leaves(state.params[group])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # UAE's separate decoder: the frozen decoder's params come from grpo.decoder_from.
+    config.grpo.decoder_from, config.init_from = str(tmp_path / "sup"), ""
+    assert int(grpo_loop.train_grpo(config, str(tmp_path / "rl_uae"), evaluate=False).step) == 1
     config.model.llm.hidden_size = 64
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match=r"grpo.decoder_from=.*does not match"):
+        grpo_loop.train_grpo(config, str(tmp_path / "rl3"), evaluate=False)
+    config.grpo.decoder_from, config.init_from = "", str(tmp_path / "sup")
+    with pytest.raises(ValueError, match="init_from=.*does not match"):
         grpo_loop.train_grpo(config, str(tmp_path / "rl2"), evaluate=False)

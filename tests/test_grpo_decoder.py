@@ -133,6 +133,17 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
     assert int(state.step) == 2
     config.train.steps = 3
     assert int(grpo_loop.train_grpo(config, str(tmp_path), evaluate=False).step) == 3
-    config.grpo.policy = "painter"
-    with pytest.raises(ValueError, match=r"grpo.policy='painter': expected one of \('captioner', 'decoder'\)"):
-        grpo_loop.train_grpo(config, str(tmp_path / "x"), evaluate=False)
+    config.grpo.prompts = "both"    # two training images' captions and two GenEval prompts, G images each
+    assert grpo_loop.geneval_share(config.grpo) == 2
+    config.train.steps = 1
+    assert int(grpo_loop.train_grpo(config, str(tmp_path / "geneval"), evaluate=False).step) == 1
+    for fields, match in [
+            (dict(policy="painter"), r"grpo.policy='painter': expected one of \('captioner', 'decoder'\)"),
+            (dict(prompts="poems"), r"grpo.prompts='poems': expected one of \('captions', 'geneval', 'both'\)"),
+            (dict(reward="geneval"), "always scored by the GenEval check"),
+            (dict(policy="captioner", trainable=("llm",)), "needs grpo.policy='decoder'"),
+            (dict(prompts="captions", decoder_from=str(tmp_path)), "the decoder policy trains its own")]:
+        bad = config_utils.load_config("configs/grpo.py:tiny")
+        bad.grpo.update(dict(config.grpo, **fields))
+        with pytest.raises(ValueError, match=match):
+            grpo_loop.train_grpo(bad, str(tmp_path / "x"), evaluate=False)

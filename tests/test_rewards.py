@@ -1,4 +1,4 @@
-"""GRPO rewards: exact and partial scene matches, feature and latent cosines."""
+"""GRPO rewards: exact and partial scene matches, GenEval checks, feature and latent cosines."""
 import jax
 import numpy as np
 import pytest
@@ -27,6 +27,14 @@ def test_shapes_match_on_renders():
     np.testing.assert_allclose(rewards.get_reward("shapes_match")(src, gen), [0.5, 1.0])
     with pytest.raises(ValueError, match="registered"):
         rewards.get_reward("clip")
+
+
+def test_geneval_reward_checks_the_prompt_spec():
+    spec = {"category": "colors", "objects": [{"shape": "circle", "color": "red"}], "count": None, "relation": None}
+    gen = np.stack([shapes.render((A,), 32), shapes.render((B,), 32), shapes.render((A, B), 32)])
+    np.testing.assert_array_equal(rewards.geneval(None, gen, specs=[spec] * 3), [1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="specs"):
+        rewards.geneval(gen, gen)
 
 
 @pytest.mark.parametrize("name", ["feature_cosine", "latent_similarity"])

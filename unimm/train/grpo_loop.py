@@ -2,8 +2,11 @@
 
 ``train_grpo(config, workdir)`` starts from ``config.init_from`` (a supervised workdir or a
 converter output); that starting point is also the frozen reference π_ref and the frozen
-decoder that turns captions back into images for the reward. Re-running resumes from the
-workdir's newest checkpoint (rollout position included).
+decoder that turns captions back into images for the reward (``grpo.decoder_from`` names
+another run's decoder instead: UAE's two models). The decoder policy's inputs are the frozen
+encoder's captions of training images, GenEval prompts of the training split, or half of each
+(``grpo.prompts``). Re-running resumes from the workdir's newest checkpoint (rollout position
+included).
 """
 from __future__ import annotations
 
@@ -47,6 +50,31 @@ class RolloutPosition:
 
 
 POLICIES = ("captioner", "decoder")
+PROMPTS = ("captions", "geneval", "both")
+
+
+def geneval_share(g: Any) -> int:
+    """How many of a rollout's ``inputs_per_step`` inputs are GenEval prompts (the rest are
+    training images, captioned by the frozen encoder)."""
+    prompts, n = g.get("prompts", "captions"), g.inputs_per_step
+    return {"captions": 0, "geneval": n, "both": n // 2}[prompts]
+
+
+def validate_grpo(g: Any) -> None:
+    """Clear errors for policy / prompt / reward combinations that cannot run together."""
+    if g.policy not in POLICIES:
+        raise ValueError(f"grpo.policy={g.policy!r}: expected one of {POLICIES}")
+    prompts = g.get("prompts", "captions")
+    if prompts not in PROMPTS:
+        raise ValueError(f"grpo.prompts={prompts!r}: expected one of {PROMPTS}")
+    if prompts != "captions" and g.policy != "decoder":
+        raise ValueError(f"grpo.prompts={prompts!r} draws images for GenEval prompts: it needs grpo.policy='decoder'")
+    if g.get("decoder_from") and g.policy != "captioner":
+        raise ValueError("grpo.decoder_from sets the captioner policy's frozen decoder; the decoder policy "
+                         "trains its own (leave grpo.decoder_from empty)")
+    if g.reward == "geneval":
+        raise ValueError("grpo.reward='geneval': grpo.reward scores images against their source image; "
+                         "GenEval prompts (grpo.prompts='geneval' or 'both') are always scored by the GenEval check")
 
 
 def decoder_rollout(config: Any, tok: Any, state: Any, ref: Any, captions: list[str], rng: jax.Array):
@@ -63,32 +91,34 @@ def decoder_rollout(config: Any, tok: Any, state: Any, ref: Any, captions: list[
     return rollout, np.asarray(images)
 
 
-def starting_params(config: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Params of ``config.init_from``: a supervised workdir (its newest EMA params) or a
-    converter output directory; None (random init) when it is empty."""
-    path = config.init_from
+def starting_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = None,
+                    key: str = "init_from") -> Any:
+    """Params of ``path`` (default ``config.init_from``): a supervised workdir (its newest EMA
+    params) or a converter output directory; None (random init) when it is empty."""
+    path = config.init_from if path is None else path
     if not path:
-        logging.warning("grpo: config.init_from is empty; starting from random params")
+        logging.warning("grpo: config.%s is empty; starting from random params", key)
         return None
     if os.path.isdir(os.path.join(path, "checkpoints")):
         from unimm import inference   # the supervised run's own config (its optimizer layout)
         source = inference.load_config(path)
         shapes_of = lambda m: jax.tree.map(lambda a: a.shape, harmon.abstract_params(layers.freeze(m)))
         if shapes_of(source.model) != shapes_of(config.model):
-            raise ValueError(f"config.init_from={path}: its model (variant {source.model.get('variant')}) "
+            raise ValueError(f"config.{key}={path}: its model (variant {source.model.get('variant')}) "
                              f"does not match this config's (variant {config.model.get('variant')})")
         probe = create_train_state(source, mesh, jax.random.key(0))
         arrays, step = checkpoint.restore_arrays(checkpoint.make_manager(path, keep=1), probe)
-        logging.info("grpo: starting from %s step %d (EMA params)", path, step)
+        logging.info("grpo: %s: %s step %d (EMA params)", key, path, step)
         return jax.device_put(arrays["ema_params"], param_shardings(config, mesh))
+    if path != config.init_from:
+        raise ValueError(f"config.{key}={path}: expected a supervised workdir (with checkpoints/)")
     return loop.initial_params(config, mesh)
 
 
 def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     g, t, d = config.grpo, config.train, config.data
     frozen_groups(config)   # validates grpo.trainable before anything is built
-    if g.policy not in POLICIES:
-        raise ValueError(f"grpo.policy={g.policy!r}: expected one of {POLICIES}")
+    validate_grpo(g)
     if d.source != "shapes":
         raise ValueError("grpo: rollouts draw images from the shapes world (data.source='shapes')")
     mesh = sharding.make_mesh(loop.mesh_shape(config))
@@ -103,8 +133,11 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
 
     rng = jax.random.key(config.seed)
     state = create_train_state(config, mesh, rng, params=starting_params(config, mesh))
-    ref = jax.tree.map(jnp.copy, state.params)        # π_ref and the frozen decoder
-    decoder = shapes_bench.Model(config, tok, ref, state.tokenizer_params)
+    ref = jax.tree.map(jnp.copy, state.params)        # π_ref (and the frozen decoder by default)
+    # UAE's two-model setup: the captioner policy's images may come from another run's decoder.
+    decoder_params = (starting_params(config, mesh, g.decoder_from, "grpo.decoder_from")
+                      if g.get("decoder_from") else ref)
+    decoder = shapes_bench.Model(config, tok, decoder_params, state.tokenizer_params)
     encoder = decoder   # the frozen starting point captions for the decoder policy
     reward_fn = rewards.get_reward(g.reward)
     judges = shapes_bench.builtin_encoders(decoder, ("mar", "latent"))    # frozen: the reference's
@@ -123,25 +156,45 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     step_fn, history, last = None, [], (time.perf_counter(), step)
     guard = loop.NonFiniteGuard(t.get("max_nonfinite_steps", 10))
     k_roll, k_gen = jax.random.split(jax.random.fold_in(rng, 1))
+
+    def captioner_rollout(state: Any, source: np.ndarray, n: int):
+        """G captions per training image by the policy; their images by the frozen decoder."""
+        image_tokens = vae_lib.images_to_tokens(state.tokenizer_params, cfg.vae,
+                                                jnp.asarray(np.stack([images_lib.to_model(x) for x in source])))
+        rollout = grpo.caption_rollout(
+            state.params, ref, cfg, prompt, prompt_mask, image_tokens, jax.random.fold_in(k_roll, n),
+            group_size=g.group_size, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
+            image_id=d.image_token_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        captions = grpo.caption_texts(tok, rollout, prompt.shape[1])
+        return rollout, decoder.generate(captions, jax.random.fold_in(k_gen, n))
+
+    def training_images(indices: Any) -> np.ndarray:
+        return np.stack([shapes.render(shapes.sample_scene(d.seed, i), d.image_size) for i in indices]
+                        ).reshape(-1, d.image_size, d.image_size, 3)
+
     with jax.set_mesh(mesh):
         while step < t.steps:
-            n = positions.position
-            scenes = [shapes.sample_scene(d.seed, i) for i in positions.next_indices()]
-            source = np.stack([shapes.render(s, d.image_size) for s in scenes])
-            image_tokens = vae_lib.images_to_tokens(state.tokenizer_params, cfg.vae,
-                                                    jnp.asarray(np.stack([images_lib.to_model(x) for x in source])))
+            n, indices, repeat = positions.position, positions.next_indices(), g.group_size
+            logged_parts = {}
             if g.policy == "captioner":
-                rollout = grpo.caption_rollout(
-                    state.params, ref, cfg, prompt, prompt_mask, image_tokens, jax.random.fold_in(k_roll, n),
-                    group_size=g.group_size, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
-                    image_id=d.image_token_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-                captions = grpo.caption_texts(tok, rollout, prompt.shape[1])
-                generated = decoder.generate(captions, jax.random.fold_in(k_gen, n))
-            else:   # the frozen encoder captions each image once; the policy draws G images
-                captions = encoder.answer(source, [text.LONG_CAPTION_Q] * len(source))
-                rollout, generated = decoder_rollout(config, tok, state, ref, np.repeat(captions, g.group_size),
+                source = training_images(indices)
+                rollout, generated = captioner_rollout(state, source, n)
+                reward = reward_fn(np.repeat(source, repeat, axis=0), generated, **context)
+            else:   # G images per input: the frozen encoder's caption of a training image, or a GenEval prompt
+                split = len(indices) - geneval_share(g)
+                source = training_images(indices[:split])
+                items = [shapes.geneval_prompt(d.seed, i) for i in indices[split:]]
+                texts = [*(encoder.answer(source, [text.LONG_CAPTION_Q] * len(source)) if split else []),
+                         *(prompt_text for _, prompt_text, _ in items)]
+                rollout, generated = decoder_rollout(config, tok, state, ref, np.repeat(texts, repeat),
                                                      jax.random.fold_in(k_roll, n))
-            reward = reward_fn(np.repeat(source, g.group_size, axis=0), generated, **context)
+                rows = split * repeat
+                reward = np.concatenate([
+                    reward_fn(np.repeat(source, repeat, axis=0), generated[:rows], **context) if split else [],
+                    rewards.geneval(None, generated[rows:], specs=[spec for *_, spec in items for _ in range(repeat)])
+                    if items else []]).astype(np.float32)
+                parts = {"reward_captions": reward[:rows], "reward_geneval": reward[rows:]}
+                logged_parts = {k: float(v.mean()) for k, v in parts.items() if v.size}
             reward = jnp.asarray(reward.reshape(g.inputs_per_step, g.group_size))
             scored = grpo.shard_rollout(grpo.with_advantages(rollout, reward, g), mesh)
             if step_fn is None:
@@ -152,7 +205,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
                 step += 1
                 guard.observe(metrics["nonfinite"], step)
                 report(step)
-            history.append({**jax.device_get(metrics), "reward_mean": float(reward.mean()),
+            history.append({**jax.device_get(metrics), **logged_parts, "reward_mean": float(reward.mean()),
                             "reward_std": float(reward.std(axis=1).mean()),
                             "groups_kept": float(jax.device_get(scored["group_valid"]).mean())})
             if step % t.log_every < g.ppo_epochs or step >= t.steps:
@@ -168,7 +221,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
                 checkpoint.save(manager, state, positions)
         guard.flush()
         if evaluate:   # the policy scored; the captioner policy's images come from the frozen decoder
-            make_eval_fn(config, workdir, tok, decoder_params=ref if g.policy == "captioner" else None)(
+            make_eval_fn(config, workdir, tok, decoder_params=decoder_params if g.policy == "captioner" else None)(
                 state, step, writer)
     manager.wait_until_finished()
     manager.close()

@@ -9,6 +9,9 @@ function images -> ``[B, C]``). Register new ones with :func:`register_reward`.
 * ``feature_cosine``: cosine of the two images' features from a frozen image encoder
   (:func:`mar_features`: the MAR encoder's mean-pooled output, or any JAX encoder).
 * ``latent_similarity``: cosine of the two images' tokenizer latents (``context["tokenize"]``).
+* ``geneval`` (not a ``grpo.reward``: the loop scores GenEval-prompt rollouts with it; they
+  have no source image): 1 when the detector's scene satisfies the prompt's spec
+  (``specs``), else 0.
 """
 from __future__ import annotations
 
@@ -52,6 +55,13 @@ def scene_match(want: shapes.Scene, got: shapes.Scene) -> float:
 @register_reward("shapes_match")
 def shapes_match(source: np.ndarray, generated: np.ndarray, **_: Any) -> np.ndarray:
     return np.array([scene_match(shapes.detect(s), shapes.detect(g)) for s, g in zip(source, generated)],
+                    np.float32)
+
+
+def geneval(source: Any, generated: np.ndarray, *, specs: list[dict] | None = None, **_: Any) -> np.ndarray:
+    if specs is None:
+        raise ValueError("the GenEval reward needs the prompts' specs")
+    return np.array([shapes.check_geneval(spec, shapes.detect(g)) for spec, g in zip(specs, generated)],
                     np.float32)
 
 
