@@ -41,6 +41,8 @@ def grpo_config(variant: str) -> ml_collections.ConfigDict:
     g.drop_constant_groups = True         # DAPO: skip groups whose rewards are all equal
     g.reward = "shapes_match"             # unimm.train.rewards.REWARDS: image vs its source image
     g.rollout_steps = "10"                # decoder policy: diffusion steps per rollout (sampling: 100)
+    g.train_variance = True               # decoder policy: False = only the steps' means move (the
+                                          # head's learned variances get no policy gradient)
     g.step_fraction = 1.0                 # decoder policy: fraction of (iteration, step) pairs trained
     return g
 

@@ -182,7 +182,7 @@ CLI = {
                                  "(unexpected: ['extra/w']); pass the --config that wrote it", None),
     "evaluate_decoder_workdir_missing": (["unimm.evaluate", "--workdir={tmp}/wd_config",
                                           "--decoder_workdir={tmp}/nope"],
-                                         "--decoder_workdir: --decoder_workdir={tmp}/nope does not exist", None),
+                                         "error: --decoder_workdir={tmp}/nope does not exist", None),
     "evaluate_decoder_workdir_other_model": (["unimm.evaluate", "--workdir={tmp}/wd_config",
                                               "--decoder_workdir={tmp}/wd_extra"],
                                              "--decoder_workdir: checkpoint step 1 in {tmp}/wd_extra/checkpoints "

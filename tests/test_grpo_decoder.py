@@ -92,6 +92,26 @@ def test_decoder_step_moves_the_policy_towards_high_reward(setup):
     assert any(jax.tree.leaves(head_moved))
 
 
+def test_fixed_variances_take_no_policy_gradient(setup):
+    config, cfg, params, rollout = setup
+    scored = _scored(rollout, [1.0, -1.0, 1.0, -1.0])
+    # The head's output: c mean (x0 / epsilon) channels, then c variance channels.
+    c = params["head"]["final_layer"]["linear"]["kernel"].shape[1] // 2
+
+    def final_kernel_grad(train_variance):
+        config.grpo.train_variance = train_variance
+        loss = lambda p: grpo_decoder.decoder_grpo_loss(p, scored, jax.random.key(0), config=config)[0]
+        return np.asarray(jax.grad(loss)(params)["head"]["final_layer"]["linear"]["kernel"])
+
+    try:
+        fixed, learned = final_kernel_grad(False), final_kernel_grad(True)
+    finally:
+        config.grpo.train_variance = True
+    assert np.abs(fixed[:, c:]).max() == 0.0 and np.abs(fixed[:, :c]).max() > 0
+    assert np.abs(learned[:, c:]).max() > 0
+    np.testing.assert_allclose(fixed[:, :c], learned[:, :c], rtol=1e-4, atol=1e-6 * np.abs(learned).max())
+
+
 def test_decoder_grpo_step_sharded_equals_single_device(setup):
     config, cfg, params, rollout = setup
     scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
@@ -136,6 +156,9 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
     config.grpo.prompts = "both"    # two training images' captions and two GenEval prompts, G images each
     assert grpo_loop.geneval_share(config.grpo) == 2
     config.train.steps = 1
+    assert int(grpo_loop.train_grpo(config, str(tmp_path / "both"), evaluate=False).step) == 1
+    config.grpo.prompts = "geneval"   # GenEval prompts only: no training image at all
+    assert grpo_loop.geneval_share(config.grpo) == 4
     assert int(grpo_loop.train_grpo(config, str(tmp_path / "geneval"), evaluate=False).step) == 1
     for fields, match in [
             (dict(policy="painter"), r"grpo.policy='painter': expected one of \('captioner', 'decoder'\)"),

@@ -33,7 +33,8 @@ def main(argv):
                 decoder_config = inference.load_config(FLAGS.decoder_workdir)
                 inference.latest_step(config, FLAGS.decoder_workdir)
             except (OSError, ValueError) as e:
-                raise type(e)(f"--decoder_workdir: {e}".replace("--workdir=", "--decoder_workdir=")) from None
+                message = str(e).replace("--workdir=", "--decoder_workdir=")
+                raise type(e)(message if "--decoder_workdir" in message else f"--decoder_workdir: {message}") from None
         model, step = inference.load_model(config, FLAGS.workdir)
         if FLAGS.decoder_workdir:
             model.decoder_params = inference.load_model(decoder_config, FLAGS.decoder_workdir, tok=model.tok)[0].params

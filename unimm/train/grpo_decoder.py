@@ -144,6 +144,8 @@ def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: An
     guided = float(s.cfg) != 1.0
     mean, log_var = step_means(params, config.model, rollout, guided=guided, cfg_scale=s.cfg,
                                num_steps=rollout_steps(config))
+    if not g.get("train_variance", True):   # only the step means move (DDPO / Flow-GRPO: fixed variances)
+        log_var = jax.lax.stop_gradient(log_var)
     logp = gaussian_diffusion.step_log_prob(mean, log_var, rollout["x_next"], s.temperature)
     tau2 = 2.0 * jnp.log(jnp.maximum(jnp.asarray(s.temperature, jnp.float32), 1e-30))
     kl = grpo_math.gaussian_kl(mean, log_var + tau2, rollout["ref_mean"], rollout["ref_log_var"] + tau2)

@@ -169,8 +169,8 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
         return rollout, decoder.generate(captions, jax.random.fold_in(k_gen, n))
 
     def training_images(indices: Any) -> np.ndarray:
-        return np.stack([shapes.render(shapes.sample_scene(d.seed, i), d.image_size) for i in indices]
-                        ).reshape(-1, d.image_size, d.image_size, 3)
+        images = [shapes.render(shapes.sample_scene(d.seed, i), d.image_size) for i in indices]
+        return np.stack(images) if images else np.zeros((0, d.image_size, d.image_size, 3), np.uint8)
 
     with jax.set_mesh(mesh):
         while step < t.steps:
