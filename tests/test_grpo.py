@@ -140,7 +140,7 @@ def test_grpo_loop_runs_checkpoints_and_resumes(tmp_path):
         grpo_loop.train_grpo(grpo_config(trainable=("llm", "vae")), str(tmp_path / "x"), evaluate=False)
 
 
-def test_grpo_starts_from_a_supervised_workdir(tmp_path):
+def test_grpo_starts_from_a_supervised_workdir(tmp_path, monkeypatch):
     from unimm import inference
     from unimm.train import grpo_loop
     sup = config_utils.load_config("configs/harmon.py:tiny")
@@ -154,14 +154,30 @@ def test_grpo_starts_from_a_supervised_workdir(tmp_path):
     start = grpo_loop.starting_params(config, mesh)
     for a, b in zip(jax.tree.leaves(trained.ema_params), jax.tree.leaves(start)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # UAE's two models: the frozen decoder is what grpo.decoder_from loads (here the same run,
+    # so the check is on the wiring: the loaded object itself generates the images).
+    loaded, models = {}, []
+    real_start, real_model = grpo_loop.starting_params, grpo_loop.shapes_bench.Model
+
+    def spy_start(cfg, m, path=None, key="init_from"):
+        loaded[key] = real_start(cfg, m, path, key)
+        return loaded[key]
+
+    def spy_model(cfg, tok, params, *args, **kwargs):
+        models.append(params)
+        return real_model(cfg, tok, params, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_loop, "starting_params", spy_start)
+    monkeypatch.setattr(grpo_loop.shapes_bench, "Model", spy_model)
+    config.grpo.decoder_from = str(tmp_path / "sup")
     state = grpo_loop.train_grpo(config, str(tmp_path / "rl"), evaluate=False)
+    monkeypatch.undo()
     assert int(state.step) == 1
+    assert models and models[0] is loaded["grpo.decoder_from"] and set(loaded) == {"init_from", "grpo.decoder_from"}
     for group in ("mar", "head", "proj_in", "proj_out"):     # frozen under grpo.trainable = ("llm",)
         for a, b in zip(jax.tree.leaves(trained.ema_params[group]), jax.tree.leaves(state.params[group])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # UAE's separate decoder: the frozen decoder's params come from grpo.decoder_from.
-    config.grpo.decoder_from, config.init_from = str(tmp_path / "sup"), ""
-    assert int(grpo_loop.train_grpo(config, str(tmp_path / "rl_uae"), evaluate=False).step) == 1
+    config.init_from = ""
     config.model.llm.hidden_size = 64
     with pytest.raises(ValueError, match=r"grpo.decoder_from=.*does not match"):
         grpo_loop.train_grpo(config, str(tmp_path / "rl3"), evaluate=False)

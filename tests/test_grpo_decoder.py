@@ -151,13 +151,11 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
     config.train.steps, config.train.checkpoint_every, config.train.log_every = 2, 1, 1
     state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
     assert int(state.step) == 2
-    config.train.steps = 3
-    assert int(grpo_loop.train_grpo(config, str(tmp_path), evaluate=False).step) == 3
-    config.grpo.prompts = "both"    # two training images' captions and two GenEval prompts, G images each
+    # The resumed step draws two training images' captions and two GenEval prompts, G images each.
+    config.train.steps, config.grpo.prompts = 3, "both"
     assert grpo_loop.geneval_share(config.grpo) == 2
-    config.train.steps = 1
-    assert int(grpo_loop.train_grpo(config, str(tmp_path / "both"), evaluate=False).step) == 1
-    config.grpo.prompts = "geneval"   # GenEval prompts only: no training image at all
+    assert int(grpo_loop.train_grpo(config, str(tmp_path), evaluate=False).step) == 3
+    config.train.steps, config.grpo.prompts = 1, "geneval"   # GenEval prompts only: no training image at all
     assert grpo_loop.geneval_share(config.grpo) == 4
     assert int(grpo_loop.train_grpo(config, str(tmp_path / "geneval"), evaluate=False).step) == 1
     for fields, match in [
