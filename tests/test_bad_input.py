@@ -74,7 +74,8 @@ JSONL data files
 checkpoints
   cli caption_ckpt_missing_keys   checkpoint params lack proj_out -> written by another model (missing: ...)
   cli evaluate_ckpt_extra_keys    checkpoint params have extra/w -> written by another model (unexpected: ...)
-  cli evaluate_decoder_workdir_*  --decoder_workdir missing / of another model -> named, before any model loads
+  cli evaluate_decoder_workdir_missing       --decoder_workdir=/nope -> does not exist (named once)
+  cli evaluate_decoder_workdir_other_model   --decoder_workdir of another model -> written by another model
   cli convert_not_a_checkpoint    a text file -> cannot be read as a weights-only PyTorch checkpoint
   cli convert_missing_keys        .pth without one key -> does not fit the configured model: missing keys
   cli convert_bad_kind            kind llama -> argument kind: invalid choice
