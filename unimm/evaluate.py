@@ -29,12 +29,11 @@ def main(argv):
             raise ValueError(f"the shapes benchmark needs data.source='shapes'; this run's data.source "
                              f"is {config.data.source!r}")
         if FLAGS.decoder_workdir:   # checked before any model is built: it exists and fits this model
+            decoder_config = inference.load_config(FLAGS.decoder_workdir, flag="--decoder_workdir")
             try:
-                decoder_config = inference.load_config(FLAGS.decoder_workdir)
-                inference.latest_step(config, FLAGS.decoder_workdir)
-            except (OSError, ValueError) as e:
-                message = str(e).replace("--workdir=", "--decoder_workdir=")
-                raise type(e)(message if "--decoder_workdir" in message else f"--decoder_workdir: {message}") from None
+                inference.latest_step(config, FLAGS.decoder_workdir, flag="--decoder_workdir")
+            except ValueError as e:   # params of another model: the message names the directory only
+                raise ValueError(f"--decoder_workdir: {e}") from None
         model, step = inference.load_model(config, FLAGS.workdir)
         if FLAGS.decoder_workdir:
             model.decoder_params = inference.load_model(decoder_config, FLAGS.decoder_workdir, tok=model.tok)[0].params

@@ -26,20 +26,20 @@ def save_config(config: Any, workdir: str) -> None:
         f.write(config.to_json_best_effort(indent=2))
 
 
-def check_workdir(workdir: str) -> None:
-    """A training workdir must exist (the CLIs never create one)."""
+def check_workdir(workdir: str, flag: str = "--workdir") -> None:
+    """A training workdir must exist (the CLIs never create one); errors name ``flag``."""
     if not workdir:
-        raise ValueError("--workdir is empty: expected a training workdir (config.json + checkpoints/)")
+        raise ValueError(f"{flag} is empty: expected a training workdir (config.json + checkpoints/)")
     if not os.path.exists(workdir):
-        raise FileNotFoundError(f"--workdir={workdir} does not exist: expected a training workdir "
+        raise FileNotFoundError(f"{flag}={workdir} does not exist: expected a training workdir "
                                 "(config.json + checkpoints/ written by python -m unimm.main)")
     if not os.path.isdir(workdir):
-        raise NotADirectoryError(f"--workdir={workdir} is not a directory: expected a training workdir")
+        raise NotADirectoryError(f"{flag}={workdir} is not a directory: expected a training workdir")
 
 
-def load_config(workdir: str, spec: str | None = None) -> ml_collections.ConfigDict:
+def load_config(workdir: str, spec: str | None = None, flag: str = "--workdir") -> ml_collections.ConfigDict:
     """``spec`` (``configs/x.py:variant``) if given, else the run's saved ``config.json``."""
-    check_workdir(workdir)
+    check_workdir(workdir, flag)
     if spec:
         return config_utils.load_config(spec)
     path = os.path.join(workdir, CONFIG_FILE)
@@ -80,7 +80,7 @@ def prepare(config: Any):
     return tok
 
 
-def latest_step(config: Any, workdir: str) -> int:
+def latest_step(config: Any, workdir: str, flag: str = "--workdir") -> int:
     """The newest checkpoint step in ``workdir``; errors name the directory when there is none
     or when its params do not fit ``config``'s model (checked without building the model)."""
     from unimm import checkpoint
@@ -88,7 +88,7 @@ def latest_step(config: Any, workdir: str) -> int:
 
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoints in --workdir={workdir}: expected {directory} "
+        raise FileNotFoundError(f"no checkpoints in {flag}={workdir}: expected {directory} "
                                 "written by python -m unimm.main")
     manager = checkpoint.make_manager(workdir, keep=1)
     step = manager.latest_step()
