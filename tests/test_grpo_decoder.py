@@ -67,6 +67,26 @@ def test_first_epoch_ratio_is_one_and_kl_zero(setup):
     assert float(m["kl"]) < 1e-6 and float(m["clip_fraction"]) == 0.0
 
 
+def test_supervised_anchor_adds_the_t2i_loss(setup):
+    """grpo.sft_weight: the step's loss is the GRPO loss plus weight x train_step's T2I loss on
+    the batch riding in the rollout; its gradient reaches the LLM, which GRPO alone leaves."""
+    config, cfg, params, rollout = setup
+    tok = loop.make_tokenizer(config)
+    config = config.copy_and_resolve_references()
+    config.grpo.sft_weight, config.grpo.sft_batch_size = 0.5, 4
+    from unimm.train import grpo_loop, step
+    batch = grpo_loop.anchor_batch(config, tok, None, 3)
+    assert batch["t2i_latents"].shape == (4, 9, cfg.mar.token_dim) and batch["t2i_tokens"].shape[0] == 4
+    scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
+    loss = lambda p, r: grpo_decoder.decoder_grpo_loss(p, r, jax.random.key(0), config=config)
+    (plain, _), (anchored, m) = loss(params, scored), loss(params, {**scored, **batch})
+    sft, _ = step.t2i_loss(params, cfg, batch, batch["t2i_latents"], jax.random.fold_in(jax.random.key(0), 1))
+    np.testing.assert_allclose(float(anchored), float(plain) + 0.5 * float(sft), rtol=1e-5)
+    assert float(m["sft_t2i_loss"]) > 0
+    llm_grad = jax.grad(lambda p: loss(p, {**scored, **batch})[0])(params)["llm"]
+    assert float(optax.tree.norm(llm_grad)) > 0
+
+
 def test_decoder_step_moves_the_policy_towards_high_reward(setup):
     config, cfg, params, rollout = setup
     scored = _scored(rollout, [1.0, -1.0, 1.0, -1.0])
@@ -148,13 +168,16 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
     assert int(grpo_loop.train_grpo(config, str(tmp_path), evaluate=False).step) == 3
     config.train.steps, config.grpo.prompts = 1, "geneval"   # GenEval prompts only: no training image at all
     assert grpo_loop.geneval_share(config.grpo) == 4
+    config.grpo.sft_weight, config.grpo.sft_batch_size = 1.0, 8   # with the supervised anchor
     assert int(grpo_loop.train_grpo(config, str(tmp_path / "geneval"), evaluate=False).step) == 1
     for fields, match in [
             (dict(policy="painter"), r"grpo.policy='painter': expected one of \('captioner', 'decoder'\)"),
             (dict(prompts="poems"), r"grpo.prompts='poems': expected one of \('captions', 'geneval', 'both'\)"),
             (dict(reward="geneval"), "always scored by the GenEval check"),
             (dict(policy="captioner", trainable=("llm",)), "needs grpo.policy='decoder'"),
-            (dict(prompts="captions", decoder_from=str(tmp_path)), "the decoder policy trains its own")]:
+            (dict(prompts="captions", decoder_from=str(tmp_path)), "the decoder policy trains its own"),
+            (dict(policy="captioner", prompts="captions", trainable=("llm",)), "sft_weight .* needs grpo.policy='decoder'"),
+            (dict(sft_batch_size=0), r"grpo.sft_weight=1.0 needs grpo.sft_batch_size > 0")]:
         bad = config_utils.load_config("configs/grpo.py:tiny")
         bad.grpo.update(dict(config.grpo, **fields))
         with pytest.raises(ValueError, match=match):

@@ -212,7 +212,7 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
     raise ValueError(f"unknown data.source {d.source!r}; expected 'shapes', 'jsonl' or 'tfds'")
 
 
-def _encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
+def example_encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
     """(stream position, item index) -> model-ready example with task-prefixed keys."""
     def encode(pos_and_index):
         pos, index = pos_and_index
@@ -258,7 +258,7 @@ def task_dataset(config, tok, task: str, *, process_index: int, process_count: i
               .map_with_index(lambda pos, i: (pos, i)))
     local = global_size // process_count
     ds = process_slice(stream, global_size, local * process_index, local)
-    ds = ds.map(_encoder(d, tok, task, item_fn))
+    ds = ds.map(example_encoder(d, tok, task, item_fn))
     ds = ds.batch(local, drop_remainder=True)
     if d.worker_count:
         # Worker processes (grain mp_prefetch) read absl flags: run under absl.app.run.

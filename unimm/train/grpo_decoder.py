@@ -24,7 +24,7 @@ import optax
 from unimm.models import gaussian_diffusion, harmon, harmon_sample, mar, qwen2
 from unimm.train import grpo_math
 from unimm.train.state import TrainState
-from unimm.train.step import apply_gradients
+from unimm.train.step import apply_gradients, t2i_loss
 
 
 def _to_rows(x: jax.Array, b: int, w: int) -> jax.Array:
@@ -164,7 +164,20 @@ def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: An
     n = jnp.maximum(counts.sum(), 1)
     metrics = {"grpo_loss": loss, "kl": jnp.sum(kl * counts) / n, "clip_fraction": jnp.sum(clipped & counts) / n,
                "ratio_max": jnp.max(jnp.where(counts, jnp.exp(logp - rollout["old_log_probs"]), 0.0))}
+    if SFT_KEYS[0] in rollout:   # InstructGPT's PPO-ptx: the supervised T2I loss holds what GRPO does not reward
+        sft, sft_metrics = supervised_anchor_loss(params, config.model, rollout, jax.random.fold_in(rng, 1))
+        loss = loss + g.sft_weight * sft
+        metrics = {**metrics, **{f"sft_{k}": v for k, v in sft_metrics.items() if k != "mask_ratio"}}
     return loss, metrics
+
+
+# A supervised batch rides in the rollout under these keys (the image as frozen tokenizer tokens).
+SFT_KEYS = ("t2i_latents", "t2i_tokens", "t2i_mask")
+
+
+def supervised_anchor_loss(params: dict, model_cfg: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """The supervised text-to-image loss (diffusion + readout aid) of ``train_step`` on ``batch``."""
+    return t2i_loss(params, model_cfg, batch, jax.lax.stop_gradient(batch["t2i_latents"]), rng)
 
 
 def decoder_grpo_step(state: TrainState, rollout: dict, rng: jax.Array, *, config: Any):

@@ -22,7 +22,7 @@ from clu import metric_writers, periodic_actions
 
 from unimm import checkpoint, sharding
 from unimm.data import images as images_lib
-from unimm.data import shapes, text
+from unimm.data import pipeline, shapes, text
 from unimm.eval import shapes_bench
 from unimm.eval.evaluate import make_eval_fn
 from unimm.models import harmon, layers
@@ -72,6 +72,10 @@ def validate_grpo(g: Any) -> None:
     if g.get("decoder_from") and g.policy != "captioner":
         raise ValueError("grpo.decoder_from sets the captioner policy's frozen decoder; the decoder policy "
                          "trains its own (leave grpo.decoder_from empty)")
+    if g.get("sft_weight", 0.0) and g.policy != "decoder":
+        raise ValueError("grpo.sft_weight adds the supervised text-to-image loss: it needs grpo.policy='decoder'")
+    if g.get("sft_weight", 0.0) and g.get("sft_batch_size", 0) <= 0:
+        raise ValueError(f"grpo.sft_weight={g.sft_weight} needs grpo.sft_batch_size > 0 (got {g.sft_batch_size})")
     if g.reward == "geneval":
         raise ValueError("grpo.reward='geneval': grpo.reward scores images against their source image; "
                          "GenEval prompts (grpo.prompts='geneval' or 'both') are always scored by the GenEval check")
@@ -89,6 +93,20 @@ def decoder_rollout(config: Any, tok: Any, state: Any, ref: Any, captions: list[
     grid = vae_lib.grid(cfg.vae, d.image_size)
     images = vae_lib.to_uint8(vae_lib.tokens_to_images(state.tokenizer_params, cfg.vae, rollout["image_tokens"], grid))
     return rollout, np.asarray(images)
+
+
+def anchor_batch(config: Any, tok: Any, tokenizer_params: Any, n: int) -> dict:
+    """The ``n``-th supervised batch of the decoder policy's PPO-ptx anchor (``grpo.sft_weight``):
+    long captions of training scenes, CFG dropout as in supervised training; the images as the
+    frozen tokenizer's tokens under :data:`grpo_decoder.SFT_KEYS`."""
+    d, size = config.data, config.grpo.sft_batch_size
+    encode = pipeline.example_encoder(d, tok, "t2i", lambda i: pipeline.shapes_t2i_item(
+        d.seed, i, d.image_size, ("long_caption",)))
+    rows = [encode((n * size + j, n * size + j)) for j in range(size)]
+    images = jnp.asarray(np.stack([r["t2i_images"] for r in rows]))
+    return {"t2i_latents": vae_lib.images_to_tokens(tokenizer_params, config.model.vae, images),
+            "t2i_tokens": jnp.asarray(np.stack([r["t2i_tokens"] for r in rows])),
+            "t2i_mask": jnp.asarray(np.stack([r["t2i_mask"] for r in rows]))}
 
 
 def starting_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = None,
@@ -127,6 +145,8 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     if rows % dp:
         raise ValueError(f"grpo.inputs_per_step x grpo.group_size = {rows} is not divisible by the "
                          f"data-parallel size {dp}")
+    if g.get("sft_weight", 0.0) and g.sft_batch_size % dp:
+        raise ValueError(f"grpo.sft_batch_size = {g.sft_batch_size} is not divisible by the data-parallel size {dp}")
     tok = loop.make_tokenizer(config)
     loop.set_derived_fields(config, tok)
     cfg = layers.freeze(config.model)
@@ -195,6 +215,8 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
                     if items else []]).astype(np.float32)
                 parts = {"reward_captions": reward[:rows], "reward_geneval": reward[rows:]}
                 logged_parts = {k: float(v.mean()) for k, v in parts.items() if v.size}
+                if g.get("sft_weight", 0.0):
+                    rollout = {**rollout, **anchor_batch(config, tok, state.tokenizer_params, n)}
             reward = jnp.asarray(reward.reshape(g.inputs_per_step, g.group_size))
             scored = grpo.shard_rollout(grpo.with_advantages(rollout, reward, g), mesh)
             if step_fn is None:
