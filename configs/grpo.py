@@ -44,6 +44,8 @@ def grpo_config(variant: str) -> ml_collections.ConfigDict:
     g.train_variance = True               # decoder policy: False = only the steps' means move (the
                                           # head's learned variances get no policy gradient)
     g.step_fraction = 1.0                 # decoder policy: fraction of (iteration, step) pairs trained
+    g.step_selection = "random"           # decoder policy: which ones: "random" (a new draw each step) or
+                                          # "noisiest" (the first steps of each iteration; Flow-GRPO)
     g.sft_weight = 0.0                    # decoder policy: weight of the supervised T2I loss on a batch of
                                           # training long captions added to each step (PPO-ptx); 0 = off
     g.sft_batch_size = 16                 # decoder policy: examples in that supervised batch

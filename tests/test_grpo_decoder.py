@@ -67,6 +67,21 @@ def test_first_epoch_ratio_is_one_and_kl_zero(setup):
     assert float(m["kl"]) < 1e-6 and float(m["clip_fraction"]) == 0.0
 
 
+def test_noisiest_step_selection_trains_only_the_first_steps(setup):
+    """grpo.step_selection='noisiest': the loss sees the first ceil(fraction x S) diffusion steps
+    of every iteration (first = noisiest) and nothing of the later ones."""
+    config, cfg, params, rollout = setup
+    config = config.copy_and_resolve_references()
+    config.grpo.step_selection, config.grpo.step_fraction = "noisiest", 0.5
+    scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
+    assert grpo_decoder.noisiest_steps(scored, 0.5)["x"].shape[2] == 3 == int(np.ceil(0.5 * int(STEPS)))
+    loss = lambda r: float(grpo_decoder.decoder_grpo_loss(params, r, jax.random.key(0), config=config)[0])
+    base = loss(scored)
+    shifted = lambda lo, hi: {**scored, "x_next": scored["x_next"].at[:, :, lo:hi].add(0.3)}
+    assert loss(shifted(3, None)) == base          # the late steps do not count
+    assert abs(loss(shifted(0, 1)) - base) > 1e-3  # the noisiest step does
+
+
 def test_supervised_anchor_adds_the_t2i_loss(setup):
     """grpo.sft_weight: the step's loss is the GRPO loss plus weight x train_step's T2I loss on
     the batch riding in the rollout; its gradient reaches the LLM, which GRPO alone leaves."""
@@ -177,7 +192,9 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
             (dict(policy="captioner", trainable=("llm",)), "needs grpo.policy='decoder'"),
             (dict(prompts="captions", decoder_from=str(tmp_path)), "the decoder policy trains its own"),
             (dict(policy="captioner", prompts="captions", trainable=("llm",)), "sft_weight .* needs grpo.policy='decoder'"),
-            (dict(sft_batch_size=0), r"grpo.sft_weight=1.0 needs grpo.sft_batch_size > 0")]:
+            (dict(sft_batch_size=0), r"grpo.sft_weight=1.0 needs grpo.sft_batch_size > 0"),
+            (dict(step_selection="latest"), r"grpo.step_selection='latest': expected one of \('random', 'noisiest'\)"),
+            (dict(step_fraction=0.0), r"grpo.step_fraction=0.0: expected a fraction in \(0, 1\]")]:
         bad = config_utils.load_config("configs/grpo.py:tiny")
         bad.grpo.update(dict(config.grpo, **fields))
         with pytest.raises(ValueError, match=match):

@@ -139,9 +139,27 @@ def rollout_steps(config: Any) -> str | None:
     return config.grpo.get("rollout_steps") or config.sample.num_sampling_steps or None
 
 
+# Rollout arrays with a diffusion-step axis (axis 2, first = noisiest).
+STEP_KEYS = ("t", "x", "x_next", "old_log_probs", "ref_mean", "ref_log_var")
+STEP_SELECTIONS = ("random", "noisiest")
+
+
+def noisiest_steps(rollout: dict, fraction: float) -> dict:
+    """The rollout cut to its first ``ceil(fraction * S)`` (noisiest) diffusion steps of every
+    iteration: Flow-GRPO's ``timestep_fraction``. Those steps decide what is drawn where; the
+    late, near-noiseless ones have tiny variances whose steep log-probs mostly add noise."""
+    n = rollout["t"].shape[2]
+    k = max(1, min(n, int(np.ceil(fraction * n))))
+    return {**rollout, **{key: rollout[key][:, :, :k] for key in STEP_KEYS}}
+
+
 def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: Any) -> tuple[jax.Array, dict]:
     g, s = config.grpo, config.sample
     guided = float(s.cfg) != 1.0
+    fraction = g.get("step_fraction", 1.0)
+    noisiest = g.get("step_selection", "random") == "noisiest"
+    if noisiest:
+        rollout = noisiest_steps(rollout, fraction)
     mean, log_var = step_means(params, config.model, rollout, guided=guided, cfg_scale=s.cfg,
                                num_steps=rollout_steps(config))
     if not g.get("train_variance", True):   # only the step means move (DDPO / Flow-GRPO: fixed variances)
@@ -150,8 +168,9 @@ def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: An
     tau2 = 2.0 * jnp.log(jnp.maximum(jnp.asarray(s.temperature, jnp.float32), 1e-30))
     kl = grpo_math.gaussian_kl(mean, log_var + tau2, rollout["ref_mean"], rollout["ref_log_var"] + tau2)
     adv = rollout["advantages"][:, None, None, None]
-    # Which (iteration, diffusion step) pairs train: a random fraction, the same for the batch.
-    keep = jax.random.uniform(rng, rollout["t"].shape[1:]) < g.get("step_fraction", 1.0)
+    # Which (iteration, diffusion step) pairs train: the noisiest ones (already cut) or a random
+    # fraction, the same for the batch.
+    keep = jnp.ones(rollout["t"].shape[1:], bool) if noisiest else jax.random.uniform(rng, rollout["t"].shape[1:]) < fraction
     counts = (rollout["pos_valid"][:, :, None, :] & (rollout["t"] > 0)[..., None] & keep[None, ..., None]
               & rollout["group_valid"][:, None, None, None])
     # Elements that do not count (the noiseless last step, padded window slots) get the old

@@ -76,6 +76,10 @@ def validate_grpo(g: Any) -> None:
         raise ValueError("grpo.sft_weight adds the supervised text-to-image loss: it needs grpo.policy='decoder'")
     if g.get("sft_weight", 0.0) and g.get("sft_batch_size", 0) <= 0:
         raise ValueError(f"grpo.sft_weight={g.sft_weight} needs grpo.sft_batch_size > 0 (got {g.sft_batch_size})")
+    if g.get("step_selection", "random") not in grpo_decoder.STEP_SELECTIONS:
+        raise ValueError(f"grpo.step_selection={g.step_selection!r}: expected one of {grpo_decoder.STEP_SELECTIONS}")
+    if not 0.0 < g.get("step_fraction", 1.0) <= 1.0:
+        raise ValueError(f"grpo.step_fraction={g.step_fraction}: expected a fraction in (0, 1]")
     if g.reward == "geneval":
         raise ValueError("grpo.reward='geneval': grpo.reward scores images against their source image; "
                          "GenEval prompts (grpo.prompts='geneval' or 'both') are always scored by the GenEval check")
