@@ -191,7 +191,9 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
             (dict(reward="geneval"), "always scored by the GenEval check"),
             (dict(policy="captioner", trainable=("llm",)), "needs grpo.policy='decoder'"),
             (dict(prompts="captions", decoder_from=str(tmp_path)), "the decoder policy trains its own"),
-            (dict(policy="captioner", prompts="captions", trainable=("llm",)), "sft_weight .* needs grpo.policy='decoder'"),
+            (dict(policy="captioner", prompts="captions", trainable=("llm",)),
+             "sft_weight .* needs grpo.policy='decoder'"),
+            (dict(sft_weight=-1.0), r"grpo.sft_weight=-1.0: expected >= 0"),
             (dict(sft_batch_size=0), r"grpo.sft_weight=1.0 needs grpo.sft_batch_size > 0"),
             (dict(step_selection="latest"), r"grpo.step_selection='latest': expected one of \('random', 'noisiest'\)"),
             (dict(step_fraction=0.0), r"grpo.step_fraction=0.0: expected a fraction in \(0, 1\]")]:

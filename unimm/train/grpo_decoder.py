@@ -142,6 +142,8 @@ def rollout_steps(config: Any) -> str | None:
 # Rollout arrays with a diffusion-step axis (axis 2, first = noisiest).
 STEP_KEYS = ("t", "x", "x_next", "old_log_probs", "ref_mean", "ref_log_var")
 STEP_SELECTIONS = ("random", "noisiest")
+# The anchor's supervised batch rides in the rollout under these keys (images as tokenizer tokens).
+SFT_KEYS = ("t2i_latents", "t2i_tokens", "t2i_mask")
 
 
 def noisiest_steps(rollout: dict, fraction: float) -> dict:
@@ -170,7 +172,8 @@ def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: An
     adv = rollout["advantages"][:, None, None, None]
     # Which (iteration, diffusion step) pairs train: the noisiest ones (already cut) or a random
     # fraction, the same for the batch.
-    keep = jnp.ones(rollout["t"].shape[1:], bool) if noisiest else jax.random.uniform(rng, rollout["t"].shape[1:]) < fraction
+    pairs = rollout["t"].shape[1:]
+    keep = jnp.ones(pairs, bool) if noisiest else jax.random.uniform(rng, pairs) < fraction
     counts = (rollout["pos_valid"][:, :, None, :] & (rollout["t"] > 0)[..., None] & keep[None, ..., None]
               & rollout["group_valid"][:, None, None, None])
     # Elements that do not count (the noiseless last step, padded window slots) get the old
@@ -190,17 +193,14 @@ def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: An
     return loss, metrics
 
 
-# A supervised batch rides in the rollout under these keys (the image as frozen tokenizer tokens).
-SFT_KEYS = ("t2i_latents", "t2i_tokens", "t2i_mask")
-
-
 def supervised_anchor_loss(params: dict, model_cfg: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     """The supervised text-to-image loss (diffusion + readout aid) of ``train_step`` on ``batch``."""
     return t2i_loss(params, model_cfg, batch, jax.lax.stop_gradient(batch["t2i_latents"]), rng)
 
 
 def decoder_grpo_step(state: TrainState, rollout: dict, rng: jax.Array, *, config: Any):
-    """One GRPO step of the decoder policy on a scored rollout; pure (``rng``: the step subset)."""
+    """One GRPO step of the decoder policy on a scored rollout; pure (``rng``: the random step
+    subset and the anchor's masks and noise)."""
     rng = jax.random.fold_in(rng, state.step)
     grad_fn = jax.value_and_grad(functools.partial(decoder_grpo_loss, config=config), has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, rollout, rng)
