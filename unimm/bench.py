@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m unimm.bench [components] [train] [sample] [grpo] [--variants tiny,small]``.
+"""Benchmarks: ``python -m unimm.bench [components] [train] [sample] [grpo] [grpo-decoder] [--variants tiny,small]``.
 
 Every figure is measured side by side in one process: the fp32 matmul peak of this
 machine (best of square matmuls) and each component's forward+backward, whose FLOPs come
@@ -298,10 +298,61 @@ def run_grpo(variants: list[str], reps: int) -> list[dict]:
     return rows
 
 
+def run_grpo_decoder(variants: list[str], reps: int) -> list[dict]:
+    """Unified-GRPO with the decoder as the policy (GenEval prompts, MAR + head trained, fixed
+    variances) at each variant's ``configs/grpo.py`` settings: the trajectory-recording image
+    rollout (images/s, incl. the reference's step means) and ``decoder_grpo_step`` training
+    every diffusion step against the noisiest half (``grpo.step_selection``), side by side."""
+    from unimm import config_utils, sharding
+    from unimm.data import shapes
+    from unimm.train import grpo, grpo_decoder, grpo_loop, loop
+    from unimm.train.state import create_train_state, state_shardings
+
+    rows = []
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    for variant in variants:
+        config = config_utils.load_config(f"configs/grpo.py:{variant}")
+        config.grpo.update(dict(policy="decoder", prompts="geneval", trainable=("mar", "head"),
+                                train_variance=False))
+        tok = loop.make_tokenizer(config)
+        loop.set_derived_fields(config, tok)
+        g = config.grpo
+        state = create_train_state(config, mesh, jax.random.key(0))
+        ref = jax.tree.map(jnp.copy, state.params)
+        prompts = [shapes.geneval_prompt(0, i)[1] for i in range(g.inputs_per_step)]
+        texts = list(np.repeat(prompts, g.group_size))
+        # Random rewards: every group informative, as in a run that is learning.
+        reward = jnp.asarray(np.random.default_rng(0).random((g.inputs_per_step, g.group_size)), jnp.float32)
+        with jax.set_mesh(mesh):
+            roll = lambda: grpo_loop.decoder_rollout(config, tok, state, ref, texts, jax.random.key(1))[0]
+            t_roll = _time(roll, max(reps // 2, 1))
+            scored = grpo.with_advantages(roll(), reward, g)
+            holder, t_steps = [state], {}
+            for selection, fraction in (("random", 1.0), ("noisiest", 0.5)):
+                g.step_selection, g.step_fraction = selection, fraction
+                step = grpo.jit_grpo_step(config, mesh, state_shardings(state), scored,
+                                          step_fn=grpo_decoder.decoder_grpo_step)
+
+                def run():
+                    holder[0], metrics = step(holder[0], scored, jax.random.key(3))
+                    return metrics
+                t_steps[selection] = _time(run, reps)
+        n_rows = g.inputs_per_step * g.group_size
+        row = dict(variant=variant, component="grpo-decoder", rollout_ms=1e3 * t_roll,
+                   rollout_images_per_s=n_rows / t_roll, step_all_ms=1e3 * t_steps["random"],
+                   step_noisiest_half_ms=1e3 * t_steps["noisiest"])
+        rows.append(row)
+        print(f"{variant:>6} grpo-decoder: rollout of {n_rows} images ({g.rollout_steps} steps) "
+              f"{row['rollout_ms']:8.1f} ms = {row['rollout_images_per_s']:6.1f} images/s; decoder_grpo_step "
+              f"all steps {row['step_all_ms']:7.1f} ms, noisiest half {row['step_noisiest_half_ms']:7.1f} ms "
+              f"({t_steps['random'] / t_steps['noisiest']:.2f}x)", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unimm.bench", description=__doc__)
-    parser.add_argument("what", nargs="*", default=["components", "train", "sample", "grpo"],
-                        choices=("components", "train", "sample", "grpo"))
+    parser.add_argument("what", nargs="*", default=["components", "train", "sample", "grpo", "grpo-decoder"],
+                        choices=("components", "train", "sample", "grpo", "grpo-decoder"))
     parser.add_argument("--variants", default="tiny,small")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
@@ -320,6 +371,8 @@ def main(argv=None) -> int:
         rows += run_sample(variants, max(args.reps // 2, 1))
     if "grpo" in args.what:
         rows += run_grpo(variants, args.reps)
+    if "grpo-decoder" in args.what:
+        rows += run_grpo_decoder(variants, args.reps)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)
