@@ -24,7 +24,7 @@ import optax
 from unimm.models import gaussian_diffusion, harmon, harmon_sample, mar, qwen2
 from unimm.train import grpo_math
 from unimm.train.state import TrainState
-from unimm.train.step import apply_gradients, t2i_loss
+from unimm.train.step import apply_gradients, batch_image_tokens, t2i_loss
 
 
 def _to_rows(x: jax.Array, b: int, w: int) -> jax.Array:
@@ -195,7 +195,7 @@ def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: An
 
 def supervised_anchor_loss(params: dict, model_cfg: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     """The supervised text-to-image loss (diffusion + readout aid) of ``train_step`` on ``batch``."""
-    return t2i_loss(params, model_cfg, batch, jax.lax.stop_gradient(batch["t2i_latents"]), rng)
+    return t2i_loss(params, model_cfg, batch, batch_image_tokens(None, model_cfg, batch, "t2i"), rng)
 
 
 def decoder_grpo_step(state: TrainState, rollout: dict, rng: jax.Array, *, config: Any):

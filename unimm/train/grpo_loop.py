@@ -72,11 +72,12 @@ def validate_grpo(g: Any) -> None:
     if g.get("decoder_from") and g.policy != "captioner":
         raise ValueError("grpo.decoder_from sets the captioner policy's frozen decoder; the decoder policy "
                          "trains its own (leave grpo.decoder_from empty)")
-    if g.get("sft_weight", 0.0) and g.policy != "decoder":
+    sft_weight = g.get("sft_weight", 0.0)
+    if sft_weight and g.policy != "decoder":
         raise ValueError("grpo.sft_weight adds the supervised text-to-image loss: it needs grpo.policy='decoder'")
-    if g.get("sft_weight", 0.0) < 0:
+    if sft_weight < 0:
         raise ValueError(f"grpo.sft_weight={g.sft_weight}: expected >= 0 (0 = no supervised anchor)")
-    if g.get("sft_weight", 0.0) and g.get("sft_batch_size", 0) <= 0:
+    if sft_weight and g.get("sft_batch_size", 0) <= 0:
         raise ValueError(f"grpo.sft_weight={g.sft_weight} needs grpo.sft_batch_size > 0 (got {g.sft_batch_size})")
     if g.get("step_selection", "random") not in grpo_decoder.STEP_SELECTIONS:
         raise ValueError(f"grpo.step_selection={g.step_selection!r}: expected one of {grpo_decoder.STEP_SELECTIONS}")
