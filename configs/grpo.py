@@ -22,6 +22,8 @@ def grpo_config(variant: str) -> ml_collections.ConfigDict:
                                           # ("mar", "head"), or add "llm")
     g.decoder_from = ""                   # captioner policy: the frozen decoder's supervised workdir
                                           # (UAE's separate decoder); "" = init_from's model
+    g.encoder_from = ""                   # decoder policy: the frozen captioner's supervised workdir
+                                          # (UAE's separate encoder); "" = init_from's model
     g.trainable = ("llm",)                # param groups the policy update may change
     g.prompts = "captions"                # decoder policy: "captions" (the frozen encoder's caption of
                                           # each training image, scored by `reward`), "geneval" (GenEval

@@ -29,6 +29,21 @@ def test_shapes_match_on_renders():
         rewards.get_reward("clip")
 
 
+def test_rewards_joined_by_plus_average():
+    config = config_utils.load_config("configs/harmon.py:tiny")
+    s = config.data.image_size
+    context = {"tokenize": rewards.tokenizer_latents(config.model, {}, s)}
+    src = np.stack([shapes.render((A, B), s), shapes.render((A,), s)])
+    gen = np.stack([shapes.render((A, C), s), shapes.render((A,), s)])
+    match = rewards.get_reward("shapes_match")(src, gen)
+    latent = rewards.get_reward("latent_similarity")(src, gen, **context)
+    both = rewards.get_reward("shapes_match + latent_similarity")(src, gen, **context)
+    np.testing.assert_allclose(both, (match + latent) / 2, rtol=1e-6)
+    assert both.dtype == np.float32 and 0.5 < both[0] < 1.0 and both[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="'shapes_match\\+clip'.*joined by"):
+        rewards.get_reward("shapes_match+clip")
+
+
 def test_geneval_reward_checks_the_prompt_spec():
     spec = {"category": "colors", "objects": [{"shape": "circle", "color": "red"}], "count": None, "relation": None}
     gen = np.stack([shapes.render((A,), 32), shapes.render((B,), 32), shapes.render((A, B), 32)])

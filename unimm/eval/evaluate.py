@@ -44,9 +44,10 @@ def summary_line(metrics: dict) -> str:
 
 
 def make_eval_fn(config: Any, workdir: str, tok: Any = None, num_examples: int | None = None,
-                 decoder_params: Any = None):
+                 decoder_params: Any = None, encoder_params: Any = None):
     """``eval_fn(state, step, writer)`` on the EMA params; ``decoder_params`` (GRPO's frozen
-    decoder) generate the images instead when given."""
+    decoder) generate the images instead when given, ``encoder_params`` (the decoder policy's
+    frozen captioner) caption and answer instead when given."""
     if config.data.source != "shapes":
         logging.info("data.source=%s: the shapes benchmark is skipped", config.data.source)
         return None
@@ -60,8 +61,9 @@ def make_eval_fn(config: Any, workdir: str, tok: Any = None, num_examples: int |
     n = num_examples or config.eval.num_examples
 
     def eval_fn(state: Any, step: int, writer: Any = None) -> dict:
-        model = shapes_bench.Model(config, tok, state.ema_params, state.tokenizer_params,
-                                   decoder_params=decoder_params)
+        model = shapes_bench.Model(config, tok, state.ema_params if encoder_params is None else encoder_params,
+                                   state.tokenizer_params,
+                                   decoder_params=state.ema_params if decoder_params is None else decoder_params)
         metrics, samples = shapes_bench.evaluate(model, num_examples=n, batch_size=config.eval.batch_size,
                                                  seed=int(step))
         write_results(workdir, step, metrics, samples, writer)

@@ -4,7 +4,7 @@
 converter output); that starting point is also the frozen reference π_ref and the frozen
 decoder that turns captions back into images for the reward (``grpo.decoder_from`` names
 another run's decoder instead: UAE's two models). The decoder policy's inputs are the frozen
-encoder's captions of training images, GenEval prompts of the training split, or half of each
+encoder's captions of training images (the starting point's, or ``grpo.encoder_from``'s run), GenEval prompts of the training split, or half of each
 (``grpo.prompts``). Re-running resumes from the workdir's newest checkpoint (rollout position
 included).
 """
@@ -72,6 +72,12 @@ def validate_grpo(g: Any) -> None:
     if g.get("decoder_from") and g.policy != "captioner":
         raise ValueError("grpo.decoder_from sets the captioner policy's frozen decoder; the decoder policy "
                          "trains its own (leave grpo.decoder_from empty)")
+    if g.get("encoder_from") and g.policy != "decoder":
+        raise ValueError("grpo.encoder_from sets the decoder policy's frozen captioner; the captioner policy "
+                         "is its own (leave grpo.encoder_from empty)")
+    if g.get("encoder_from") and prompts == "geneval":
+        raise ValueError("grpo.encoder_from captions training images, but grpo.prompts='geneval' uses none: "
+                         "set grpo.prompts to 'captions' or 'both'")
     sft_weight = g.get("sft_weight", 0.0)
     if sft_weight and g.policy != "decoder":
         raise ValueError("grpo.sft_weight adds the supervised text-to-image loss: it needs grpo.policy='decoder'")
@@ -165,7 +171,12 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     decoder_params = (starting_params(config, mesh, g.decoder_from, "grpo.decoder_from")
                       if g.get("decoder_from") else ref)
     decoder = shapes_bench.Model(config, tok, decoder_params, state.tokenizer_params)
-    encoder = decoder   # the frozen starting point captions for the decoder policy
+    # The decoder policy's captions: the frozen starting point's, or another run's captioner
+    # (``grpo.encoder_from``: UAE's two models, the understanding side fixed).
+    encoder_params = (starting_params(config, mesh, g.encoder_from, "grpo.encoder_from")
+                      if g.get("encoder_from") else None)
+    encoder = (shapes_bench.Model(config, tok, encoder_params, state.tokenizer_params)
+               if encoder_params is not None else decoder)
     reward_fn = rewards.get_reward(g.reward)
     judges = shapes_bench.builtin_encoders(decoder, ("mar", "latent"))    # frozen: the reference's
     context = {"features": judges["mar"], "tokenize": judges["latent"]}
@@ -249,9 +260,10 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
             if step % t.checkpoint_every < g.ppo_epochs or step >= t.steps:
                 checkpoint.save(manager, state, positions)
         guard.flush()
-        if evaluate:   # the policy scored; the captioner policy's images come from the frozen decoder
-            make_eval_fn(config, workdir, tok, decoder_params=decoder_params if g.policy == "captioner" else None)(
-                state, step, writer)
+        if evaluate:   # the policy scored; the captioner policy's images come from the frozen decoder,
+            # the decoder policy's captions from grpo.encoder_from's run when set
+            make_eval_fn(config, workdir, tok, decoder_params=decoder_params if g.policy == "captioner" else None,
+                         encoder_params=encoder_params)(state, step, writer)
     manager.wait_until_finished()
     manager.close()
     writer.flush()

@@ -39,9 +39,17 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def get_reward(name: str) -> RewardFn:
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
-    return REWARDS[name]
+    """A registered reward, or the mean of several joined by ``+`` (``"shapes_match+latent_similarity"``:
+    the exact structure plus a graded similarity that still ranks images once structures all match)."""
+    names = [n.strip() for n in name.split("+")]
+    unknown = [n for n in names if n not in REWARDS]
+    if unknown:
+        raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}, or several joined by '+'")
+    fns = [REWARDS[n] for n in names]
+    if len(fns) == 1:
+        return fns[0]
+    return lambda source, generated, **context: np.mean(
+        [fn(source, generated, **context) for fn in fns], axis=0).astype(np.float32)
 
 
 def scene_match(want: shapes.Scene, got: shapes.Scene) -> float:
