@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from unimm import config_utils
+from unimm import config_utils, inference
 from unimm.convert.__main__ import save as convert_save
 from unimm.models import harmon, layers
 from unimm.train import loop
@@ -94,6 +94,7 @@ def test_init_from_converter_output(tmp_path):
     dst, saved = _converted(tmp_path)
     config = tiny_config(steps=STEPS)
     config.init_from = dst
+    inference.save_config(config, str(tmp_path / "work"))
     state = loop.train_and_evaluate(config, str(tmp_path / "work"))
     # Six AdamW steps (lr 3e-4) move each parameter by far less than a different init would.
     final = jax.tree.map(np.asarray, state.params)
@@ -102,6 +103,14 @@ def test_init_from_converter_output(tmp_path):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
     loaded = loop.initial_params(config, mesh)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded), saved)
+    # A training workdir: its newest EMA params (fine-tuning or continuing another run).
+    config.init_from = str(tmp_path / "work")
+    from_run = loop.initial_params(config, mesh)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, from_run),
+                 jax.tree.map(np.asarray, state.ema_params))
+    config.model.llm.hidden_size = 64
+    with pytest.raises(ValueError, match=r"init_from=.*work: its model .* does not match"):
+        loop.initial_params(config, mesh)
 
 
 def test_init_from_errors_name_the_path(tmp_path):

@@ -25,10 +25,10 @@ from unimm.data import images as images_lib
 from unimm.data import pipeline, shapes, text
 from unimm.eval import shapes_bench
 from unimm.eval.evaluate import make_eval_fn
-from unimm.models import harmon, layers
+from unimm.models import layers
 from unimm.models import vae as vae_lib
 from unimm.train import grpo, grpo_decoder, loop, rewards
-from unimm.train.state import create_train_state, frozen_groups, param_shardings, state_shardings
+from unimm.train.state import create_train_state, frozen_groups, state_shardings
 
 
 class RolloutPosition:
@@ -130,20 +130,9 @@ def starting_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = Non
     if not path:
         logging.warning("grpo: config.%s is empty; starting from random params", key)
         return None
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        from unimm import inference   # the supervised run's own config (its optimizer layout)
-        source = inference.load_config(path)
-        shapes_of = lambda m: jax.tree.map(lambda a: a.shape, harmon.abstract_params(layers.freeze(m)))
-        if shapes_of(source.model) != shapes_of(config.model):
-            raise ValueError(f"config.{key}={path}: its model (variant {source.model.get('variant')}) "
-                             f"does not match this config's (variant {config.model.get('variant')})")
-        probe = create_train_state(source, mesh, jax.random.key(0))
-        arrays, step = checkpoint.restore_arrays(checkpoint.make_manager(path, keep=1), probe)
-        logging.info("grpo: %s: %s step %d (EMA params)", key, path, step)
-        return jax.device_put(arrays["ema_params"], param_shardings(config, mesh))
-    if path != config.init_from:
+    if path != config.init_from and not os.path.isdir(os.path.join(path, "checkpoints")):
         raise ValueError(f"config.{key}={path}: expected a supervised workdir (with checkpoints/)")
-    return loop.initial_params(config, mesh)
+    return loop.initial_params(config, mesh, path, key)
 
 
 def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):

@@ -7,6 +7,7 @@ result is bit-identical to an uninterrupted run (data position and step rng are 
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import time
 from typing import Any, Callable
@@ -19,7 +20,7 @@ from clu import metric_writers, periodic_actions
 from unimm import checkpoint, sharding
 from unimm.data import pipeline, text
 from unimm.data.tokenizer import HFTokenizer
-from unimm.models import harmon
+from unimm.models import harmon, layers
 from unimm.models import vae as vae_lib
 from unimm.train.state import TrainState, create_train_state, param_shardings, state_shardings
 from unimm.train.step import jit_train_step
@@ -69,19 +70,39 @@ def set_derived_fields(config: Any, tok: Any) -> None:
         config.data.num_image_tokens = h * w + config.model.mar.buffer_size
 
 
-def initial_params(config: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Params of ``config.init_from`` (a converter output dir), born sharded; None = random."""
-    if not config.init_from:
+def initial_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = None,
+                   key: str = "init_from") -> Any:
+    """Params of ``path`` (default ``config.init_from``), born sharded; None = random. ``path``
+    is a training workdir (its newest EMA params: fine-tuning or continuing another run) or a
+    converter output directory; ``key`` names the setting in errors."""
+    path = config.init_from if path is None else path
+    if not path:
         return None
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return run_params(config, mesh, path, key)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             harmon.abstract_params(config.model), param_shardings(config, mesh))
-    logging.info("initialising params from %s", config.init_from)
-    params = checkpoint.load_params(config.init_from, abstract, optional=harmon.TRAINING_AIDS)
+    logging.info("initialising params from %s", path)
+    params = checkpoint.load_params(path, abstract, optional=harmon.TRAINING_AIDS)
     for group in set(abstract) - set(params):   # converted Harmon weights have no training aids
-        logging.info("init_from has no %r params (a training aid): initialised fresh", group)
+        logging.info("%s has no %r params (a training aid): initialised fresh", key, group)
         params[group] = jax.jit(functools.partial(harmon.init_readout, config.model),
                                 out_shardings=param_shardings(config, mesh)[group])(jax.random.key(config.seed))
     return params
+
+
+def run_params(config: Any, mesh: jax.sharding.Mesh, workdir: str, key: str = "init_from") -> Any:
+    """The newest EMA params of another training run's ``workdir``, for this config's model."""
+    from unimm import inference   # the run's own config: its optimizer layout, to restore its state
+    source = inference.load_config(workdir)
+    shapes_of = lambda m: jax.tree.map(lambda a: a.shape, harmon.abstract_params(layers.freeze(m)))
+    if shapes_of(source.model) != shapes_of(config.model):
+        raise ValueError(f"config.{key}={workdir}: its model (variant {source.model.get('variant')}) "
+                         f"does not match this config's (variant {config.model.get('variant')})")
+    probe = create_train_state(source, mesh, jax.random.key(0))
+    arrays, step = checkpoint.restore_arrays(checkpoint.make_manager(workdir, keep=1), probe)
+    logging.info("%s: %s step %d (EMA params)", key, workdir, step)
+    return jax.device_put(arrays["ema_params"], param_shardings(config, mesh))
 
 
 class Preemption:
