@@ -4,9 +4,9 @@
 converter output); that starting point is also the frozen reference π_ref and the frozen
 decoder that turns captions back into images for the reward (``grpo.decoder_from`` names
 another run's decoder instead: UAE's two models). The decoder policy's inputs are the frozen
-encoder's captions of training images (the starting point's, or ``grpo.encoder_from``'s run), GenEval prompts of the training split, or half of each
-(``grpo.prompts``). Re-running resumes from the workdir's newest checkpoint (rollout position
-included).
+encoder's captions of training images (the starting point's, or ``grpo.encoder_from``'s
+run), GenEval prompts of the training split, or half of each (``grpo.prompts``). Re-running
+resumes from the workdir's newest checkpoint (rollout position included).
 """
 from __future__ import annotations
 

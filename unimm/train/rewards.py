@@ -9,6 +9,7 @@ function images -> ``[B, C]``). Register new ones with :func:`register_reward`.
 * ``feature_cosine``: cosine of the two images' features from a frozen image encoder
   (:func:`mar_features`: the MAR encoder's mean-pooled output, or any JAX encoder).
 * ``latent_similarity``: cosine of the two images' tokenizer latents (``context["tokenize"]``).
+* Several names joined by ``+`` (``grpo.reward='shapes_match+latent_similarity'``): their mean.
 * ``geneval`` (not a ``grpo.reward``: the loop scores GenEval-prompt rollouts with it; they
   have no source image): 1 when the detector's scene satisfies the prompt's spec
   (``specs``), else 0.
