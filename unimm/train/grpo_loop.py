@@ -165,7 +165,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     encoder_params = (starting_params(config, mesh, g.encoder_from, "grpo.encoder_from")
                       if g.get("encoder_from") else None)
     encoder = (shapes_bench.Model(config, tok, encoder_params, state.tokenizer_params)
-               if encoder_params is not None else decoder)
+               if g.get("encoder_from") else decoder)
     reward_fn = rewards.get_reward(g.reward)
     judges = shapes_bench.builtin_encoders(decoder, ("mar", "latent"))    # frozen: the reference's
     context = {"features": judges["mar"], "tokenize": judges["latent"]}
