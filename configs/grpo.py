@@ -51,6 +51,10 @@ def grpo_config(variant: str) -> ml_collections.ConfigDict:
     g.sft_weight = 0.0                    # decoder policy: weight of the supervised T2I loss on a batch of
                                           # training long captions added to each step (PPO-ptx); 0 = off
     g.sft_batch_size = 16                 # decoder policy: examples in that supervised batch
+    g.retain_weight = 0.0                 # decoder policy: weight of the KL to the reference on every
+                                          # diffusion step of the policy's own (unscored) images of
+                                          # training long captions, drawn each step; 0 = off
+    g.retain_batch_size = 16              # decoder policy: images in that retain rollout
     return g
 
 

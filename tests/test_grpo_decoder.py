@@ -102,6 +102,38 @@ def test_supervised_anchor_adds_the_t2i_loss(setup):
     assert float(optax.tree.norm(llm_grad)) > 0
 
 
+def test_retain_rollouts_hold_every_step_to_the_reference(setup):
+    """grpo.retain_weight: the loss adds weight x the mean Gaussian KL to the reference over
+    every diffusion step of the retain rollouts, whatever the groups and the step selection
+    (here the noisiest half, every group dropped); 0 where the policy is the reference."""
+    config, cfg, params, rollout = setup
+    config = config.copy_and_resolve_references()
+    config.grpo.retain_weight, config.grpo.step_selection, config.grpo.step_fraction = 2.0, "noisiest", 0.5
+    retain = grpo_decoder.as_retain(rollout)   # drawn by params, the reference too
+    dropped = {**_scored(rollout, [1.0, -1.0, 0.5, -0.5]), "group_valid": jnp.zeros(4, bool)}
+    loss = lambda p, r: grpo_decoder.decoder_grpo_loss(p, r, jax.random.key(0), config=config)
+    same, m = loss(params, {**dropped, **retain})
+    assert abs(float(m["retain_kl"])) < 1e-5 and abs(float(same)) < 1e-5
+    final = params["head"]["final_layer"]["linear"]
+    moved = {**params, "head": {**params["head"], "final_layer": {**params["head"]["final_layer"], "linear": {
+        **final, "kernel": final["kernel"] + 0.02 * jax.random.normal(jax.random.key(3), final["kernel"].shape)}}}}
+    total, m = loss(moved, {**dropped, **retain})
+    mean, log_var = grpo_decoder.step_means(moved, cfg, rollout, guided=True, cfg_scale=3.0, num_steps=STEPS)
+    mean, log_var, ref_mean, ref_log_var = (np.asarray(x, np.float64) for x in (
+        mean, log_var, rollout["ref_mean"], rollout["ref_log_var"]))
+    kl = 0.5 * (ref_log_var - log_var + (np.exp(log_var) + (mean - ref_mean) ** 2) / np.exp(ref_log_var) - 1).sum(-1)
+    counts = np.asarray(rollout["pos_valid"])[:, :, None, :] & (np.asarray(rollout["t"]) > 0)[..., None]
+    assert counts[:, :, 3:].any()   # the late steps, which the noisiest selection leaves out, count here
+    expected = (kl * counts).sum() / counts.sum()
+    assert expected > 1e-4
+    np.testing.assert_allclose(float(m["retain_kl"]), expected, rtol=1e-4)
+    np.testing.assert_allclose(float(total), 2.0 * expected, rtol=1e-4)   # no group left to GRPO
+    # Its gradient pulls the policy back towards the reference.
+    grad = jax.grad(lambda p: loss(p, {**dropped, **retain})[0])(moved)
+    back = jax.tree.map(lambda p, g: p - 1e-3 / float(optax.tree.norm(grad)) * g, moved, grad)
+    assert float(loss(back, {**dropped, **retain})[1]["retain_kl"]) < float(m["retain_kl"])
+
+
 def test_decoder_step_moves_the_policy_towards_high_reward(setup):
     config, cfg, params, rollout = setup
     scored = _scored(rollout, [1.0, -1.0, 1.0, -1.0])
@@ -184,6 +216,7 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
     config.train.steps, config.grpo.prompts = 1, "geneval"   # GenEval prompts only: no training image at all
     assert grpo_loop.geneval_share(config.grpo) == 4
     config.grpo.sft_weight, config.grpo.sft_batch_size = 1.0, 8   # with the supervised anchor
+    config.grpo.retain_weight, config.grpo.retain_batch_size = 1.0, 8   # and retain rollouts
     assert int(grpo_loop.train_grpo(config, str(tmp_path / "geneval"), evaluate=False).step) == 1
     for fields, match in [
             (dict(policy="painter"), r"grpo.policy='painter': expected one of \('captioner', 'decoder'\)"),
@@ -198,6 +231,10 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
              "sft_weight .* needs grpo.policy='decoder'"),
             (dict(sft_weight=-1.0), r"grpo.sft_weight=-1.0: expected >= 0"),
             (dict(sft_batch_size=0), r"grpo.sft_weight=1.0 needs grpo.sft_batch_size > 0"),
+            (dict(policy="captioner", prompts="captions", trainable=("llm",), sft_weight=0.0),
+             "retain_weight .* needs grpo.policy='decoder'"),
+            (dict(retain_weight=-1.0), r"grpo.retain_weight=-1.0: expected >= 0"),
+            (dict(retain_batch_size=0), r"grpo.retain_weight=1.0 needs grpo.retain_batch_size > 0"),
             (dict(step_selection="latest"), r"grpo.step_selection='latest': expected one of \('random', 'noisiest'\)"),
             (dict(step_fraction=0.0), r"grpo.step_fraction=0.0: expected a fraction in \(0, 1\]")]:
         bad = config_utils.load_config("configs/grpo.py:tiny")

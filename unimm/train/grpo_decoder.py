@@ -144,6 +144,39 @@ STEP_KEYS = ("t", "x", "x_next", "old_log_probs", "ref_mean", "ref_log_var")
 STEP_SELECTIONS = ("random", "noisiest")
 # The anchor's supervised batch rides in the rollout under these keys (images as tokenizer tokens).
 SFT_KEYS = ("t2i_latents", "t2i_tokens", "t2i_mask")
+# The retain rollouts (``grpo.retain_weight``) ride in the rollout under this prefix: what
+# :func:`step_means` and the KL read of an :func:`image_rollout`.
+RETAIN_PREFIX = "retain_"
+RETAIN_KEYS = ("image_tokens", "tokens", "mask", "uncond_tokens", "uncond_mask", "masked", "pos", "pos_valid",
+               "t", "x", "ref_mean", "ref_log_var")
+
+
+def as_retain(rollout: dict) -> dict:
+    """An unscored :func:`image_rollout` packed to ride beside the scored one."""
+    return {RETAIN_PREFIX + k: rollout[k] for k in RETAIN_KEYS}
+
+
+def _sampling_kl(mean: jax.Array, log_var: jax.Array, rollout: dict, temperature) -> jax.Array:
+    """``[b, I, S, W]`` closed-form KL of each step's Gaussian (variance scaled by the sampling
+    temperature, as drawn) to the reference's."""
+    tau2 = 2.0 * jnp.log(jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-30))
+    return grpo_math.gaussian_kl(mean, log_var + tau2, rollout["ref_mean"], rollout["ref_log_var"] + tau2)
+
+
+def retain_kl(params: dict, config: Any, rollout: dict) -> jax.Array:
+    """Mean KL to the reference over every diffusion step (noisiest to last) of the retain
+    rollouts: the policy's own draws of training long captions, unscored. It holds the
+    sampler where the reference is already right (reconstruction), which the GenEval reward
+    never asks for; unlike the supervised anchor it constrains the guided sampler itself."""
+    s = config.sample
+    r = {k[len(RETAIN_PREFIX):]: v for k, v in rollout.items() if k.startswith(RETAIN_PREFIX)}
+    mean, log_var = step_means(params, config.model, r, guided=float(s.cfg) != 1.0, cfg_scale=s.cfg,
+                               num_steps=rollout_steps(config))
+    if not config.grpo.get("train_variance", True):
+        log_var = jax.lax.stop_gradient(log_var)
+    kl = _sampling_kl(mean, log_var, r, s.temperature)
+    counts = r["pos_valid"][:, :, None, :] & (r["t"] > 0)[..., None]
+    return jnp.sum(kl * counts) / jnp.maximum(counts.sum(), 1)
 
 
 def noisiest_steps(rollout: dict, fraction: float) -> dict:
@@ -167,8 +200,7 @@ def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: An
     if not g.get("train_variance", True):   # only the step means move (DDPO / Flow-GRPO: fixed variances)
         log_var = jax.lax.stop_gradient(log_var)
     logp = gaussian_diffusion.step_log_prob(mean, log_var, rollout["x_next"], s.temperature)
-    tau2 = 2.0 * jnp.log(jnp.maximum(jnp.asarray(s.temperature, jnp.float32), 1e-30))
-    kl = grpo_math.gaussian_kl(mean, log_var + tau2, rollout["ref_mean"], rollout["ref_log_var"] + tau2)
+    kl = _sampling_kl(mean, log_var, rollout, s.temperature)
     adv = rollout["advantages"][:, None, None, None]
     # Which (iteration, diffusion step) pairs train: the noisiest ones (already cut) or a random
     # fraction, the same for the batch.
@@ -190,6 +222,9 @@ def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: An
         sft, sft_metrics = supervised_anchor_loss(params, config.model, rollout, jax.random.fold_in(rng, 1))
         loss = loss + g.sft_weight * sft
         metrics = {**metrics, **{f"sft_{k}": v for k, v in sft_metrics.items() if k != "mask_ratio"}}
+    if RETAIN_PREFIX + "x" in rollout:
+        metrics["retain_kl"] = retain_kl(params, config, rollout)
+        loss = loss + g.retain_weight * metrics["retain_kl"]
     return loss, metrics
 
 

@@ -85,6 +85,14 @@ def validate_grpo(g: Any) -> None:
         raise ValueError(f"grpo.sft_weight={g.sft_weight}: expected >= 0 (0 = no supervised anchor)")
     if sft_weight and g.get("sft_batch_size", 0) <= 0:
         raise ValueError(f"grpo.sft_weight={g.sft_weight} needs grpo.sft_batch_size > 0 (got {g.sft_batch_size})")
+    retain_weight = g.get("retain_weight", 0.0)
+    if retain_weight and g.policy != "decoder":
+        raise ValueError("grpo.retain_weight holds the decoder's sampler to the reference: it needs grpo.policy='decoder'")
+    if retain_weight < 0:
+        raise ValueError(f"grpo.retain_weight={g.retain_weight}: expected >= 0 (0 = no retain rollouts)")
+    if retain_weight and g.get("retain_batch_size", 0) <= 0:
+        raise ValueError(f"grpo.retain_weight={g.retain_weight} needs grpo.retain_batch_size > 0 "
+                         f"(got {g.retain_batch_size})")
     if g.get("step_selection", "random") not in grpo_decoder.STEP_SELECTIONS:
         raise ValueError(f"grpo.step_selection={g.step_selection!r}: expected one of {grpo_decoder.STEP_SELECTIONS}")
     if not 0.0 < g.get("step_fraction", 1.0) <= 1.0:
@@ -122,6 +130,12 @@ def anchor_batch(config: Any, tok: Any, tokenizer_params: Any, n: int) -> dict:
             "t2i_mask": jnp.asarray(np.stack([r["t2i_mask"] for r in rows]))}
 
 
+def retain_scenes(config: Any, n: int) -> list:
+    """The training scenes of the ``n``-th retain rollout (``grpo.retain_weight``)."""
+    size = config.grpo.retain_batch_size
+    return [shapes.sample_scene(config.data.seed, n * size + j) for j in range(size)]
+
+
 def starting_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = None,
                     key: str = "init_from") -> Any:
     """Params of ``path`` (default ``config.init_from``): a supervised workdir (its newest EMA
@@ -147,8 +161,10 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     if rows % dp:
         raise ValueError(f"grpo.inputs_per_step x grpo.group_size = {rows} is not divisible by the "
                          f"data-parallel size {dp}")
-    if g.get("sft_weight", 0.0) and g.sft_batch_size % dp:
-        raise ValueError(f"grpo.sft_batch_size = {g.sft_batch_size} is not divisible by the data-parallel size {dp}")
+    for key in ("sft", "retain"):
+        if g.get(f"{key}_weight", 0.0) and g[f"{key}_batch_size"] % dp:
+            raise ValueError(f"grpo.{key}_batch_size = {g[f'{key}_batch_size']} is not divisible by the "
+                             f"data-parallel size {dp}")
     tok = loop.make_tokenizer(config)
     loop.set_derived_fields(config, tok)
     cfg = layers.freeze(config.model)
@@ -183,6 +199,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     step_fn, history, last = None, [], (time.perf_counter(), step)
     guard = loop.NonFiniteGuard(t.get("max_nonfinite_steps", 10))
     k_roll, k_gen = jax.random.split(jax.random.fold_in(rng, 1))
+    k_retain = jax.random.fold_in(rng, 2)
 
     def captioner_rollout(state: Any, source: np.ndarray, n: int):
         """G captions per training image by the policy; their images by the frozen decoder."""
@@ -224,6 +241,13 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
                 logged_parts = {k: float(v.mean()) for k, v in parts.items() if v.size}
                 if g.get("sft_weight", 0.0):
                     rollout = {**rollout, **anchor_batch(config, tok, state.tokenizer_params, n)}
+                if g.get("retain_weight", 0.0):   # the policy's own images of training long captions
+                    scenes = retain_scenes(config, n)
+                    kept, drawn = decoder_rollout(config, tok, state, ref, [shapes.long_caption(x) for x in scenes],
+                                                  jax.random.fold_in(k_retain, n))
+                    rollout = {**rollout, **grpo_decoder.as_retain(kept)}
+                    logged_parts["reward_retain"] = float(reward_fn(
+                        np.stack([shapes.render(x, d.image_size) for x in scenes]), drawn, **context).mean())
             reward = jnp.asarray(reward.reshape(g.inputs_per_step, g.group_size))
             scored = grpo.shard_rollout(grpo.with_advantages(rollout, reward, g), mesh)
             if step_fn is None:
