@@ -3,11 +3,15 @@
 Usage: ``--config=configs/harmon.py:tiny`` (CPU tests and the built-in demo),
 ``:small`` (the benchmark's main case), ``:0.5b`` and ``:1.5b`` (exactly the official
 architectures: Qwen2.5-0.5B-Instruct + MAR-B + head 6x1024, Qwen2.5-1.5B-Instruct +
-MAR-H + head 12x1536, KL-16 VAE, 256 px, 16x16 tokens, 64 buffer tokens).
+MAR-H + head 12x1536, KL-16 VAE, 64 buffer tokens; MAR position embeddings for 256 px,
+16x16 tokens). The official presets default to the official fine-tune and scripts: 512 px
+(32x32 tokens, interpolated positions), Harmon's data handling, optimizer and decoding;
+docs/official_recipes.md lists each setting beside the official script or config.
 """
 import ml_collections
 
 VARIANTS = ("tiny", "small", "0.5b", "1.5b")
+OFFICIAL = ("0.5b", "1.5b")               # the released Harmon checkpoints' architectures
 
 
 def llm_config(variant: str) -> ml_collections.ConfigDict:
@@ -173,22 +177,44 @@ def data_config(variant: str, model) -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
     d.source = "shapes"                   # "shapes" (built-in world), "tfds" or "jsonl"
     d.seed = 0                            # shapes world seed / shuffle seed
-    d.image_size = model.image_size       # images are squared (gray pad) and resized to this;
-                                          # above model.image_size = stage 3 (positions interpolated)
+    # Pixels per side of training images; above model.image_size = stage 3 (positions
+    # interpolated). Official presets: 512 (Harmon's fine-tune and scripts, image_length 1024 + 64).
+    d.image_size = 512 if variant in OFFICIAL else model.image_size
     d.i2t_batch_size = 8                  # global understanding examples per step
     d.t2i_batch_size = 8                  # global generation examples per step
-    d.max_i2t_len = 160                   # understanding sequence length (incl. image tokens)
-    d.max_t2i_len = 64                    # generation prompt length
+    d.max_i2t_len = 0                     # understanding sequence length incl. image tokens;
+                                          # 0 = num_image_tokens + i2t_text_len (follows the grid)
+    d.i2t_text_len = 80                   # understanding text budget beside the image tokens
+                                          # (chat template + question + answer; Harmon: 512)
+    d.max_t2i_len = 64                    # generation prompt length in training, chat template
+                                          # included (Harmon: 128); sampling fits the longest prompt
     d.cfg_drop_prob = 0.1                 # prompts replaced by the unconditional prompt
     d.t2i_prompt_kinds = ("long_caption", "short_caption", "geneval")   # shapes prompts, in rotation
-    if variant == "tiny":
+    # How JSONL / TFDS images become squares: "pad" (centred on gray 127, as Harmon's
+    # understanding data), "random_crop" (Harmon's crop2square for text-to-image data) or
+    # "center_crop". The shapes world renders squares.
+    d.i2t_square = "pad"
+    d.t2i_square = "pad"
+    # Question of JSONL / TFDS captions: "fixed" ("Describe the image.") or "harmon" (one of
+    # Harmon's dense-caption prompts at random per example, as its caption datasets do).
+    d.caption_questions = "fixed"
+    if variant in OFFICIAL:
+        # Harmon's fine-tune: batches of 32 in the ratio repeat = [1, 4] (understanding :
+        # generation) accumulated into one step; train.i2t_weight / t2i_weight carry the 1 : 4.
+        d.i2t_batch_size, d.t2i_batch_size = 32, 128
+        d.i2t_text_len, d.max_t2i_len = 512, 128
+        d.t2i_square, d.caption_questions = "random_crop", "harmon"
+    elif variant == "tiny":
         # Layout is learned from long captions; GenEval prompts teach the benchmark's phrasing.
         d.t2i_batch_size, d.t2i_prompt_kinds = 16, ("long_caption", "geneval")
-        # The shapes world's longest examples (4 objects): 64 understanding tokens, 47 prompt
-        # tokens. Padding to 160 / 64 made the LLM do 1.5x the work per step for nothing.
-        d.max_i2t_len, d.max_t2i_len = 80, 48
-    d.num_image_tokens = model.mar.grid ** 2 + model.mar.buffer_size   # <image> placeholders (re-derived
-                                          # from data.image_size at run time)
+        # The shapes world's longest examples (4 objects): 51 understanding text tokens (64
+        # with the 13 image tokens), 47 prompt tokens. Padding to 160 / 64 made the LLM do
+        # 1.5x the work per step for nothing; 67 keeps the sequence at 80.
+        d.i2t_text_len, d.max_t2i_len = 67, 48
+    # Derived (set again from the tokenizer and data.image_size at run time): <image>
+    # placeholders (the token grid + buffers) and the understanding sequence length.
+    d.num_image_tokens = (d.image_size * model.mar.grid // model.image_size) ** 2 + model.mar.buffer_size
+    d.i2t_seq_len = d.max_i2t_len or d.num_image_tokens + d.i2t_text_len
     d.image_token_id = -1                 # set from the tokenizer at run time
     d.tokenizer = ""                      # "" = built-in shapes vocabulary, else tokenizer.json path
     d.eval_offset = 1_000_000_000         # shapes indices >= this are held out for evaluation
@@ -208,9 +234,13 @@ def train_config(variant: str) -> ml_collections.ConfigDict:
     t.steps = 12_000 if variant == "tiny" else 100_000   # optimizer steps
     t.stage = 2                           # 1: LLM frozen; 2: all trainable; 3: all trainable at
                                           # data.image_size > model.image_size (e.g. 2x)
-    t.i2t_weight = 1.0                    # image->text loss weight
-    t.t2i_weight = 1.0                    # text->image loss weight
-    t.ema_decay = 0.995 if variant == "tiny" else 0.9999   # EMA of params (evaluated)
+    # Loss weights of the two tasks' means. Official presets: 0.2 / 0.8, what Harmon's
+    # accumulation of 1 understanding and 4 generation batches (each loss / 5) amounts to.
+    t.i2t_weight = 0.2 if variant in OFFICIAL else 1.0
+    t.t2i_weight = 0.8 if variant in OFFICIAL else 1.0
+    # EMA of the params, which evaluation and the CLIs use; 0 = none (the params themselves,
+    # as Harmon's fine-tune, which keeps no EMA).
+    t.ema_decay = {"tiny": 0.995, "small": 0.9999}.get(variant, 0.0)
     t.log_every = 50                      # steps between metric writes
     t.checkpoint_every = 500              # steps between checkpoints
     t.eval_every = 6000 if variant == "tiny" else 4000   # steps between evaluations (0 = never)
@@ -222,10 +252,11 @@ def train_config(variant: str) -> ml_collections.ConfigDict:
 
 def optimizer_config(variant: str) -> ml_collections.ConfigDict:
     o = ml_collections.ConfigDict()
-    o.lr = 5e-4 if variant == "tiny" else 1e-4   # peak learning rate (Harmon fine-tune: 1e-5)
+    # Peak learning rate; official presets: Harmon's fine-tune of its released weights, 1e-5.
+    o.lr = {"tiny": 5e-4, "small": 1e-4}.get(variant, 1e-5)
     o.schedule = "cosine"                 # "cosine" (warmup + cosine) or "constant" (after warmup)
     o.warmup_fraction = 0.01              # warmup steps as a fraction of train.steps
-    o.final_lr_fraction = 0.1             # cosine ends at lr * this
+    o.final_lr_fraction = 0.0 if variant in OFFICIAL else 0.1   # cosine ends at lr * this (Harmon: 0)
     o.b1 = 0.9                            # AdamW betas (MAR / Harmon)
     o.b2 = 0.95
     o.eps = 1e-8

@@ -43,7 +43,7 @@ prompts and questions
   cli sample_empty_prompt         --prompt="   " -> --prompt #1 is empty
   cli sample_non_utf8_prompt      --prompt=<bytes ff> -> --prompt #1 is not valid UTF-8 (byte 0xff ...)
   cli sample_prompt_file_non_utf8 --prompt_file with a 0xff byte on line 2 -> FILE:2: not valid UTF-8
-  cli sample_overlong_prompt      500-word prompt -> warning: more than data.max_t2i_len=48: truncated
+  cli sample_overlong_prompt      500-word prompt -> warning: more than the context holds: truncated
   cli sample_num_per_prompt       --num_per_prompt=0 -> expected a number > 0
   cli sample_out_format           --out=grid.xyz -> unknown image format '.xyz'
   cli caption_empty_question      --question="" -> --question is empty
@@ -156,7 +156,8 @@ CLI = {
                                     None),
     "sample_overlong_prompt": (["unimm.sample", "--workdir={tmp}/wd_config", "--prompt=" + "red circle " * 250],
                                "no checkpoints in --workdir={tmp}/wd_config",
-                               "more than data.max_t2i_len=48: truncated, its end is dropped"),
+                               "more than the 499 that model.llm.max_position_embeddings=512 leaves beside 13 "
+                               "image tokens: truncated, its end is dropped"),
     "sample_num_per_prompt": (["unimm.sample", "--workdir={tmp}/wd_config", "--prompt=x", "--num_per_prompt=0"],
                               "--num_per_prompt=0: expected a number > 0", None),
     "sample_out_format": (["unimm.sample", "--workdir={tmp}/wd_config", "--prompt=x", "--out={tmp}/grid.xyz"],

@@ -146,8 +146,8 @@ def test_batches_shapes_and_determinism(tok):
     batch, d = a[0], c.data
     s = d.image_size
     want = {"i2t_images": (8, s, s, 3), "t2i_images": (8, s, s, 3),
-            "i2t_tokens": (8, d.max_i2t_len), "i2t_targets": (8, d.max_i2t_len),
-            "i2t_mask": (8, d.max_i2t_len), "t2i_tokens": (8, d.max_t2i_len), "t2i_mask": (8, d.max_t2i_len)}
+            "i2t_tokens": (8, d.i2t_seq_len), "i2t_targets": (8, d.i2t_seq_len),
+            "i2t_mask": (8, d.i2t_seq_len), "t2i_tokens": (8, d.max_t2i_len), "t2i_mask": (8, d.max_t2i_len)}
     assert {k: v.shape for k, v in batch.items()} == want
     assert batch["i2t_images"].dtype == np.float32 and batch["i2t_tokens"].dtype == np.int32
     assert -1 <= batch["t2i_images"].min() and batch["t2i_images"].max() <= 1
@@ -231,7 +231,8 @@ def test_jsonl_source(tmp_path, tok):
             {"from": "gpt", "value": "green"}]},
     ])
     recs = pipeline.read_jsonl(path)
-    assert recs[0]["i2t"] == (text.CAPTION_Q, "a red square") and recs[0]["t2i"] == "a red square"
+    # A caption's question is chosen per example by data.caption_questions.
+    assert recs[0]["i2t"] == (None, "a red square") and recs[0]["t2i"] == "a red square"
     assert recs[1]["i2t"] is None and recs[1]["t2i"] == "a blue square"
     assert recs[2]["i2t"] == ("what color is the square?", "green") and recs[2]["t2i"] is None
     c = tiny_config(source="jsonl", jsonl_path=path, i2t_batch_size=2, t2i_batch_size=2)
@@ -244,6 +245,39 @@ def test_jsonl_source(tmp_path, tok):
     np.testing.assert_allclose(b["t2i_images"][:, 0, 16], 127 / 127.5 - 1)
     answers = {tok.decode(row[row >= 0]) for x in batches for row in x["i2t_targets"]}
     assert answers == {"a red square", "green"}
+
+
+def _wide_image_jsonl(tmp_path, n):
+    """n records of a 72x24 image whose columns count up (a crop's offset is readable)."""
+    (tmp_path / "img").mkdir()
+    wide = np.repeat(np.repeat(np.arange(72, dtype=np.uint8)[None, :, None] * 3, 24, 0), 3, 2)
+    Image.fromarray(wide).save(tmp_path / "img" / "w.png")
+    return _write_jsonl(tmp_path, [{"image": "img/w.png", "caption": f"caption {i}"} for i in range(n)])
+
+
+def test_harmon_data_modes_random_crop_and_dense_caption_questions(tmp_path, tok):
+    """Harmon's data handling (the official presets' defaults): text-to-image images are
+    random square crops (crop2square), held-out ones centred; caption records ask one of
+    the 13 dense-caption prompts at random, held-out ones "Describe the image in detail."."""
+    path = _wide_image_jsonl(tmp_path, 16)
+    c = tiny_config(source="jsonl", jsonl_path=path, i2t_batch_size=8, t2i_batch_size=8,
+                    t2i_square="random_crop", caption_questions="harmon")
+    batches = take(pipeline.make_train_iterator(c, tok), 2)
+    # A 24x24 crop of the 72x24 image at an offset k: its first column holds 3k.
+    offsets = {int(round((b[0, 0, 0] + 1) * 127.5)) // 3 for x in batches for b in x["t2i_images"]}
+    assert len(offsets) > 4 and offsets <= set(range(49))
+    # Same stream position, same crop: resuming replays it.
+    again = take(pipeline.make_train_iterator(c, tok), 2)
+    assert_batches_equal(again, batches)
+    questions = {tok.decode(row[(row != tok.pad_id) & (row != tok.image_id)])
+                 for x in batches for row in x["i2t_tokens"]}
+    assert len(questions) > 3
+    held_out = pipeline.eval_examples(c, tok, 2, "t2i")[0]["image"]
+    np.testing.assert_array_equal(held_out[:, 0, 0], np.full(24, 72))   # centred: offset 24
+    assert pipeline.eval_examples(c, tok, 1, "i2t")[0]["question"] == text.LONG_CAPTION_Q
+    c.data.t2i_square = "stretch"
+    with pytest.raises(ValueError, match=r"data.t2i_square='stretch': expected one of"):
+        pipeline.make_train_iterator(c, tok)
 
 
 # ----------------------------------------------------------------------------- TFDS

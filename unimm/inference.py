@@ -62,7 +62,15 @@ def load_config(workdir: str, spec: str | None = None, flag: str = "--workdir") 
                          "config.json written by python -m unimm.main") from None
 
 
+# Fields added since older runs wrote their config.json, with the behaviour those runs had.
+ADDED_FIELDS = {"data": {"i2t_square": "pad", "t2i_square": "pad", "caption_questions": "fixed"}}
+
+
 def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    for section, fields in ADDED_FIELDS.items():
+        for key, value in fields.items():
+            if key not in config[section]:
+                config[section][key] = value
     # JSON turns tuples into lists; the sharding rules and VAE dims are tuples in configs.
     config.sharding.logical_axis_rules = tuple(
         (k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding.logical_axis_rules)

@@ -5,8 +5,8 @@
     python -m unimm.sample --workdir=DIR --prompt_file=prompts.txt   # UTF-8, one prompt per line
 
 Prompts are checked before the model is loaded: an empty or non-UTF-8 prompt is an error;
-one longer than ``data.max_t2i_len`` tokens (with the chat template) is truncated at its
-end, with a warning.
+one longer than the LLM's context leaves beside the image tokens (with the chat template)
+is truncated at its end, with a warning; shorter ones are never cut (as Harmon's sampler).
 """
 import os
 
@@ -39,12 +39,15 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
     return [text.check_text(p, what) for what, p in named]
 
 
-def warn_long_prompts(prompts: list[str], tok, max_len: int) -> None:
+def warn_long_prompts(prompts: list[str], tok, config) -> None:
+    limit = text.sampling_prompt_limit(config)
     for i, p in enumerate(prompts, 1):
         n = text.t2i_length(tok, p)
-        if n > max_len:
-            logging.warning("prompt #%d (%r...) has %d tokens with the chat template, more than "
-                            "data.max_t2i_len=%d: truncated, its end is dropped", i, p[:40], n, max_len)
+        if n > limit:
+            logging.warning("prompt #%d (%r...) has %d tokens with the chat template, more than the "
+                            "%d that model.llm.max_position_embeddings=%d leaves beside %d image tokens: "
+                            "truncated, its end is dropped", i, p[:40], n, limit,
+                            config.model.llm.max_position_embeddings, config.data.num_image_tokens)
 
 
 def check_out(path: str) -> None:
@@ -72,7 +75,7 @@ def main(argv):
         inference.apply_sample_overrides(config, {
             name: getattr(FLAGS, name) for name in ("cfg", "num_iter", "temperature")})
         tok = inference.prepare(config)
-        warn_long_prompts(prompts, tok, config.data.max_t2i_len)
+        warn_long_prompts(prompts, tok, config)
         model, step = inference.load_model(config, FLAGS.workdir, tok=tok)
 
     import jax

@@ -1,4 +1,5 @@
-"""Image loading and Harmon's preprocessing: pad to a gray square, resize, scale to [-1, 1].
+"""Image loading and Harmon's preprocessing: square (gray padding, or a crop), resize, scale
+to [-1, 1].
 
 Pure numpy + PIL; imports nothing from unimm.models or unimm.train.
 """
@@ -78,6 +79,32 @@ def square_and_resize(img: np.ndarray, size: int) -> np.ndarray:
     if side == size:
         return img
     return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC), np.uint8)
+
+
+SQUARE_MODES = ("pad", "random_crop", "center_crop")
+
+
+def to_square(img: np.ndarray, size: int, mode: str = "pad",
+              rng: np.random.Generator | None = None) -> np.ndarray:
+    """``size`` x ``size`` uint8: ``mode`` "pad" (:func:`square_and_resize`), or a square of
+    side ``min(H, W)`` cut from the longer side — "random_crop" at a uniform integer offset
+    drawn from ``rng`` (Harmon's ``crop2square``), "center_crop" in the middle — then a
+    bicubic resize (PIL's default, as Harmon's ``image.resize``)."""
+    if mode == "pad":
+        return square_and_resize(img, size)
+    if mode not in SQUARE_MODES:
+        raise ValueError(f"unknown square mode {mode!r}; expected one of {SQUARE_MODES}")
+    img = np.asarray(img, np.uint8)
+    h, w = img.shape[:2]
+    side, free = min(h, w), abs(h - w)
+    if mode == "random_crop":
+        if rng is None:
+            raise ValueError("to_square: 'random_crop' needs an rng")
+        start = int(rng.integers(free + 1))
+    else:
+        start = free // 2
+    img = img[start:start + side] if h > w else img[:, start:start + side]
+    return square_and_resize(img, size)
 
 
 def to_model(img: np.ndarray) -> np.ndarray:

@@ -110,8 +110,8 @@ def read_jsonl(path: str, allow_outside_root: bool = False) -> list[dict]:
                 raise ValueError(f"{where}: expected an object with an 'image' field, found {found}")
             item = {"image": _resolve(root, rec["image"], allow_outside_root, where),
                     "i2t": None, "t2i": None, "where": where}
-            if isinstance(rec.get("caption"), str):
-                item["i2t"], item["t2i"] = (text.CAPTION_Q, rec["caption"]), rec["caption"]
+            if isinstance(rec.get("caption"), str):   # question None: data.caption_questions
+                item["i2t"], item["t2i"] = (None, rec["caption"]), rec["caption"]
             elif isinstance(rec.get("prompt"), str):
                 item["t2i"] = rec["prompt"]
             elif isinstance(rec.get("conversations"), list):
@@ -166,7 +166,10 @@ def _as_rgb(img: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- sources
 
 def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int], dict]]:
-    """(size, index -> raw item with "image" uint8 [S,S,3] and "question"/"answer" or "prompt")."""
+    """(size, index -> raw item with "image" uint8 [H,W,3] and "question"/"answer" or "prompt").
+
+    Shapes images are rendered at ``data.image_size``; JSONL / TFDS images come as stored
+    (:func:`square_image` makes them the training square)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     size = d.image_size
@@ -191,7 +194,6 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
                 img = images.load_image(r["image"])
             except (FileNotFoundError, ValueError) as e:
                 raise type(e)(f"{r['where']}: {e}") from None   # which record named the image
-            img = images.square_and_resize(img, size)
             if task == "i2t":
                 return {"image": img, "question": r["i2t"][0], "answer": r["i2t"][1]}
             return {"image": img, "prompt": r["t2i"]}
@@ -203,24 +205,57 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
 
         def item(i):
             rec = src[int(i)]
-            img = images.square_and_resize(_as_rgb(_tfds_get(rec, d.tfds_image_key)), size)
+            img = _as_rgb(_tfds_get(rec, d.tfds_image_key))
             caption = _tfds_text(_tfds_get(rec, d.tfds_text_key))
             if task == "i2t":
-                return {"image": img, "question": text.CAPTION_Q, "answer": caption}
+                return {"image": img, "question": None, "answer": caption}
             return {"image": img, "prompt": caption}
         return len(src), item
     raise ValueError(f"unknown data.source {d.source!r}; expected 'shapes', 'jsonl' or 'tfds'")
 
 
+def check_data_modes(d) -> None:
+    """The data fields that name a mode (checked before any example is built)."""
+    for key in ("i2t_square", "t2i_square"):
+        if d[key] not in images.SQUARE_MODES:
+            raise ValueError(f"data.{key}={d[key]!r}: expected one of {images.SQUARE_MODES}")
+    if d.caption_questions not in text.CAPTION_QUESTION_MODES:
+        raise ValueError(f"data.caption_questions={d.caption_questions!r}: expected one of "
+                         f"{text.CAPTION_QUESTION_MODES}")
+
+
+def square_image(d, task: str, image: np.ndarray, pos: int | None) -> np.ndarray:
+    """A raw item's image as the task's ``data.image_size`` square (``data.{task}_square``);
+    a random crop is keyed by the stream position, a held-out item (``pos`` None) is centred."""
+    mode = d[f"{task}_square"]
+    if mode == "random_crop" and pos is None:
+        mode = "center_crop"
+    rng = None if pos is None else np.random.default_rng([d.seed, int(pos), 6])
+    return images.to_square(image, d.image_size, mode, rng)
+
+
+def caption_question(d, question: str | None, pos: int | None) -> str:
+    """The question of an item; a caption record's (None) follows ``data.caption_questions``:
+    "fixed", or one of Harmon's dense-caption prompts keyed by the stream position."""
+    if question is not None:
+        return question
+    if d.caption_questions == "fixed" or pos is None:
+        return text.CAPTION_Q if d.caption_questions == "fixed" else text.LONG_CAPTION_Q
+    k = np.random.default_rng([d.seed, int(pos), 7]).integers(len(text.DENSE_CAPTION_QS))
+    return text.DENSE_CAPTION_QS[k]
+
+
 def example_encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
     """(stream position, item index) -> model-ready example with task-prefixed keys."""
+    check_data_modes(d)
+
     def encode(pos_and_index):
         pos, index = pos_and_index
         item = item_fn(index)
-        image = images.to_model(item["image"])
+        image = images.to_model(square_image(d, task, item["image"], pos))
         if task == "i2t":
-            ex = text.i2t_example(tok, item["question"], item["answer"], d.num_image_tokens,
-                                  d.max_i2t_len)
+            question = caption_question(d, item["question"], pos)
+            ex = text.i2t_example(tok, question, item["answer"], d.num_image_tokens, d.i2t_seq_len)
             return {"i2t_images": image, "i2t_tokens": ex["tokens"],
                     "i2t_targets": ex["targets"], "i2t_mask": ex["mask"]}
         # Dropout keyed by stream position: independent of the process count, and a
@@ -326,9 +361,11 @@ def eval_examples(config, tok, n: int, task: str) -> list[dict]:
     out = []
     for i in range(n):
         item = dict(item_fn(i), index=i)
+        item["image"] = square_image(d, task, item["image"], None)
         if task == "i2t":
+            item["question"] = caption_question(d, item["question"], None)
             item["example"] = text.i2t_example(tok, item["question"], item["answer"],
-                                               d.num_image_tokens, d.max_i2t_len)
+                                               d.num_image_tokens, d.i2t_seq_len)
         else:
             item["example"] = text.t2i_example(tok, item["prompt"], d.max_t2i_len, False)
         out.append(item)

@@ -22,6 +22,24 @@ UNCOND_PROMPT = "Generate an image."
 SHORT_CAPTION_Q = "Describe the image briefly."
 LONG_CAPTION_Q = "Describe the image in detail."
 CAPTION_Q = "Describe the image."          # JSONL / TFDS captions used as understanding data
+# Harmon's dense-caption prompts (src/datasets/understanding/caption_prompts.py): its caption
+# datasets ask one of them at random per example (data.caption_questions="harmon").
+DENSE_CAPTION_QS = (
+    "Describe the image in detail.",
+    "Provide a comprehensive description of everything you see in the picture.",
+    "Explain the scene depicted in the image as if you were describing it to someone who cannot see it.",
+    "List all the objects and activities taking place in this image.",
+    "What is the story being told by this image? Describe in detail.",
+    "Imagine you are giving a detailed tour of the image's scene. How would you describe it?",
+    "Describe the foreground, background, and any notable features of the image.",
+    "How would you describe this image to build a replica of the scene?",
+    "Write a paragraph detailing the setting, characters, and actions visible in this image.",
+    "Describe every aspect of the image, including the environment, objects, and any people present.",
+    "Provide a detailed analysis of the composition and elements of the image.",
+    "What are the main focal points of this image? Describe them in detail.",
+    "Catalog all visible elements in the image and describe their significance to the overall scene.",
+)
+CAPTION_QUESTION_MODES = ("fixed", "harmon")
 FIXED_TEXTS = (GEN_TEMPLATE.format(prompt=""), UNCOND_PROMPT, SHORT_CAPTION_Q, LONG_CAPTION_Q,
                CAPTION_Q, "nothing", "an empty image.")
 
@@ -92,6 +110,20 @@ def read_lines(path: str, what: str = "prompt file") -> list[str]:
 def t2i_length(tok, prompt: str) -> int:
     """Tokens of the generation prompt with its chat template (what ``t2i_example`` packs)."""
     return len(tok.encode(_HEAD + GEN_TEMPLATE.format(prompt=prompt))) + len(tok.encode(_TAIL))
+
+
+def sampling_prompt_limit(config) -> int:
+    """The longest generation prompt (chat template included) the LLM's context holds beside
+    the image tokens; Harmon's sampler truncates nothing below it either."""
+    return int(config.model.llm.max_position_embeddings) - int(config.data.num_image_tokens)
+
+
+def sampling_prompt_len(tok, prompts: list[str], config) -> int:
+    """Prompt rows for sampling: the longest prompt, at least ``data.max_t2i_len`` (one
+    program for every batch of shorter prompts), at most :func:`sampling_prompt_limit`
+    (longer prompts lose their end)."""
+    longest = max([int(config.data.max_t2i_len)] + [t2i_length(tok, p) for p in prompts])
+    return min(longest, sampling_prompt_limit(config))
 
 
 def fit_question(tok, question: str, num_image_tokens: int, max_prompt_len: int) -> tuple[str, int]:

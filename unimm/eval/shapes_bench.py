@@ -70,7 +70,8 @@ class Model:
         """uint8 images ``[N, H, W, 3]`` for the prompts (Harmon's CFG sampler)."""
         d, s, tok = self.config.data, self.config.sample, self.tok
         grid = vae_lib.grid(self.cfg.vae, d.image_size)   # data.image_size: stage 3 may exceed the model's
-        tokens, mask = text.t2i_rows(tok, list(prompts), d.max_t2i_len, guided=s.cfg != 1.0)
+        length = text.sampling_prompt_len(tok, list(prompts), self.config)
+        tokens, mask = text.t2i_rows(tok, list(prompts), length, guided=s.cfg != 1.0)
         toks = harmon_sample.generate_image_tokens(
             self.decoder_params, self.cfg, tokens, mask, rng, num_iter=s.num_iter, guided=s.cfg != 1.0,
             cfg_scale=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,

@@ -52,9 +52,10 @@ def check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
 
 
 def set_derived_fields(config: Any, tok: Any) -> None:
-    """Fields that follow from the tokenizer and the data resolution: ``data.image_token_id``
-    and ``data.num_image_tokens`` (the token grid of ``data.image_size`` plus the buffers;
-    a ``data.image_size`` above ``model.image_size`` is stage 3's higher resolution)."""
+    """Fields that follow from the tokenizer and the data resolution: ``data.image_token_id``,
+    ``data.num_image_tokens`` (the token grid of ``data.image_size`` plus the buffers; a
+    ``data.image_size`` above ``model.image_size`` is stage 3's higher resolution) and
+    ``data.i2t_seq_len`` (the understanding sequence length)."""
     if tok.vocab_size > config.model.llm.vocab_size:
         raise ValueError(f"tokenizer {config.data.tokenizer or '(built-in shapes)'} has "
                          f"{tok.vocab_size} tokens but model.llm.vocab_size is "
@@ -65,9 +66,16 @@ def set_derived_fields(config: Any, tok: Any) -> None:
             config.data.image_size = 2 * config.model.image_size
             logging.info("train.stage=3: data.image_size set to %d", config.data.image_size)
     h, w = vae_lib.grid(config.model.vae, config.data.image_size)
+    d = config.data
     with config.unlocked():   # config_flags hands out a locked ConfigDict
-        config.data.image_token_id = int(tok.image_id)
-        config.data.num_image_tokens = h * w + config.model.mar.buffer_size
+        d.image_token_id = int(tok.image_id)
+        d.num_image_tokens = h * w + config.model.mar.buffer_size
+        # 0 follows the grid (stage 3, another data.image_size): image tokens + text budget.
+        d.i2t_seq_len = int(d.max_i2t_len) or d.num_image_tokens + int(d.i2t_text_len)
+    if d.i2t_seq_len <= d.num_image_tokens:
+        raise ValueError(f"data.max_i2t_len={d.max_i2t_len} leaves no room for text beside the "
+                         f"{d.num_image_tokens} image tokens of data.image_size={d.image_size}; set it "
+                         "to 0 (image tokens + data.i2t_text_len)")
 
 
 def initial_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = None,
