@@ -278,7 +278,19 @@ def sample_config(variant: str) -> ml_collections.ConfigDict:
     # that leave positions free (GenEval) get faint half-objects the detector cannot see.
     s.temperature = 1.3 if variant == "tiny" else 1.0
     s.num_sampling_steps = ""             # "" = model.diffusion.num_sampling_steps
-    s.max_new_tokens = 64                 # caption length limit
+    # Captioning, as transformers' generate (unimm.models.decoding). Official presets: Harmon's
+    # scripts/image2text.py, greedy up to 1024 new tokens, with the repetition penalty 1.1
+    # that llm.generate takes from Qwen2.5-Instruct's generation_config.json.
+    s.max_new_tokens = 1024 if variant in OFFICIAL else 64   # caption length limit
+    s.caption_sampling = False            # False: greedy (do_sample=False); True: sample with
+                                          # caption_temperature, top_k, top_p
+    s.caption_temperature = 1.0           # caption sampling temperature
+    s.top_k = 0                           # caption sampling: keep the k best tokens (0 = off)
+    s.top_p = 1.0                         # caption sampling: nucleus mass (1 = off)
+    s.repetition_penalty = 1.1 if variant in OFFICIAL else 1.0   # HF's penalty (1 = off)
+    # A generation_config.json (or its folder; unimm.convert keeps the model folder's) whose
+    # repetition_penalty, temperature, top_k, top_p and eos ids replace the fields above.
+    s.generation_config = ""
     return s
 
 

@@ -11,7 +11,7 @@ import pytest
 from unimm import config_utils
 from unimm.convert import common
 from unimm.convert.harmon_pth import harmon_from_pth, harmon_from_torch, harmon_to_torch
-from unimm.models import harmon, mar, qwen2
+from unimm.models import decoding, harmon, mar, qwen2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,13 +71,19 @@ def test_convert_cli_writes_orbax_checkpoint(tiny, tmp_path):
     src = str(tmp_path / "h.pth")
     common.save_torch_file(harmon_to_torch(params, cfg), src)
     dst = str(tmp_path / "out")
-    run = subprocess.run([sys.executable, "-m", "unimm.convert", "harmon", src, dst,
+    llm = tmp_path / "Qwen2.5-Instruct"   # the LLM folder: its decoding settings and tokenizer are kept
+    llm.mkdir()
+    (llm / "generation_config.json").write_text('{"repetition_penalty": 1.1, "eos_token_id": [7, 8]}')
+    (llm / "tokenizer.json").write_text("{}")
+    run = subprocess.run([sys.executable, "-m", "unimm.convert", "harmon", src, dst, "--llm_folder", str(llm),
                           "--config", "configs/harmon.py:tiny"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     restored = ocp.StandardCheckpointer().restore(os.path.join(dst, "params"),
                                                   jax.tree.map(np.asarray, params))
     assert_trees_equal(params, restored)
     assert os.path.exists(os.path.join(dst, "model_config.json"))
+    assert "kept generation_config.json" in run.stdout and os.path.isfile(os.path.join(dst, "tokenizer.json"))
+    assert decoding.settings_from_generation_config(dst) == {"repetition_penalty": 1.1, "eos_token_ids": (7, 8)}
 
     bad = subprocess.run([sys.executable, "-m", "unimm.convert", "harmon", src, str(tmp_path / "o2"),
                           "--config", "configs/harmon.py:small"], cwd=ROOT, capture_output=True, text=True)

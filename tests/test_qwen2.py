@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from unimm.convert import CheckpointMismatchError  # noqa: E402
 from unimm.convert.qwen2_hf import (config_from_hf, params_from_hf_state,  # noqa: E402
                                     params_to_hf_state, qwen2_from_hf)
-from unimm.models import layers, qwen2  # noqa: E402
+from unimm.models import decoding, layers, qwen2  # noqa: E402
 
 VOCAB = 256
 
@@ -102,6 +102,76 @@ def test_greedy_generate_matches_hf(converted):
                                      eos_token_id=eos, pad_token_id=0))
     np.testing.assert_array_equal(ours, hf(eos))
     assert (ours[0, 9 + 5:] == 0).all()
+
+
+def test_repetition_penalty_and_eos_ids_match_hf_generate(converted):
+    """Greedy decoding with a repetition penalty and two eos ids equals HF's ``generate`` token
+    for token: over prompt ids (left padding included), and over the generated ids only when
+    the prompt comes as ``inputs_embeds`` (Harmon's captioning)."""
+    model, cfg, params = converted[True]
+    tokens, mask = _left_padded(np.random.RandomState(4), [4, 7], 7)
+    free = np.asarray(qwen2.generate(params, cfg, jnp.asarray(tokens), 24, attention_mask=jnp.asarray(mask)))
+    eos = [int(free[0, 7 + 20]), int(free[1, 7 + 22])]   # ids the rows may reach under the penalty too
+
+    def hf(**kw):
+        with torch.no_grad():
+            out = model.generate(attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=24,
+                                 repetition_penalty=1.3, eos_token_id=eos, pad_token_id=0, **kw).numpy()
+        return out
+
+    ours = np.asarray(qwen2.generate(params, cfg, jnp.asarray(tokens), 24, attention_mask=jnp.asarray(mask),
+                                     repetition_penalty=1.3, eos_token_id=eos, pad_token_id=0))
+    ref = hf(input_ids=torch.tensor(tokens))
+    np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
+    assert (ours[:, ref.shape[1]:] == 0).all()
+    assert (ours != free).any()   # the penalty changed the continuation
+
+    embeds = np.asarray(params["embed_tokens"]["embedding"])[tokens]
+    ours = np.asarray(qwen2.generate(params, cfg, jnp.asarray(tokens), 24, attention_mask=jnp.asarray(mask),
+                                     repetition_penalty=1.3, eos_token_id=eos, pad_token_id=0,
+                                     inputs_embeds=jnp.asarray(embeds)))[:, 7:]
+    ref = hf(inputs_embeds=torch.tensor(embeds))
+    np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
+    assert (ours[:, ref.shape[1]:] == 0).all()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 20, 0.8), (1.3, 0, 0.5), (1.0, 5, 1.0)])
+def test_sampling_distribution_matches_hf_processors(temperature, top_k, top_p):
+    """The distribution sampled from (penalty, temperature, top-k, top-p) equals the one HF's
+    logits processors leave on the same logits and ids."""
+    from transformers import generation as hf_gen
+    rng = np.random.RandomState(5)
+    logits = (rng.randn(3, VOCAB) * 3).astype(np.float32)
+    ids = rng.randint(0, VOCAB, (3, 12))
+    procs = hf_gen.LogitsProcessorList([hf_gen.RepetitionPenaltyLogitsProcessor(1.2)]
+                                       + [hf_gen.TemperatureLogitsWarper(temperature)]
+                                       + ([hf_gen.TopKLogitsWarper(top_k)] if top_k else [])
+                                       + [hf_gen.TopPLogitsWarper(top_p)])
+    ref = torch.softmax(procs(torch.tensor(ids), torch.tensor(logits)), -1).numpy()
+    seen = decoding.mark_seen(jnp.zeros((3, VOCAB), bool), jnp.asarray(ids))
+    ours = decoding.warp(decoding.repetition_penalty(jnp.asarray(logits), seen, 1.2), temperature, top_k,
+                         top_p if top_p < 1 else None)
+    ours = np.asarray(jax.nn.softmax(ours, -1))
+    np.testing.assert_array_equal(ours > 0, ref > 0)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    assert 1 < (ref[0] > 0).sum() < VOCAB   # the filters kept some and removed some
+
+
+def test_generation_config_settings(tmp_path):
+    path = tmp_path / "generation_config.json"
+    path.write_text('{"do_sample": true, "eos_token_id": [151645, 151643], "repetition_penalty": 1.1, '
+                    '"temperature": 0.7, "top_k": 20, "top_p": 0.8, "transformers_version": "4.37.0"}')
+    assert decoding.settings_from_generation_config(str(tmp_path)) == {
+        "repetition_penalty": 1.1, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
+        "eos_token_ids": (151645, 151643)}
+    path.write_text('{"top_p": 1.5}')
+    with pytest.raises(ValueError, match=r"generation_config.json: top_p=1.5 must be in \(0, 1\]"):
+        decoding.settings_from_generation_config(str(path))
+    path.write_text('{"eos_token_id": "x"}')
+    with pytest.raises(ValueError, match=r"eos_token_id='x' is not a token id"):
+        decoding.settings_from_generation_config(str(path))
+    with pytest.raises(FileNotFoundError, match="generation config not found"):
+        decoding.settings_from_generation_config(str(tmp_path / "nope"))
 
 
 def test_sampling_reproducible_and_compiled_once(converted):

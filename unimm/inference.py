@@ -63,7 +63,9 @@ def load_config(workdir: str, spec: str | None = None, flag: str = "--workdir") 
 
 
 # Fields added since older runs wrote their config.json, with the behaviour those runs had.
-ADDED_FIELDS = {"data": {"i2t_square": "pad", "t2i_square": "pad", "caption_questions": "fixed"}}
+ADDED_FIELDS = {"data": {"i2t_square": "pad", "t2i_square": "pad", "caption_questions": "fixed"},
+                "sample": {"caption_sampling": False, "caption_temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                           "repetition_penalty": 1.0, "generation_config": ""}}
 
 
 def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,13 +1,18 @@
 """``python -m unimm.convert {qwen2,harmon,vae} SRC DST`` -> an orbax checkpoint in DST.
 
 DST gets ``params/`` (orbax, the params pytree) and ``model_config.json`` (the architecture
-the params belong to, so they can be loaded without guessing).
+the params belong to, so they can be loaded without guessing). The language model's folder
+(SRC for ``qwen2``; ``--llm_folder`` for ``harmon``, the Qwen2.5-Instruct folder Harmon was
+built on) gives its ``tokenizer.json`` and ``generation_config.json``, copied into DST: the
+decoding settings HF's ``generate`` applies implicitly (``config.sample.generation_config``)
+and the tokenizer (``config.data.tokenizer``).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import shutil
 import sys
 
 import jax
@@ -38,6 +43,22 @@ def check_dst(dst: str) -> str:
     return target
 
 
+KEPT_FILES = ("tokenizer.json", "generation_config.json")
+
+
+def keep_llm_files(folder: str | None, dst: str) -> list[str]:
+    """Copies :data:`KEPT_FILES` that ``folder`` has into ``dst`` (bytes only; nothing runs)."""
+    if not folder:
+        return []
+    kept = []
+    for name in KEPT_FILES:
+        src = os.path.join(folder, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(dst, name))
+            kept.append(name)
+    return kept
+
+
 def save(dst: str, params, model_cfg) -> str:
     import orbax.checkpoint as ocp
 
@@ -65,8 +86,14 @@ def main(argv=None) -> int:
     parser.add_argument("dst", help="output directory")
     parser.add_argument("--config", default=None,
                         help="architecture, e.g. configs/harmon.py:1.5b (harmon: inferred; vae: 1.5b's KL-16)")
+    parser.add_argument("--llm_folder", default=None,
+                        help="harmon: the Qwen2.5-Instruct folder whose tokenizer.json and "
+                             "generation_config.json are kept in DST")
     parser.error = lambda message: _usage_error(parser, message)
     args = parser.parse_args(argv)
+    if args.llm_folder is not None and (args.kind != "harmon" or not os.path.isdir(args.llm_folder)):
+        _usage_error(parser, f"--llm_folder={args.llm_folder}: expected the language model's folder, "
+                             "with the harmon kind")
     created = not os.path.exists(args.dst)
     check_dst(args.dst)
     try:
@@ -77,6 +104,9 @@ def main(argv=None) -> int:
             return 2
         target = save(args.dst, params, model_cfg)
         created = False
+        folder = args.src if args.kind == "qwen2" else args.llm_folder
+        for name in keep_llm_files(folder, args.dst):
+            print(f"kept {name} in {args.dst}")
     finally:
         if created:   # nothing written: leave no empty destination behind
             with contextlib.suppress(OSError):

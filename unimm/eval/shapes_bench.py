@@ -26,6 +26,7 @@ import numpy as np
 
 from unimm.data import images as images_lib
 from unimm.data import pipeline, shapes, text
+from unimm.models import decoding as decoding_lib
 from unimm.models import harmon_sample, layers
 from unimm.models import vae as vae_lib
 from unimm.train import rewards
@@ -48,19 +49,39 @@ class Model:
                       for im in images_uint8])
         return vae_lib.images_to_tokens(self.tokenizer_params, self.cfg.vae, jnp.asarray(x))
 
+    def decoding(self) -> dict:
+        """Caption decoding settings: ``config.sample``'s, those of ``sample.generation_config``
+        when set, the tokenizer's eos (``<|im_end|>``, as Harmon passes) plus the file's."""
+        s = self.config.sample
+        settings = {"temperature": s.caption_temperature, "top_k": s.top_k, "top_p": s.top_p,
+                    "repetition_penalty": s.repetition_penalty}
+        eos = [self.tok.eos_id]
+        if s.generation_config:
+            found = decoding_lib.settings_from_generation_config(s.generation_config)
+            eos += [i for i in found.pop("eos_token_ids", ()) if i not in eos]
+            settings.update(found)
+        decoding_lib.check_settings(**settings, what="config.sample")
+        if not s.caption_sampling:   # greedy: HF applies only the penalty
+            settings.update(temperature=0.0, top_k=0, top_p=1.0)
+        return {**settings, "eos_id": eos}
+
     def answer(self, images_uint8: Sequence[np.ndarray], questions: Sequence[str],
-               max_new_tokens: int | None = None) -> list[str]:
-        """Greedy answers (captions) for images and their questions."""
+               max_new_tokens: int | None = None, rng: jax.Array | None = None) -> list[str]:
+        """Answers (captions) for images and their questions, decoded with :meth:`decoding`
+        (``rng`` for sampled decoding; default key 0)."""
         d, tok = self.config.data, self.tok
         n_new = max_new_tokens or self.config.sample.max_new_tokens
         tokens, mask = text.left_pad([text.i2t_prompt_ids(tok, q, d.num_image_tokens) for q in questions],
                                      tok.pad_id)
+        settings = self.decoding()
         out = harmon_sample.caption(self.params, self.cfg, tokens, mask, self._image_tokens(images_uint8),
-                                    tok.image_id, n_new, tok.eos_id, tok.pad_id)
+                                    tok.image_id, n_new, pad_id=tok.pad_id,
+                                    rng=jax.random.key(0) if rng is None else rng, **settings)
         answers = []
         for row in np.asarray(out[:, tokens.shape[1]:]):
             ids = list(row)
-            ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+            ends = [k for k, i in enumerate(ids) if i in settings["eos_id"]]
+            ids = ids[:ends[0]] if ends else ids
             # The LM's vocabulary may be larger than the tokenizer's; ids past it are never
             # trained targets and carry no text (an untrained model does emit them).
             answers.append(tok.decode([i for i in ids if i < tok.vocab_size]))

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -124,12 +124,15 @@ def cached_condition(params: dict, cfg: Any, cache: list, text_mask: jax.Array, 
 
 
 def caption(params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array, image_tokens: jax.Array,
-            image_id: int, max_new_tokens: int, eos_id: int, pad_id: int | None = None,
-            temperature: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
-    """Left-padded prompts with ``<image>`` slots -> prompt + generated ids ``[B, T + N]``."""
+            image_id: int, max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int | None = None,
+            temperature: float = 0.0, rng: jax.Array | None = None, **decoding) -> jax.Array:
+    """Left-padded prompts with ``<image>`` slots -> prompt + generated ids ``[B, T + N]``, as
+    Harmon's ``llm.generate(inputs_embeds=...)``; ``decoding``: ``qwen2.generate``'s
+    ``top_k``, ``top_p``, ``repetition_penalty`` (over the generated ids, as HF with embeds)."""
     embeds = _understanding_embeds(params, layers.freeze(cfg), jnp.asarray(tokens), image_tokens, image_id)
     return qwen2.generate(params["llm"], cfg.llm, tokens, max_new_tokens, temperature=temperature, rng=rng,
-                          attention_mask=mask, eos_token_id=eos_id, pad_token_id=pad_id, inputs_embeds=embeds)
+                          attention_mask=mask, eos_token_id=eos_id, pad_token_id=pad_id, inputs_embeds=embeds,
+                          **decoding)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 4))

@@ -3,19 +3,19 @@
 Structure is an ``nnx`` module whose param tree reads like the HF state dict
 (``layers[i].self_attn.q_proj.kernel`` ...); compute is exposed as pure functions of
 ``(params, cfg, ...)``: :func:`forward` (hidden states, optional KV cache),
-:func:`logits` (the public scoring API) and :func:`generate` (greedy / nucleus sampling
-with a KV cache, compiled once per shape).
+:func:`logits` (the public scoring API) and :func:`generate` (greedy or sampled decoding
+with ``transformers``' logits processors and a KV cache, compiled once per shape).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unimm.models import layers
+from unimm.models import decoding, layers
 
 def _init(cfg):
     """HF's ``initializer_range`` (0.02 in Qwen2.5); configs saved before the field existed
@@ -224,78 +224,92 @@ def logits(params, cfg, tokens, attention_mask=None) -> jax.Array:
     return _logits(params, layers.freeze(cfg), tokens, attention_mask)
 
 
-def _sample(logits, rng, temperature, top_p):
-    """Temperature + nucleus sampling: keep the smallest top set with mass >= top_p."""
-    logits = logits / temperature
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # the top token is always kept
-    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jax.random.categorical(rng, jnp.where(logits >= cutoff, logits, -jnp.inf))
-
-
-@functools.partial(jax.jit, static_argnums=1, static_argnames=("max_new_tokens", "greedy"))
-def _generate(params, cfg, tokens, embeds, attention_mask, rng, temperature, top_p, eos, pad, *,
-              max_new_tokens: int, greedy: bool):
+@functools.partial(jax.jit, static_argnums=1, static_argnames=(
+    "max_new_tokens", "greedy", "top_k", "use_top_p", "use_penalty", "penalize_prompt"))
+def _generate(params, cfg, tokens, embeds, attention_mask, rng, temperature, top_p, penalty, eos, pad, *,
+              max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, use_penalty: bool,
+              penalize_prompt: bool):
     b, t = tokens.shape
     total = t + max_new_tokens
     kv_mask = jnp.concatenate([attention_mask.astype(bool), jnp.ones((b, max_new_tokens), bool)], 1)
     n_real = attention_mask.astype(jnp.int32).sum(-1)
+    vocab = cfg.vocab_size
+    # Ids the repetition penalty sees (HF: the input ids, left padding included, then each
+    # generated token); a [B, 1] dummy when the penalty is off.
+    seen = jnp.zeros((b, vocab if use_penalty else 1), bool)
+    if use_penalty and penalize_prompt:
+        seen = decoding.mark_seen(seen, tokens)
 
-    def pick(hidden, rng, done):
+    def pick(hidden, rng, done, seen):
         lg = lm_logits(params, cfg, hidden[:, -1])
-        tok = jnp.argmax(lg, -1) if greedy else _sample(lg, rng, temperature, top_p)
+        if use_penalty:
+            lg = decoding.repetition_penalty(lg, seen, penalty)
+        if greedy:
+            tok = jnp.argmax(lg, -1)
+        else:
+            tok = jax.random.categorical(rng, decoding.warp(lg, temperature, top_k, top_p if use_top_p else None))
         tok = jnp.where(done, pad, tok).astype(jnp.int32)
-        return tok, done | (tok == eos)
+        if use_penalty:
+            seen = decoding.mark_seen(seen, tok)
+        return tok, done | jnp.isin(tok, eos), seen
 
     cache = init_cache(cfg, b, total, jnp.dtype(cfg.dtype))
     hidden, cache = forward(params, cfg, tokens if embeds is None else embeds,
                             positions_from_mask(attention_mask), kv_mask, cache=cache)
     rng, sub = jax.random.split(rng)
-    tok, done = pick(hidden, sub, jnp.zeros((b,), bool))
+    tok, done, seen = pick(hidden, sub, jnp.zeros((b,), bool), seen)
     out = jnp.concatenate([tokens.astype(jnp.int32), jnp.full((b, max_new_tokens), pad, jnp.int32)], 1)
     out = out.at[:, t].set(tok)
 
     def cond(carry):
-        i, _, _, _, done, _ = carry
+        i, _, _, _, done, _, _ = carry
         return (i < max_new_tokens) & ~done.all()
 
     def body(carry):
-        i, tok, cache, out, done, rng = carry
+        i, tok, cache, out, done, rng, seen = carry
         # Feed token i-1 (slot t+i-1) and pick token i.
         hidden, cache = forward(params, cfg, tok[:, None], (n_real + i - 1)[:, None], kv_mask,
                                 cache=cache, cache_offset=t + i - 1)
         rng, sub = jax.random.split(rng)
-        tok, done = pick(hidden, sub, done)
+        tok, done, seen = pick(hidden, sub, done, seen)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, t + i))
-        return i + 1, tok, cache, out, done, rng
+        return i + 1, tok, cache, out, done, rng, seen
 
-    carry = (jnp.int32(1), tok, cache, out, done, rng)
+    carry = (jnp.int32(1), tok, cache, out, done, rng, seen)
     return jax.lax.while_loop(cond, body, carry)[3]
 
 
 def generate(params, cfg, tokens, max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, rng: jax.Array | None = None, attention_mask=None,
-             eos_token_id: int | None = None, pad_token_id: int | None = None,
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+             rng: jax.Array | None = None, attention_mask=None,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              inputs_embeds: jax.Array | None = None) -> jax.Array:
-    """Prompt + ``max_new_tokens`` continuation, int32 [B, T + max_new_tokens].
+    """Prompt + ``max_new_tokens`` continuation, int32 [B, T + max_new_tokens], as HF's
+    ``generate``: greedy when ``temperature == 0`` (``do_sample=False``), else sampling with
+    ``rng`` after temperature, ``top_k`` (0 = off) and ``top_p``; ``repetition_penalty``
+    (1 = off) applies to both (:mod:`unimm.models.decoding`).
 
-    Greedy when ``temperature == 0``, else temperature + nucleus (``top_p``) sampling with
-    ``rng``. Prompts are left-padded (``attention_mask`` 0 = pad). After ``eos_token_id``
-    a row emits ``pad_token_id`` (default: eos); decoding stops once every row is done.
-    ``inputs_embeds [B, T, H]`` replaces the prompt's embeddings in the prefill (image
-    placeholders filled by the caller); ``tokens`` still fills the output's prompt part.
+    Prompts are left-padded (``attention_mask`` 0 = pad). After any of the ``eos_token_id``
+    ids a row emits ``pad_token_id`` (default: the first eos); decoding stops once every
+    row is done. ``inputs_embeds [B, T, H]`` replaces the prompt's embeddings in the prefill
+    (image placeholders filled by the caller); ``tokens`` still fills the output's prompt
+    part. As in HF, the penalty counts the prompt's ids only when no ``inputs_embeds`` are
+    given (HF's ``generate(inputs_embeds=...)`` has no prompt ids).
     """
     greedy = temperature == 0.0
     if not greedy and rng is None:
         raise ValueError("generate: sampling (temperature > 0) needs an rng")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    decoding.check_settings(repetition_penalty, 1.0 if greedy else temperature, top_k, top_p, "generate")
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, bool)
-    eos = -1 if eos_token_id is None else eos_token_id  # -1 never matches a token
-    pad = pad_token_id if pad_token_id is not None else max(eos, 0)
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    eos = jnp.asarray(eos or [-1], jnp.int32)  # -1 never matches a token
     rng = jax.random.key(0) if rng is None else rng
     return _generate(params, layers.freeze(cfg), jnp.asarray(tokens), inputs_embeds, jnp.asarray(attention_mask),
                      rng, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-                     jnp.int32(eos), jnp.int32(pad), max_new_tokens=max_new_tokens, greedy=greedy)
+                     jnp.float32(repetition_penalty), eos, jnp.int32(pad), max_new_tokens=max_new_tokens,
+                     greedy=greedy, top_k=0 if greedy else int(top_k), use_top_p=not greedy and top_p < 1.0,
+                     use_penalty=repetition_penalty != 1.0, penalize_prompt=inputs_embeds is None)
