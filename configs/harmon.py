@@ -60,6 +60,9 @@ def mar_config(variant: str) -> ml_collections.ConfigDict:
     c.mask_ratio_min = 0.7                # truncated-normal mask ratio lower bound
     c.mask_ratio_std = 0.25               # its scale (loc 1.0)
     c.layer_norm_eps = 1e-6               # LayerNorm epsilon
+    # Attention and projection dropout of the blocks in training (timm's attn_drop / proj_drop;
+    # Harmon's MAR configs: 0.1); off at inference.
+    c.dropout = 0.1 if variant in OFFICIAL else 0.0
     c.pos_embed_init_std = 0.02           # std of the encoder / decoder position embeddings' init
     c.dtype = "float32"                   # compute dtype
     if variant == "1.5b":  # MAR-H

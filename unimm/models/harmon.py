@@ -187,14 +187,16 @@ def buffer_to_start(x: jax.Array, buffer: int) -> jax.Array:
     return jnp.concatenate([x[:, -buffer:], x[:, :-buffer]], axis=1)
 
 
-def visual_features(params: dict, cfg: Any, image_tokens: jax.Array, idx: jax.Array, valid: jax.Array):
+def visual_features(params: dict, cfg: Any, image_tokens: jax.Array, idx: jax.Array, valid: jax.Array,
+                    dropout_rng: jax.Array | None = None):
     """MAR encoder over the visible tokens -> (x_enc [B, buf+K, C], LLM embeddings [B, K+buf, H]).
 
     Inside the LLM the buffer tokens move to the *end* of the image segment (Harmon). A
     token count other than ``grid**2`` (a larger image) interpolates the position embeddings.
+    ``dropout_rng`` (training) turns on the MAR blocks' dropout (``cfg.mar.dropout``).
     """
     x_enc = mar.encode(params["mar"], cfg.mar, image_tokens, idx, valid,
-                       grid=mar.grid_for(cfg.mar, image_tokens.shape[1]))
+                       grid=mar.grid_for(cfg.mar, image_tokens.shape[1]), dropout_rng=dropout_rng)
     z_enc = buffer_to_end(project_in(params, cfg, x_enc), cfg.mar.buffer_size)
     return x_enc, z_enc
 
@@ -205,14 +207,17 @@ def image_kv_mask(valid: jax.Array, buffer: int) -> jax.Array:
 
 
 def decoder_condition(params: dict, cfg: Any, text_embeds: jax.Array, text_mask: jax.Array,
-                      image_tokens: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
+                      image_tokens: jax.Array, idx: jax.Array, valid: jax.Array,
+                      dropout_rng: jax.Array | None = None) -> jax.Array:
     """Text + visible image tokens -> the per-token condition ``z`` [B, L, Cd] for the head.
 
     ``text_mask`` marks real text tokens (left or right padding both work); positions are
     ``cumsum(mask) - 1`` over text and image, as in Harmon's ``prepare_forward_input``.
+    ``dropout_rng`` (training): MAR dropout in the encoder and the decoder.
     """
     buf = cfg.mar.buffer_size
-    x_enc, z_enc = visual_features(params, cfg, image_tokens, idx, valid)
+    k_enc, k_dec = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
+    x_enc, z_enc = visual_features(params, cfg, image_tokens, idx, valid, k_enc)
     kv_mask = jnp.concatenate([text_mask.astype(bool), image_kv_mask(valid, buf)], axis=1)
     positions = jnp.maximum(jnp.cumsum(kv_mask, axis=1) - 1, 0)
     embeds = jnp.concatenate([text_embeds, z_enc.astype(text_embeds.dtype)], axis=1)
@@ -220,7 +225,7 @@ def decoder_condition(params: dict, cfg: Any, text_embeds: jax.Array, text_mask:
     z_llm = buffer_to_start(hidden[:, -z_enc.shape[1]:], buf)
     x_enc = x_enc + project_out(params, cfg, z_llm)      # residual: MAR features + LLM refinement
     return mar.decode(params["mar"], cfg.mar, x_enc, idx, valid,
-                      grid=mar.grid_for(cfg.mar, image_tokens.shape[1]))
+                      grid=mar.grid_for(cfg.mar, image_tokens.shape[1]), dropout_rng=k_dec)
 
 
 def scale_grad(x: jax.Array, scale: float) -> jax.Array:
@@ -235,15 +240,17 @@ def full_visibility(batch: int, seq_len: int) -> tuple[jax.Array, jax.Array]:
 
 
 def understanding_embeds(params: dict, cfg: Any, tokens: jax.Array, image_tokens: jax.Array,
-                         image_id: int, grad_scale: float = 1.0) -> jax.Array:
+                         image_id: int, grad_scale: float = 1.0,
+                         dropout_rng: jax.Array | None = None) -> jax.Array:
     """Text embeddings with the ``<image>`` placeholders replaced by image embeddings.
 
     ``tokens [B, T]`` hold one run of ``grid**2 + buffer`` ``image_id`` placeholders per row;
     the k-th placeholder takes the k-th image embedding (buffers last, as in Harmon).
-    ``grad_scale`` scales the gradient into the MAR encoder and ``proj_in`` (0.1 in training).
+    ``grad_scale`` scales the gradient into the MAR encoder and ``proj_in`` (0.1 in training);
+    ``dropout_rng`` (training) turns on the MAR encoder's dropout.
     """
     b, seq = image_tokens.shape[:2]
-    _, z_img = visual_features(params, cfg, image_tokens, *full_visibility(b, seq))
+    _, z_img = visual_features(params, cfg, image_tokens, *full_visibility(b, seq), dropout_rng)
     z_img = scale_grad(z_img, grad_scale) if grad_scale != 1.0 else z_img
     text = qwen2.embed(params["llm"], cfg.llm, tokens)
     is_image = tokens == image_id

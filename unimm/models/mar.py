@@ -24,6 +24,14 @@ from unimm.models.layers import bind, layer_norm, linear, normal, param, shard_b
 # --------------------------------------------------------------------------- modules
 
 
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout (torch ``nn.Dropout`` in train mode); identity without ``rng``."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 class Attention(nnx.Module):
     """timm ``Attention``: fused qkv with bias, softmax(q k^T / sqrt(d)) v, output proj."""
 
@@ -32,12 +40,22 @@ class Attention(nnx.Module):
         self.qkv = linear(dim, 3 * dim, ("embed", "qkv"), rngs=rngs, dtype=dtype)
         self.proj = linear(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None, rate: float = 0.0,
+                 rng: jax.Array | None = None) -> jax.Array:
         b, n, c = x.shape
         # torch packs the channels as (3, heads, head_dim).
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).transpose(2, 0, 1, 3, 4)
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        return self.proj(jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, n, c))
+        if rng is None or rate == 0.0:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:   # timm's attn_drop on the probabilities: the explicit form
+            k_attn, rng = jax.random.split(rng)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1])).astype(q.dtype)
+            if mask is not None:
+                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+            probs = dropout(jax.nn.softmax(logits, axis=-1), rate, k_attn)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return dropout(self.proj(out.reshape(b, n, c)), rate, rng)
 
 
 class Mlp(nnx.Module):
@@ -45,12 +63,15 @@ class Mlp(nnx.Module):
         self.fc1 = linear(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.fc2 = linear(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # nn.GELU() is exact erf
+    def __call__(self, x, rate: float = 0.0, rng: jax.Array | None = None):
+        k1, k2 = jax.random.split(rng) if rng is not None else (None, None)
+        h = dropout(jax.nn.gelu(self.fc1(x), approximate=False), rate, k1)  # nn.GELU() is exact erf
+        return dropout(self.fc2(h), rate, k2)
 
 
 class Block(nnx.Module):
-    """timm ``Block`` (pre-norm attention + MLP; dropout is off at inference and in Harmon)."""
+    """timm ``Block`` (pre-norm attention + MLP). Dropout (``rate``, timm's attn_drop and
+    proj_drop; Harmon trains with 0.1) applies only when an ``rng`` is given: training."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, *, rngs: nnx.Rngs,
                  dtype=None):
@@ -59,10 +80,19 @@ class Block(nnx.Module):
         self.norm2 = layer_norm(dim, rngs=rngs, eps=eps, dtype=dtype)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, key_mask=None):
+    def __call__(self, x, key_mask=None, rate: float = 0.0, rng: jax.Array | None = None):
+        k_attn, k_mlp = jax.random.split(rng) if rng is not None else (None, None)
         x = shard_batch(x)
-        x = x + self.attn(self.norm1(x), key_mask)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn(self.norm1(x), key_mask, rate, k_attn)
+        return x + self.mlp(self.norm2(x), rate, k_mlp)
+
+
+def _blocks(blocks, x, key_mask, cfg, dropout_rng):
+    rate = float(cfg.get("dropout", 0.0))
+    for i, block in enumerate(blocks):
+        rng = None if dropout_rng is None or rate == 0.0 else jax.random.fold_in(dropout_rng, i)
+        x = block(x, key_mask, rate, rng)
+    return x
 
 
 class MAR(nnx.Module):
@@ -164,11 +194,13 @@ def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def encode(params: Any, cfg: Any, tokens: jax.Array, idx: jax.Array, valid: jax.Array, *,
-           buffer_embed: jax.Array | None = None, grid: tuple[int, int] | None = None) -> jax.Array:
+           buffer_embed: jax.Array | None = None, grid: tuple[int, int] | None = None,
+           dropout_rng: jax.Array | None = None) -> jax.Array:
     """MAR encoder on the visible tokens: ``tokens [B, L, D]`` -> ``[B, buffer + K, C]``.
 
     ``buffer_embed [B, C]`` fills the buffer rows (default ``fake_latent``, as Harmon does).
     Rows past a sample's visible count are padding: they attend but are never attended to.
+    ``dropout_rng`` (training) turns on the blocks' ``cfg.dropout``.
     """
     m = bind(MAR, cfg, params)
     b, buf = tokens.shape[0], cfg.buffer_size
@@ -181,13 +213,11 @@ def encode(params: Any, cfg: Any, tokens: jax.Array, idx: jax.Array, valid: jax.
     body = m.z_proj(_take_rows(tokens, idx)) + jnp.take(pe[0, buf:], idx, axis=0)
     x = m.z_proj_ln(jnp.concatenate([head.astype(body.dtype), body], axis=1))
     key_mask = jnp.concatenate([jnp.ones((b, buf), bool), valid], axis=1)
-    for block in m.encoder_blocks:
-        x = block(x, key_mask)
-    return m.encoder_norm(x)
+    return m.encoder_norm(_blocks(m.encoder_blocks, x, key_mask, cfg, dropout_rng))
 
 
 def decode(params: Any, cfg: Any, x_enc: jax.Array, idx: jax.Array, valid: jax.Array, *,
-           grid: tuple[int, int] | None = None) -> jax.Array:
+           grid: tuple[int, int] | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
     """MAR decoder: ``x_enc [B, buffer + K, C]`` -> diffusion condition ``z [B, L, Cd]``.
 
     Every image slot starts as the mask token; valid encoder rows are scattered back into
@@ -205,9 +235,7 @@ def decode(params: Any, cfg: Any, x_enc: jax.Array, idx: jax.Array, valid: jax.A
     rows = jnp.take_along_axis(x[:, buf:], row_of_slot[..., None], axis=1)
     img = jnp.where(hit.any(axis=1)[..., None], rows, mask_token)
     x = jnp.concatenate([x[:, :buf], img], axis=1) + _with_buffer_pe(m.decoder_pos_embed_learned[...], cfg, grid)
-    for block in m.decoder_blocks:
-        x = block(x)
-    x = m.decoder_norm(x)[:, buf:]
+    x = m.decoder_norm(_blocks(m.decoder_blocks, x, None, cfg, dropout_rng))[:, buf:]
     return x + resize_pos_embed(m.diffusion_pos_embed_learned[...], (cfg.grid, cfg.grid), (h, w))
 
 

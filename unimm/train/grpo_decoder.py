@@ -46,20 +46,22 @@ def _window(z: jax.Array, pos: jax.Array, guided: bool) -> jax.Array:
     return z_win.reshape(-1, z_win.shape[-1])
 
 
-@functools.partial(jax.jit, static_argnums=(2,), static_argnames=("num_iter", "guided", "num_steps"))
+@functools.partial(jax.jit, static_argnums=(2,), static_argnames=("num_iter", "guided", "num_steps", "grid"))
 def image_rollout(policy_params: dict, ref_params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array,
                   uncond_tokens: jax.Array, uncond_mask: jax.Array, rng: jax.Array, *, num_iter: int,
-                  guided: bool, cfg_scale=1.0, temperature=1.0, num_steps: str | None = None) -> dict:
+                  guided: bool, cfg_scale=1.0, temperature=1.0, num_steps: str | None = None,
+                  grid: int | None = None) -> dict:
     """One image per prompt row (repeat prompts ``G`` times for groups), with its trajectory.
 
     ``tokens / mask [b, T]`` are the (cond) prompts, ``uncond_*`` the unconditional prompt
     rows used for CFG when ``guided``. Returns batch-leading arrays: ``image_tokens [b, L, D]``,
     per iteration ``masked [b, I, L]``, ``pos / pos_valid [b, I, W]``, per diffusion step
     ``t [b, I, S]``, ``x / x_next [b, I, S, W, D]``, ``old_log_probs [b, I, S, W]``,
-    ``ref_mean / ref_log_var [b, I, S, W, D]``, and the prompts.
+    ``ref_mean / ref_log_var [b, I, S, W, D]``, and the prompts. ``grid``: tokens per side
+    (default ``cfg.mar.grid``; larger at stage-3 resolutions, as the sampler's).
     """
     m = cfg.mar
-    seq, dim = m.grid ** 2, m.token_dim
+    seq, dim = (grid or m.grid) ** 2, m.token_dim
     b = tokens.shape[0]
     after, _ = harmon_sample.mask_schedule(num_iter, seq)
     before = np.concatenate([[seq], after[:-1]])

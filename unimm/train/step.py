@@ -39,9 +39,11 @@ def batch_image_tokens(tokenizer_params: Any, model_cfg: Any, batch: dict, task:
 
 
 def i2t_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array, image_id: int,
-             grad_scale: float) -> tuple[jax.Array, dict]:
+             grad_scale: float, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """``rng``: MAR dropout (``model.mar.dropout``) in the understanding path."""
     tokens, mask = batch["i2t_tokens"], batch["i2t_mask"].astype(bool)
-    embeds = harmon.understanding_embeds(params, model_cfg, tokens, img_tokens, image_id, grad_scale)
+    embeds = harmon.understanding_embeds(params, model_cfg, tokens, img_tokens, image_id, grad_scale,
+                                         dropout_rng=rng)
     hidden, _ = qwen2.forward(params["llm"], model_cfg.llm, embeds, qwen2.positions_from_mask(mask), mask)
     logits = qwen2.lm_logits(params["llm"], model_cfg.llm, hidden)
     targets = batch["i2t_targets"]
@@ -56,10 +58,12 @@ def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
              rng: jax.Array) -> tuple[jax.Array, dict]:
     b, seq, dim = img_tokens.shape
     k_mask, k_diff = jax.random.split(rng)
+    k_drop = jax.random.fold_in(rng, 2)
     mask, idx, valid, ratio = mar.training_mask(k_mask, b, seq, model_cfg.mar.mask_ratio_min,
                                                 std=model_cfg.mar.get("mask_ratio_std", mar.MASK_RATIO_STD))
     text = qwen2.embed(params["llm"], model_cfg.llm, batch["t2i_tokens"])
-    z = harmon.decoder_condition(params, model_cfg, text, batch["t2i_mask"], img_tokens, idx, valid)
+    z = harmon.decoder_condition(params, model_cfg, text, batch["t2i_mask"], img_tokens, idx, valid,
+                                 dropout_rng=k_drop if model_cfg.mar.get("dropout", 0.0) else None)
     loss = gaussian_diffusion.diffusion_loss(
         params["head"], harmon.head_config(model_cfg), model_cfg.diffusion,
         harmon.head_target(params, model_cfg, z, img_tokens).reshape(-1, dim), z.reshape(b * seq, -1),
@@ -76,7 +80,9 @@ def loss_fn(params: Any, tokenizer_params: Any, batch: dict, rng: jax.Array, *, 
     total, metrics = 0.0, {}
     if "i2t_tokens" in batch:
         toks = batch_image_tokens(tokenizer_params, m, batch, "i2t")
-        loss, mets = i2t_loss(params, m, batch, toks, config.data.image_token_id, m.understanding_grad_scale)
+        k_drop = jax.random.fold_in(rng, 1) if m.mar.get("dropout", 0.0) else None
+        loss, mets = i2t_loss(params, m, batch, toks, config.data.image_token_id, m.understanding_grad_scale,
+                              k_drop)
         total, metrics = total + t.i2t_weight * loss, {**metrics, **mets}
     if "t2i_tokens" in batch:
         toks = batch_image_tokens(tokenizer_params, m, batch, "t2i")
