@@ -284,3 +284,27 @@ def test_grid_for_and_full_masking():
     assert mar.max_visible_for_training(9, 0.999) == 1
     mask, idx, valid, _ = mar.training_mask(jax.random.key(0), 2, 9, 0.999)
     assert mask.all() and idx.shape == (2, 1) and not valid.any()
+
+
+def test_dropout_only_in_training_and_explicit_attention_matches(params):
+    """model.mar.dropout (Harmon trains MAR with 0.1): no rng = inference, unchanged; with an
+    rng the blocks drop; the explicit attention that dropout needs equals
+    ``jax.nn.dot_product_attention`` when nothing is dropped."""
+    cfg = layers.freeze(type(CFG)(dict(CFG.items(), dropout=0.1)))
+    tokens = jax.random.normal(jax.random.key(0), (2, L, CFG.token_dim))
+    idx, valid = mar.gather_visible(jnp.zeros((2, L), bool), L)
+    run = jax.jit(lambda key: mar.encode(params, cfg, tokens, idx, valid, dropout_rng=key))
+    plain = mar.encode(params, cfg, tokens, idx, valid)
+    np.testing.assert_allclose(plain, ENCODE(params, tokens, idx, valid), atol=1e-6)
+    a, b = run(jax.random.key(1)), run(jax.random.key(2))
+    assert not np.allclose(a, plain, atol=1e-3) and not np.allclose(a, b, atol=1e-3)
+    np.testing.assert_array_equal(a, run(jax.random.key(1)))
+    assert mar_config("tiny").dropout == 0.0 and mar_config("1.5b").dropout == 0.1
+    block = layers.bind(mar.MAR, CFG, params).encoder_blocks[0]
+    x = jax.random.normal(jax.random.key(3), (2, 7, CFG.width))
+    key_mask = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2], bool)
+    np.testing.assert_allclose(block.attn(x, key_mask, 1e-12, jax.random.key(4)), block.attn(x, key_mask),
+                               atol=1e-5)
+    x = jnp.ones((4000,))
+    dropped = mar.dropout(x, 0.1, jax.random.key(5))
+    assert abs(float((dropped == 0).mean()) - 0.1) < 0.02 and np.allclose(dropped[dropped > 0], 1 / 0.9)
