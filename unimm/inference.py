@@ -69,15 +69,15 @@ ADDED_FIELDS = {"data": {"i2t_square": "pad", "t2i_square": "pad", "caption_ques
 
 
 def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    for section, fields in ADDED_FIELDS.items():
-        for key, value in fields.items():
-            if key not in config[section]:
-                config[section][key] = value
     # JSON turns tuples into lists; the sharding rules and VAE dims are tuples in configs.
     config.sharding.logical_axis_rules = tuple(
         (k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding.logical_axis_rules)
     for key in ("ch_mult", "attn_resolutions"):
         config.model.vae[key] = tuple(config.model.vae[key])
+    for section, fields in ADDED_FIELDS.items():
+        for key, value in fields.items():
+            if key not in config[section]:
+                config[section][key] = value
     return config
 
 
