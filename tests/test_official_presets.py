@@ -152,3 +152,24 @@ def test_grpo_steps_at_stage3_resolution(variant, qwen_like):
         with jax.set_mesh(mesh):
             state, metrics = step(state, scored, jax.random.key(2))
         assert np.isfinite(float(metrics["loss"])), policy
+
+
+def test_caption_decoding_follows_the_generation_config(qwen_like, tmp_path):
+    """``sample.generation_config`` (what unimm.convert keeps from the LLM folder) sets the
+    captions' penalty, sampling filters and extra eos ids, as HF's generate applies it;
+    greedy decoding (Harmon's image2text.py) keeps only the penalty."""
+    config = preset("configs/harmon.py:1.5b", qwen_like, 512, 2)
+    tok = HFTokenizer(qwen_like)
+    (tmp_path / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "eos_token_id": [151645, 151643], "repetition_penalty": 1.05,
+        "temperature": 0.7, "top_k": 20, "top_p": 0.8}))
+    config.sample.generation_config = str(tmp_path)
+    model = shapes_bench.Model(config, tok, {}, {})
+    assert model.decoding() == {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.05,
+                                "eos_id": [151645, 151643]}
+    config.sample.caption_sampling = True
+    assert model.decoding() == {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05,
+                                "eos_id": [151645, 151643]}
+    config.sample.generation_config, config.sample.top_p = "", 1.5
+    with pytest.raises(ValueError, match=r"config.sample: top_p=1.5 must be in \(0, 1\]"):
+        model.decoding()
