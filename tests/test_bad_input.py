@@ -280,6 +280,7 @@ def cli_results(files):
         return dict(pool.map(run, order))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CLI))
 def test_cli(cli_results, files, name):
     code, out, err = cli_results[name]

@@ -40,6 +40,7 @@ OFFICIAL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(OFFICIAL))
 def test_official_parameter_counts(variant):
     cfg = config_utils.load_config(f"configs/harmon.py:{variant}").model

@@ -77,6 +77,7 @@ def test_rollout_log_probs_equal_the_policy_and_ratio_is_one(setup):
     assert np.isfinite(m["loss"]) and m["grad_norm"] > 0
 
 
+@pytest.mark.slow
 def test_grpo_step_sharded_equals_single_device(setup):
     config, tok = setup
     results = []
@@ -102,6 +103,7 @@ def test_grpo_step_sharded_equals_single_device(setup):
                                                           {"data": 1}, devices=jax.devices()[:1])).params["mar"])))
 
 
+@pytest.mark.slow
 def test_tiny_grpo_raises_a_simple_reward(setup):
     """Reward 1 when the caption mentions "red": the rate rises within a few dozen steps."""
     config = grpo_config(group_size=8, max_new_tokens=8, temperature=1.0, beta=0.0)
@@ -125,6 +127,7 @@ def test_tiny_grpo_raises_a_simple_reward(setup):
     assert last > max(0.5, 3 * first), (first, last, rates)
 
 
+@pytest.mark.slow
 def test_grpo_loop_runs_checkpoints_and_resumes(tmp_path):
     from unimm.train import grpo_loop
     config = grpo_config(group_size=2, inputs_per_step=4, max_new_tokens=6)
@@ -140,6 +143,7 @@ def test_grpo_loop_runs_checkpoints_and_resumes(tmp_path):
         grpo_loop.train_grpo(grpo_config(trainable=("llm", "vae")), str(tmp_path / "x"), evaluate=False)
 
 
+@pytest.mark.slow
 def test_grpo_starts_from_a_supervised_workdir(tmp_path, monkeypatch):
     from unimm import inference
     from unimm.train import grpo_loop

@@ -82,6 +82,7 @@ def test_noisiest_step_selection_trains_only_the_first_steps(setup):
     assert abs(loss(shifted(0, 1)) - base) > 1e-3  # the noisiest step does
 
 
+@pytest.mark.slow
 def test_supervised_anchor_adds_the_t2i_loss(setup):
     """grpo.sft_weight: the step's loss is the GRPO loss plus weight x train_step's T2I loss on
     the batch riding in the rollout; its gradient reaches the LLM, which GRPO alone leaves."""
@@ -102,6 +103,7 @@ def test_supervised_anchor_adds_the_t2i_loss(setup):
     assert float(optax.tree.norm(llm_grad)) > 0
 
 
+@pytest.mark.slow
 def test_retain_rollouts_hold_every_step_to_the_reference(setup):
     """grpo.retain_weight: the loss adds weight x the mean Gaussian KL to the reference over
     every diffusion step of the retain rollouts, whatever the groups and the step selection
@@ -134,6 +136,7 @@ def test_retain_rollouts_hold_every_step_to_the_reference(setup):
     assert float(loss(back, {**dropped, **retain})[1]["retain_kl"]) < float(m["retain_kl"])
 
 
+@pytest.mark.slow
 def test_decoder_step_moves_the_policy_towards_high_reward(setup):
     config, cfg, params, rollout = setup
     scored = _scored(rollout, [1.0, -1.0, 1.0, -1.0])
@@ -170,6 +173,7 @@ def test_decoder_step_moves_the_policy_towards_high_reward(setup):
     assert any(jax.tree.leaves(head_moved))
 
 
+@pytest.mark.slow
 def test_decoder_grpo_step_sharded_equals_single_device(setup):
     config, cfg, params, rollout = setup
     scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
@@ -200,6 +204,7 @@ def test_decoder_grpo_step_sharded_equals_single_device(setup):
         off.sum(), off.size, cos)
 
 
+@pytest.mark.slow
 def test_decoder_policy_loop_runs_and_resumes(tmp_path):
     from unimm.train import grpo_loop
     config = config_utils.load_config("configs/grpo.py:tiny")

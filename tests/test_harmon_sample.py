@@ -63,6 +63,7 @@ def test_guidance_scale_one_equals_unguided(tiny, schedule):
     np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_caption_decodes_with_image_slots(tiny):
     cfg, params = tiny
     n_img = cfg.mar.grid ** 2 + cfg.mar.buffer_size

@@ -7,8 +7,11 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from unimm import checkpoint
+
+pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30

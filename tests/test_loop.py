@@ -15,6 +15,8 @@ from unimm.convert.__main__ import save as convert_save
 from unimm.models import harmon, layers
 from unimm.train import loop
 
+pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 

@@ -18,6 +18,8 @@ import pytest
 
 from unimm import checkpoint, distributed
 
+pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=0",

@@ -3,7 +3,10 @@ import os
 import re
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

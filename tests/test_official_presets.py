@@ -79,6 +79,7 @@ def preset(spec, folder, image_size, stage):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_size,stage", [(256, 1), (512, 3)])
 @pytest.mark.parametrize("variant", OFFICIAL)
 def test_preset_trains_samples_and_captions_at_its_geometry(variant, image_size, stage, qwen_like):
@@ -117,6 +118,7 @@ def test_preset_trains_samples_and_captions_at_its_geometry(variant, image_size,
     assert len(answer) == 1 and isinstance(answer[0], str)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", OFFICIAL)
 def test_grpo_steps_at_stage3_resolution(variant, qwen_like):
     """One GRPO step of each policy at 512 px (32x32 tokens, interpolated positions)."""

@@ -71,6 +71,7 @@ def float32_two_steps(mesh1):
     return run_steps(tiny_config(), mesh1, n=2)
 
 
+@pytest.mark.slow
 def test_steps_reduce_loss_and_update_everything(mesh1):
     config = tiny_config(steps=30)
     config.optimizer.lr = 1e-3
@@ -86,6 +87,7 @@ def test_steps_reduce_loss_and_update_everything(mesh1):
     assert metrics["t2i_loss"] < first["t2i_loss"]
 
 
+@pytest.mark.slow
 def test_stage1_freezes_the_llm(mesh1):
     start, state, _ = run_steps(tiny_config(stage=1), mesh1, n=2)
     for a, b in zip(jax.tree.leaves(start["llm"]), jax.tree.leaves(state.params["llm"])):
@@ -110,6 +112,7 @@ def test_understanding_gradient_into_mar_is_scaled(mesh1):
         np.testing.assert_allclose(a, ratio * b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device(float32_two_steps):
     _, want, m_want = float32_two_steps
     mesh8 = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -120,6 +123,7 @@ def test_sharded_step_matches_single_device(float32_two_steps):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_stage3_trains_and_samples_at_twice_the_resolution(mesh1):
     config = tiny_config(stage=3)
     m = config.model
@@ -139,6 +143,7 @@ def test_stage3_trains_and_samples_at_twice_the_resolution(mesh1):
     assert out.shape == (2, g * g, m.mar.token_dim) and np.isfinite(np.asarray(out)).all()
 
 
+@pytest.mark.slow
 def test_mixed_precision_keeps_float32_params_and_optimizer_state(mesh1, float32_two_steps):
     """bf16 compute (the components' ``dtype``) with float32 params, moments and EMA; the
     losses stay close to the float32 step's and the remat / scan switches compose with it."""
@@ -182,6 +187,7 @@ def test_nonfinite_guard_stops_after_a_run():
         guard.flush()
 
 
+@pytest.mark.slow
 def test_readout_aid_adds_a_trained_regression_of_z_onto_the_tokens(mesh1):
     assert "readout" not in harmon.abstract_params(config_utils.load_config("configs/harmon.py:0.5b").model)
     config = tiny_config(steps=30, i2t_weight=0.0)
