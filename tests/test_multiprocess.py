@@ -18,8 +18,6 @@ import pytest
 
 from unimm import checkpoint, distributed
 
-pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=0",
@@ -71,6 +69,7 @@ def runs(tmp_path_factory):
     return single_dir, single_log, multi_dir, multi_logs
 
 
+@pytest.mark.slow   # three processes: the full suite only (tests/README.md)
 def test_two_processes_match_one(runs):
     single_dir, single_log, multi_dir, multi_logs = runs
     assert "process 1 of 2, 4 local / 8 global devices" in multi_logs[1]
