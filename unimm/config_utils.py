@@ -2,11 +2,28 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from typing import Any
 
 import ml_collections
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_json_object(path: str, what: str, expected: str = "", holds: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``; a file that is not UTF-8 JSON, or not an object, is one
+    ValueError naming the file and ``what`` it should be (``expected`` adds a hint, ``holds``
+    names what the object is, default ``what``)."""
+    hint = f"; expected {expected}" if expected else ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON {what} ({e}){hint}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object ({holds or what}), found {type(raw).__name__}")
+    return raw
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -7,7 +7,6 @@ the newest checkpoint fits the config, then builds and restores the model).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
@@ -45,14 +44,8 @@ def load_config(workdir: str, spec: str | None = None, flag: str = "--workdir") 
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: pass --config=configs/harmon.py:<variant>")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a valid JSON config ({e}); expected the config.json written "
-                         "by python -m unimm.main, or pass --config=configs/harmon.py:<variant>") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object (the run's config), found {type(raw).__name__}")
+    raw = config_utils.read_json_object(path, "config", "the config.json written by python -m unimm.main, "
+                                        "or pass --config=configs/harmon.py:<variant>", "the run's config")
     try:
         return _tuples(ml_collections.ConfigDict(raw))
     except (AttributeError, KeyError) as e:

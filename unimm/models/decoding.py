@@ -12,12 +12,13 @@ implicitly; pure JSON, no code runs.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from unimm import config_utils
 
 # What generation_config.json may set here, and the value that leaves decoding unchanged.
 NEUTRAL = {"repetition_penalty": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
@@ -63,13 +64,7 @@ def settings_from_generation_config(path: str) -> dict[str, Any]:
     file = os.path.join(path, "generation_config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f"generation config not found: {file}")
-    try:
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not a valid JSON generation config ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{file}: expected a JSON object, found {type(raw).__name__}")
+    raw = config_utils.read_json_object(file, "generation config")
     out: dict[str, Any] = {}
     for key, neutral in NEUTRAL.items():
         value = raw.get(key)
