@@ -63,7 +63,7 @@ def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
                                                 std=model_cfg.mar.get("mask_ratio_std", mar.MASK_RATIO_STD))
     text = qwen2.embed(params["llm"], model_cfg.llm, batch["t2i_tokens"])
     z = harmon.decoder_condition(params, model_cfg, text, batch["t2i_mask"], img_tokens, idx, valid,
-                                 dropout_rng=k_drop if model_cfg.mar.get("dropout", 0.0) else None)
+                                 dropout_rng=k_drop)
     loss = gaussian_diffusion.diffusion_loss(
         params["head"], harmon.head_config(model_cfg), model_cfg.diffusion,
         harmon.head_target(params, model_cfg, z, img_tokens).reshape(-1, dim), z.reshape(b * seq, -1),
@@ -80,9 +80,8 @@ def loss_fn(params: Any, tokenizer_params: Any, batch: dict, rng: jax.Array, *, 
     total, metrics = 0.0, {}
     if "i2t_tokens" in batch:
         toks = batch_image_tokens(tokenizer_params, m, batch, "i2t")
-        k_drop = jax.random.fold_in(rng, 1) if m.mar.get("dropout", 0.0) else None
         loss, mets = i2t_loss(params, m, batch, toks, config.data.image_token_id, m.understanding_grad_scale,
-                              k_drop)
+                              jax.random.fold_in(rng, 1))
         total, metrics = total + t.i2t_weight * loss, {**metrics, **mets}
     if "t2i_tokens" in batch:
         toks = batch_image_tokens(tokenizer_params, m, batch, "t2i")
