@@ -1,5 +1,4 @@
 """Unified-GRPO with the decoder as the policy: recorded steps, ratio 1, KL 0, a step that learns."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +39,23 @@ def _scored(rollout, adv):
     return {**rollout, "advantages": jnp.asarray(adv, jnp.float32), "group_valid": jnp.ones(len(adv), bool)}
 
 
+def _jit_loss(config):
+    """``decoder_grpo_loss`` under ``config``, compiled (eager, each call re-runs thousands of ops)."""
+    return jax.jit(lambda p, r: grpo_decoder.decoder_grpo_loss(p, r, jax.random.key(0), config=config))
+
+
+def _jit_loss_and_grad(config):
+    return jax.jit(jax.value_and_grad(lambda p, r: grpo_decoder.decoder_grpo_loss(
+        p, r, jax.random.key(0), config=config), has_aux=True))
+
+
+@pytest.fixture(scope="module")
+def plain(setup):
+    """The fixture config's loss and metrics on the rollout scored [1, -1, 0.5, -0.5]."""
+    config, cfg, params, rollout = setup
+    return jax.device_get(_jit_loss(config)(params, _scored(rollout, [1.0, -1.0, 0.5, -0.5])))
+
+
 def test_rollout_records_every_token_once(setup):
     config, cfg, params, rollout = setup
     b, seq = 4, cfg.mar.grid ** 2
@@ -59,10 +75,8 @@ def test_rollout_records_every_token_once(setup):
             np.testing.assert_allclose(last[r, i][ok], np.asarray(rollout["image_tokens"][r])[np.asarray(rollout["pos"][r, i])[ok]], atol=1e-6)
 
 
-def test_first_epoch_ratio_is_one_and_kl_zero(setup):
-    config, cfg, params, rollout = setup
-    loss, m = grpo_decoder.decoder_grpo_loss(params, _scored(rollout, [1.0, -1.0, 0.5, -0.5]), jax.random.key(0),
-                                             config=config)
+def test_first_epoch_ratio_is_one_and_kl_zero(plain):
+    loss, m = plain
     assert abs(float(m["ratio_max"]) - 1.0) < 1e-3, m
     assert float(m["kl"]) < 1e-6 and float(m["clip_fraction"]) == 0.0
 
@@ -75,7 +89,8 @@ def test_noisiest_step_selection_trains_only_the_first_steps(setup):
     config.grpo.step_selection, config.grpo.step_fraction = "noisiest", 0.5
     scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
     assert grpo_decoder.noisiest_steps(scored, 0.5)["x"].shape[2] == 3 == int(np.ceil(0.5 * int(STEPS)))
-    loss = lambda r: float(grpo_decoder.decoder_grpo_loss(params, r, jax.random.key(0), config=config)[0])
+    jitted = _jit_loss(config)
+    loss = lambda r: float(jitted(params, r)[0])
     base = loss(scored)
     shifted = lambda lo, hi: {**scored, "x_next": scored["x_next"].at[:, :, lo:hi].add(0.3)}
     assert loss(shifted(3, None)) == base          # the late steps do not count
@@ -83,7 +98,7 @@ def test_noisiest_step_selection_trains_only_the_first_steps(setup):
 
 
 @pytest.mark.slow
-def test_supervised_anchor_adds_the_t2i_loss(setup):
+def test_supervised_anchor_adds_the_t2i_loss(setup, plain):
     """grpo.sft_weight: the step's loss is the GRPO loss plus weight x train_step's T2I loss on
     the batch riding in the rollout; its gradient reaches the LLM, which GRPO alone leaves."""
     config, cfg, params, rollout = setup
@@ -94,13 +109,12 @@ def test_supervised_anchor_adds_the_t2i_loss(setup):
     batch = grpo_loop.anchor_batch(config, tok, None, 3)
     assert batch["t2i_latents"].shape == (4, 9, cfg.mar.token_dim) and batch["t2i_tokens"].shape[0] == 4
     scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
-    loss = lambda p, r: grpo_decoder.decoder_grpo_loss(p, r, jax.random.key(0), config=config)
-    (plain, _), (anchored, m) = loss(params, scored), loss(params, {**scored, **batch})
-    sft, _ = step.t2i_loss(params, cfg, batch, batch["t2i_latents"], jax.random.fold_in(jax.random.key(0), 1))
-    np.testing.assert_allclose(float(anchored), float(plain) + 0.5 * float(sft), rtol=1e-5)
+    (anchored, m), grad = _jit_loss_and_grad(config)(params, {**scored, **batch})
+    sft, _ = jax.jit(lambda p, b: step.t2i_loss(p, cfg, b, b["t2i_latents"], jax.random.fold_in(
+        jax.random.key(0), 1)))(params, batch)
+    np.testing.assert_allclose(float(anchored), float(plain[0]) + 0.5 * float(sft), rtol=1e-5)
     assert float(m["sft_t2i_loss"]) > 0
-    llm_grad = jax.grad(lambda p: loss(p, {**scored, **batch})[0])(params)["llm"]
-    assert float(optax.tree.norm(llm_grad)) > 0
+    assert float(optax.tree.norm(grad["llm"])) > 0
 
 
 @pytest.mark.slow
@@ -113,14 +127,15 @@ def test_retain_rollouts_hold_every_step_to_the_reference(setup):
     config.grpo.retain_weight, config.grpo.step_selection, config.grpo.step_fraction = 2.0, "noisiest", 0.5
     retain = grpo_decoder.as_retain(rollout)   # drawn by params, the reference too
     dropped = {**_scored(rollout, [1.0, -1.0, 0.5, -0.5]), "group_valid": jnp.zeros(4, bool)}
-    loss = lambda p, r: grpo_decoder.decoder_grpo_loss(p, r, jax.random.key(0), config=config)
-    same, m = loss(params, {**dropped, **retain})
+    loss_and_grad = _jit_loss_and_grad(config)
+    (same, m), _ = loss_and_grad(params, {**dropped, **retain})
     assert abs(float(m["retain_kl"])) < 1e-5 and abs(float(same)) < 1e-5
     final = params["head"]["final_layer"]["linear"]
     moved = {**params, "head": {**params["head"], "final_layer": {**params["head"]["final_layer"], "linear": {
         **final, "kernel": final["kernel"] + 0.02 * jax.random.normal(jax.random.key(3), final["kernel"].shape)}}}}
-    total, m = loss(moved, {**dropped, **retain})
-    mean, log_var = grpo_decoder.step_means(moved, cfg, rollout, guided=True, cfg_scale=3.0, num_steps=STEPS)
+    (total, m), grad = loss_and_grad(moved, {**dropped, **retain})
+    mean, log_var = jax.jit(lambda p, r: grpo_decoder.step_means(p, cfg, r, guided=True, cfg_scale=3.0,
+                                                                 num_steps=STEPS))(moved, rollout)
     mean, log_var, ref_mean, ref_log_var = (np.asarray(x, np.float64) for x in (
         mean, log_var, rollout["ref_mean"], rollout["ref_log_var"]))
     kl = 0.5 * (ref_log_var - log_var + (np.exp(log_var) + (mean - ref_mean) ** 2) / np.exp(ref_log_var) - 1).sum(-1)
@@ -131,23 +146,22 @@ def test_retain_rollouts_hold_every_step_to_the_reference(setup):
     np.testing.assert_allclose(float(m["retain_kl"]), expected, rtol=1e-4)
     np.testing.assert_allclose(float(total), 2.0 * expected, rtol=1e-4)   # no group left to GRPO
     # Its gradient pulls the policy back towards the reference.
-    grad = jax.grad(lambda p: loss(p, {**dropped, **retain})[0])(moved)
     back = jax.tree.map(lambda p, g: p - 1e-3 / float(optax.tree.norm(grad)) * g, moved, grad)
-    assert float(loss(back, {**dropped, **retain})[1]["retain_kl"]) < float(m["retain_kl"])
+    assert float(loss_and_grad(back, {**dropped, **retain})[0][1]["retain_kl"]) < float(m["retain_kl"])
 
 
 @pytest.mark.slow
 def test_decoder_step_moves_the_policy_towards_high_reward(setup):
     config, cfg, params, rollout = setup
     scored = _scored(rollout, [1.0, -1.0, 1.0, -1.0])
-    loss = lambda p: grpo_decoder.decoder_grpo_loss(p, scored, jax.random.key(0), config=config)[0]
+    loss_and_grad = _jit_loss_and_grad(config)
     # The gradient is a descent direction of the clipped objective: a short step along it
     # raises the log-probs of the high-advantage images relative to the others.
-    grad = jax.jit(jax.grad(loss))(params)
+    (loss, _), grad = loss_and_grad(params, scored)
     norm = float(optax.tree.norm(grad))
     assert np.isfinite(norm) and norm > 0
     moved = jax.tree.map(lambda p, g: p - 1e-5 / norm * g, params, grad)   # log-probs are steep: ~1e3 gradient norm
-    assert float(loss(moved)) < float(loss(params))
+    assert float(loss_and_grad(moved, scored)[0][0]) < float(loss)
     # grpo.train_variance=False: the head's variance channels (its output's second half) get no
     # gradient; the mean channels get the same one.
     fixed_config = config.copy_and_resolve_references()
@@ -159,18 +173,6 @@ def test_decoder_step_moves_the_policy_towards_high_reward(setup):
     assert np.abs(kernel(fixed)[:, c:]).max() == 0.0 and np.abs(kernel(grad)[:, c:]).max() > 0
     np.testing.assert_allclose(kernel(fixed)[:, :c], kernel(grad)[:, :c], rtol=1e-4,
                                atol=1e-6 * np.abs(kernel(grad)).max())
-    # The jitted step: finite, only grpo.trainable groups change (the LLM is frozen here).
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    state = create_train_state(config, mesh, jax.random.key(0), params=params)
-    step = jax.jit(functools.partial(grpo_decoder.decoder_grpo_step, config=config))
-    with jax.set_mesh(mesh):
-        new, metrics = step(state, scored, jax.random.key(0))
-    assert float(metrics["nonfinite"]) == 0.0 and float(metrics["grad_norm"]) > 0
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new.params["llm"]),
-                 jax.tree.map(np.asarray, params["llm"]))
-    head_moved = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
-                              new.params["head"], params["head"])
-    assert any(jax.tree.leaves(head_moved))
 
 
 @pytest.mark.slow
@@ -190,7 +192,11 @@ def test_decoder_grpo_step_sharded_equals_single_device(setup):
                 state, m = step(state, sharded, jax.random.key(0))
         results.append((jax.device_get(m), jax.tree.map(np.asarray, state.params)))
     (m1, p1), (m8, p8) = results
-    assert float(m1["kl"]) > 0 and float(m1["grad_norm"]) > 0
+    assert float(m1["kl"]) > 0 and float(m1["grad_norm"]) > 0 and float(m1["nonfinite"]) == 0.0
+    # Only grpo.trainable groups change (the LLM is frozen here).
+    jax.tree.map(np.testing.assert_array_equal, p1["llm"], jax.tree.map(np.asarray, params["llm"]))
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(
+        jax.tree.leaves(p1["head"]), jax.tree.leaves(params["head"])))
     for k in ("loss", "kl", "grad_norm"):
         np.testing.assert_allclose(m8[k], m1[k], rtol=2e-3, atol=1e-6, err_msg=k)
     # Adam scales every update to ~lr whatever the gradient's size, so an element whose
