@@ -19,7 +19,7 @@ import pytest
 from unimm import checkpoint, distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 10
+STEPS = 4
 OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=0",
              "--config.train.checkpoint_every=1000", "--config.data.i2t_batch_size=8",
              "--config.data.t2i_batch_size=8"]
@@ -32,7 +32,10 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    # The session's compilation cache (tests/conftest.py) stays: the one-process run compiles
+    # first, and the two processes find the same 8-device program there.
+    keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    env = {k: v for k, v in os.environ.items() if (not k.startswith("JAX_") or k in keep) and k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=ROOT, **{k: str(v) for k, v in extra.items()})
     return env
@@ -61,11 +64,11 @@ def _params(workdir: str) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     single_dir, multi_dir = (str(tmp_path_factory.mktemp(n)) for n in ("one_process", "two_processes"))
+    single_log = _finish(_start(single_dir, _env(8)))
     port = _free_port()
     procs = [_start(multi_dir, _env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
                                     JAX_PROCESS_ID=i)) for i in range(2)]
     multi_logs = [_finish(p) for p in procs]
-    single_log = _finish(_start(single_dir, _env(8)))
     return single_dir, single_log, multi_dir, multi_logs
 
 
