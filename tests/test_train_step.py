@@ -1,4 +1,6 @@
 """The supervised train step on synthetic batches: losses, stages, gradient scale, sharding."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,11 +52,15 @@ def mesh1():
     return sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
 
 
-def run_steps(config, mesh, n=3):
-    """``n`` steps on one synthetic batch: (start params, end state, each step's metrics)."""
-    state = create_train_state(config, mesh, jax.random.key(0))
+def run_steps(config, mesh, n=3, compiled=None):
+    """``n`` steps on one synthetic batch: (start params, end state, each step's metrics).
+    ``compiled``: a :func:`default_step` pair for ``config`` (its state is copied, not donated)."""
+    if compiled:
+        step, state = compiled[0], jax.tree.map(jnp.copy, compiled[1])
+    else:
+        state = create_train_state(config, mesh, jax.random.key(0))
     batch = synthetic_batch(config)
-    step = step_lib.jit_train_step(config, mesh, state_shardings(state), batch)
+    step = step if compiled else step_lib.jit_train_step(config, mesh, state_shardings(state), batch)
     start = jax.tree.map(np.asarray, state.params)
     history = []
     with jax.set_mesh(mesh):
@@ -65,26 +71,43 @@ def run_steps(config, mesh, n=3):
 
 
 @pytest.fixture(scope="module")
-def float32_two_steps(mesh1):
+def default_step(mesh1):
+    """The default tiny config's jitted step on one device (traced and compiled once) and its
+    initial state (the step takes states of this one's structure: copy it, the step donates)."""
+    config = tiny_config()
+    state = create_train_state(config, mesh1, jax.random.key(0))
+    return step_lib.jit_train_step(config, mesh1, state_shardings(state), synthetic_batch(config)), state
+
+
+@pytest.fixture(scope="module")
+def float32_two_steps(mesh1, default_step):
     """The reference two steps of the default tiny config on one device (shared by the tests
     that compare a sharded or a bfloat16 step against it)."""
-    return run_steps(tiny_config(), mesh1, n=2)
+    return run_steps(tiny_config(), mesh1, n=2, compiled=default_step)
 
 
 @pytest.mark.slow
 def test_steps_reduce_loss_and_update_everything(mesh1):
+    """30 steps on one batch: both losses fall and every group trains, the readout aid
+    (``model.readout_weight``, tiny's only) included: the step's loss is the weighted sum."""
+    assert "readout" not in harmon.abstract_params(config_utils.load_config("configs/harmon.py:0.5b").model)
     config = tiny_config(steps=30)
     config.optimizer.lr = 1e-3
+    config.model.readout_weight = 2.0
     start, state, history = run_steps(config, mesh1, n=30)
     first, metrics = history[0], history[-1]
     assert np.isfinite(first["loss"]) and first["i2t_loss"] > 0 and first["t2i_loss"] > 0
+    t = config.train
+    assert first["loss"] == pytest.approx(t.i2t_weight * first["i2t_loss"] + t.t2i_weight * (
+        first["t2i_loss"] + 2.0 * first["t2i_readout_loss"]), rel=1e-5)
     assert int(state.step) == 30
-    for group in ("llm", "mar", "head", "proj_in", "proj_out"):
+    for group in ("llm", "mar", "head", "proj_in", "proj_out", "readout"):
         moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), start[group], state.params[group])
-        assert any(jax.tree.leaves(moved)), group
-    # The same batch 30 times: both losses must fall below their first values.
+        assert (all if group == "readout" else any)(jax.tree.leaves(moved)), group
+    # The same batch 30 times: every loss must fall below its first value.
     assert metrics["i2t_loss"] < 0.8 * first["i2t_loss"]
     assert metrics["t2i_loss"] < first["t2i_loss"]
+    assert metrics["t2i_readout_loss"] < 0.5 * first["t2i_readout_loss"]
 
 
 @pytest.mark.slow
@@ -97,13 +120,14 @@ def test_stage1_freezes_the_llm(mesh1):
 
 def test_understanding_gradient_into_mar_is_scaled(mesh1):
     config = tiny_config()
-    params = harmon.init(config.model, jax.random.key(0))
+    params = jax.jit(harmon.init, static_argnums=0)(layers.freeze(config.model), jax.random.key(0))
     batch = {k: v for k, v in synthetic_batch(config).items() if k.startswith("i2t")}
     toks = step_lib.image_tokens({}, config.model, batch["i2t_images"])
 
-    def grads(scale):
-        f = lambda p: step_lib.i2t_loss(p, config.model, batch, toks, IMAGE_ID, scale)[0]
-        return jax.grad(f)(params)
+    # Compiled (eager, each call runs thousands of ops one by one); the scale is static.
+    grads = jax.jit(jax.grad(lambda p, scale: step_lib.i2t_loss(p, config.model, batch, toks, IMAGE_ID, scale)[0]),
+                    static_argnums=1)
+    grads = functools.partial(grads, params)
 
     g1, g01 = grads(1.0), grads(0.1)
     for group, ratio in (("mar", 0.1), ("proj_in", 0.1), ("llm", 1.0)):
@@ -161,12 +185,11 @@ def test_mixed_precision_keeps_float32_params_and_optimizer_state(mesh1, float32
     np.testing.assert_allclose(metrics["t2i_loss"], ref["t2i_loss"], rtol=0.1)
 
 
-def test_nonfinite_step_changes_nothing_but_the_step(mesh1):
+def test_nonfinite_step_changes_nothing_but_the_step(mesh1, default_step):
     config = tiny_config()
-    state = create_train_state(config, mesh1, jax.random.key(0))
+    step, state = default_step[0], jax.tree.map(jnp.copy, default_step[1])
     batch = synthetic_batch(config)
     batch["t2i_images"][0, 0, 0, 0] = np.nan          # one NaN pixel poisons the loss
-    step = step_lib.jit_train_step(config, mesh1, state_shardings(state), batch)
     before = jax.tree.map(np.asarray, (state.params, state.opt_state, state.ema_params))
     with jax.set_mesh(mesh1):
         state, metrics = step(state, batch, jax.random.key(1))
@@ -185,22 +208,6 @@ def test_nonfinite_guard_stops_after_a_run():
     guard.observe(jnp.float32(1.0), 5)
     with pytest.raises(FloatingPointError, match=r"3 steps in a row \(up to step 5\).*max_nonfinite_steps=3"):
         guard.flush()
-
-
-@pytest.mark.slow
-def test_readout_aid_adds_a_trained_regression_of_z_onto_the_tokens(mesh1):
-    assert "readout" not in harmon.abstract_params(config_utils.load_config("configs/harmon.py:0.5b").model)
-    config = tiny_config(steps=30, i2t_weight=0.0)
-    config.model.readout_weight = 2.0
-    config.optimizer.lr = 1e-3
-    start, state, history = run_steps(config, mesh1, n=30)
-    first, last = history[0], history[-1]
-    # The step's loss is the diffusion loss plus the weighted readout MSE, and both train.
-    assert first["loss"] == pytest.approx(first["t2i_loss"] + 2.0 * first["t2i_readout_loss"], rel=1e-5)
-    assert last["t2i_readout_loss"] < 0.5 * first["t2i_readout_loss"]
-    for group in ("readout", "llm", "mar"):
-        moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), start[group], state.params[group])
-        assert (all if group == "readout" else any)(jax.tree.leaves(moved)), group
 
 
 def test_readout_loss_by_hand():
