@@ -13,11 +13,15 @@ def tiny():
     """Perturbed params: the head's zero-initialised final layer makes a fresh x0 head (tiny's)
     draw all-zero tokens whatever the prompt, which would hide an unfilled or mixed-up slot."""
     cfg = layers.freeze(config_utils.load_config("configs/harmon.py:tiny").model)
-    params = harmon.init(cfg, jax.random.key(0))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return cfg, jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype)
-                                          for x, k in zip(leaves, keys)])
+
+    @jax.jit   # one compile (eager, each leaf's shape compiles its own ops)
+    def perturbed(key):
+        leaves, tree = jax.tree.flatten(harmon.init(cfg, jax.random.key(0)))
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype)
+                                         for x, k in zip(leaves, keys)])
+
+    return cfg, perturbed(jax.random.key(1))
 
 
 @pytest.mark.parametrize("num_iter,seq", [(16, 64), (64, 256), (4, 16), (1, 9)])
@@ -77,17 +81,24 @@ def test_caption_decodes_with_image_slots(tiny):
     assert out.shape == (2, width + 5)
     np.testing.assert_array_equal(np.asarray(out[:, :width]), tokens)
     # Same tokens as a cache-free greedy loop over the full embedding sequence.
-    embeds = harmon.understanding_embeds(params, cfg, jnp.asarray(tokens), img, image_id)
+    # (jitted: eager, every op of every length would compile on its own)
+    embed = jax.jit(lambda p, t, x: harmon.understanding_embeds(p, cfg, t, x, image_id))
+    embeds = embed(params, jnp.asarray(tokens), img)
+
+    @jax.jit
+    def greedy_next(llm, seq, m):
+        hidden, _ = qwen2.forward(llm, cfg.llm, seq, qwen2.positions_from_mask(m), m)
+        nxt = jnp.argmax(qwen2.lm_logits(llm, cfg.llm, hidden[:, -1]), -1)
+        return nxt, jnp.concatenate([seq, qwen2.embed(llm, cfg.llm, nxt[:, None])], 1)
+
     seq, m, want = embeds, jnp.asarray(mask), []
     for _ in range(5):
-        hidden, _ = qwen2.forward(params["llm"], cfg.llm, seq, qwen2.positions_from_mask(m), m)
-        nxt = jnp.argmax(qwen2.lm_logits(params["llm"], cfg.llm, hidden[:, -1]), -1)
+        nxt, seq = greedy_next(params["llm"], seq, m)
         want.append(np.asarray(nxt))
-        seq = jnp.concatenate([seq, qwen2.embed(params["llm"], cfg.llm, nxt[:, None])], 1)
         m = jnp.concatenate([m, jnp.ones((2, 1), m.dtype)], 1)
     np.testing.assert_array_equal(np.asarray(out[:, width:]), np.stack(want, 1))
     # The image reaches the LLM: its slots carry image embeddings, text slots do not change.
-    other = harmon.understanding_embeds(params, cfg, jnp.asarray(tokens), -img, image_id)
+    other = embed(params, jnp.asarray(tokens), -img)
     is_img = tokens == image_id
     assert not np.allclose(np.asarray(other)[is_img], np.asarray(embeds)[is_img])
     np.testing.assert_array_equal(np.asarray(other)[~is_img], np.asarray(embeds)[~is_img])

@@ -238,12 +238,14 @@ def test_cached_forward_matches_full():
     params = qwen2.init(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
-    full, _ = qwen2.forward(params, cfg, tokens, pos, jnp.ones((2, 10), bool))
+    cfg = layers.freeze(cfg)
+    forward = jax.jit(qwen2.forward, static_argnums=1)   # eager, every op would compile on its own
+    full, _ = forward(params, cfg, tokens, pos, jnp.ones((2, 10), bool))
     cache = qwen2.init_cache(cfg, 2, 16)
     kv_mask = jnp.arange(16)[None].repeat(2, 0) < 10
-    h1, cache = qwen2.forward(params, cfg, tokens[:, :6], pos[:, :6], kv_mask, cache=cache)
-    h2, _ = qwen2.forward(params, cfg, qwen2.embed(params, cfg, tokens[:, 6:]), pos[:, 6:], kv_mask,
-                          cache=cache, cache_offset=jnp.int32(6))
+    h1, cache = forward(params, cfg, tokens[:, :6], pos[:, :6], kv_mask, cache=cache)
+    h2, _ = forward(params, cfg, qwen2.embed(params, cfg, tokens[:, 6:]), pos[:, 6:], kv_mask,
+                    cache=cache, cache_offset=jnp.int32(6))
     np.testing.assert_allclose(jnp.concatenate([h1, h2], 1), full, atol=1e-5)
 
 
@@ -262,8 +264,9 @@ def test_scan_and_remat_match_unrolled(scan, remat):
 
     other = llm_config("tiny")
     other.scan_layers, other.remat = scan, remat
-    ref_val, ref_grad = jax.value_and_grad(loss)(params, cfg)
-    val, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, layers.freeze(other))
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    ref_val, ref_grad = value_and_grad(params, layers.freeze(cfg))
+    val, grad = value_and_grad(params, layers.freeze(other))
     np.testing.assert_allclose(val, ref_val, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grad, ref_grad)
     with pytest.raises(ValueError, match="model.llm.remat='some'"):

@@ -185,6 +185,31 @@ def test_mixed_precision_keeps_float32_params_and_optimizer_state(mesh1, float32
     np.testing.assert_allclose(metrics["t2i_loss"], ref["t2i_loss"], rtol=0.1)
 
 
+def test_apply_gradients_skips_a_nonfinite_update():
+    """The update shared by train_step and GRPO's steps: a NaN gradient or loss keeps params,
+    moments and EMA and counts the step; a finite one moves them (a toy pytree: no compile of
+    the model)."""
+    import optax
+    from unimm.train.state import TrainState
+    params = {"a": jnp.ones(3), "b": {"c": jnp.full((2, 2), 2.0)}}
+    tx = optax.adamw(1e-2)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                       ema_params=jax.tree.map(jnp.copy, params), tokenizer_params={}, tx=tx)
+    apply = jax.jit(step_lib.apply_gradients, static_argnums=2)
+    grads = jax.tree.map(jnp.ones_like, params)
+    snapshot = lambda s: jax.tree.map(np.asarray, (s.params, s.opt_state, s.ema_params))
+    for bad_grads, loss in ((jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads), jnp.float32(1.0)),
+                            (grads, jnp.float32(jnp.inf))):
+        new, skipped = apply(state, bad_grads, 0.9, loss)
+        assert float(skipped) == 1.0 and int(new.step) == 1
+        jax.tree.map(np.testing.assert_array_equal, snapshot(new), snapshot(state))
+    new, skipped = apply(state, grads, 0.9, jnp.float32(1.0))
+    assert float(skipped) == 0.0 and int(new.step) == 1
+    np.testing.assert_allclose(new.params["a"], 1.0 - 1e-2 * (1 + 1e-4), rtol=1e-5)   # Adam: ~lr per step
+    np.testing.assert_allclose(new.ema_params["a"], 0.9 + 0.1 * np.asarray(new.params["a"]), rtol=1e-6)
+
+
+@pytest.mark.slow   # the fast tier checks apply_gradients alone (above)
 def test_nonfinite_step_changes_nothing_but_the_step(mesh1, default_step):
     config = tiny_config()
     step, state = default_step[0], jax.tree.map(jnp.copy, default_step[1])
