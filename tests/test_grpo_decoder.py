@@ -229,26 +229,38 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
     config.grpo.sft_weight, config.grpo.sft_batch_size = 1.0, 8   # with the supervised anchor
     config.grpo.retain_weight, config.grpo.retain_batch_size = 1.0, 8   # and retain rollouts
     assert int(grpo_loop.train_grpo(config, str(tmp_path / "geneval"), evaluate=False).step) == 1
+    bad = config_utils.load_config("configs/grpo.py:tiny")   # the loop validates first, builds nothing
+    bad.grpo.update(dict(config.grpo, sft_weight=-1.0))
+    with pytest.raises(ValueError, match=r"grpo.sft_weight=-1.0: expected >= 0"):
+        grpo_loop.train_grpo(bad, str(tmp_path / "x"), evaluate=False)
+
+
+def test_grpo_settings_that_cannot_run_together_are_clear_errors():
+    from unimm.train import grpo_loop
+    base = config_utils.load_config("configs/grpo.py:tiny").grpo
+    base.update(dict(policy="decoder", trainable=("mar", "head"), prompts="geneval", sft_weight=1.0,
+                     sft_batch_size=8, retain_weight=1.0, retain_batch_size=8))
+    grpo_loop.validate_grpo(base)
     for fields, match in [
-            (dict(policy="painter"), r"grpo.policy='painter': expected one of \('captioner', 'decoder'\)"),
-            (dict(prompts="poems"), r"grpo.prompts='poems': expected one of \('captions', 'geneval', 'both'\)"),
-            (dict(reward="geneval"), "always scored by the GenEval check"),
-            (dict(policy="captioner", trainable=("llm",)), "needs grpo.policy='decoder'"),
-            (dict(prompts="captions", decoder_from=str(tmp_path)), "the decoder policy trains its own"),
-            (dict(policy="captioner", prompts="captions", trainable=("llm",), encoder_from=str(tmp_path)),
-             "the captioner policy is its own"),
-            (dict(encoder_from=str(tmp_path)), "grpo.prompts='geneval' uses none"),
-            (dict(policy="captioner", prompts="captions", trainable=("llm",)),
-             "sft_weight .* needs grpo.policy='decoder'"),
-            (dict(sft_weight=-1.0), r"grpo.sft_weight=-1.0: expected >= 0"),
-            (dict(sft_batch_size=0), r"grpo.sft_weight=1.0 needs grpo.sft_batch_size > 0"),
-            (dict(policy="captioner", prompts="captions", trainable=("llm",), sft_weight=0.0),
-             "retain_weight .* needs grpo.policy='decoder'"),
-            (dict(retain_weight=-1.0), r"grpo.retain_weight=-1.0: expected >= 0"),
-            (dict(retain_batch_size=0), r"grpo.retain_weight=1.0 needs grpo.retain_batch_size > 0"),
-            (dict(step_selection="latest"), r"grpo.step_selection='latest': expected one of \('random', 'noisiest'\)"),
-            (dict(step_fraction=0.0), r"grpo.step_fraction=0.0: expected a fraction in \(0, 1\]")]:
-        bad = config_utils.load_config("configs/grpo.py:tiny")
-        bad.grpo.update(dict(config.grpo, **fields))
+        (dict(policy="painter"), r"grpo.policy='painter': expected one of \('captioner', 'decoder'\)"),
+        (dict(prompts="poems"), r"grpo.prompts='poems': expected one of \('captions', 'geneval', 'both'\)"),
+        (dict(reward="geneval"), "always scored by the GenEval check"),
+        (dict(policy="captioner", trainable=("llm",)), "needs grpo.policy='decoder'"),
+        (dict(prompts="captions", decoder_from="/runs/other"), "the decoder policy trains its own"),
+        (dict(policy="captioner", prompts="captions", trainable=("llm",), encoder_from="/runs/other"),
+         "the captioner policy is its own"),
+        (dict(encoder_from="/runs/other"), "grpo.prompts='geneval' uses none"),
+        (dict(policy="captioner", prompts="captions", trainable=("llm",)),
+         "sft_weight .* needs grpo.policy='decoder'"),
+        (dict(sft_weight=-1.0), r"grpo.sft_weight=-1.0: expected >= 0"),
+        (dict(sft_batch_size=0), r"grpo.sft_weight=1.0 needs grpo.sft_batch_size > 0"),
+        (dict(policy="captioner", prompts="captions", trainable=("llm",), sft_weight=0.0),
+         "retain_weight .* needs grpo.policy='decoder'"),
+        (dict(retain_weight=-1.0), r"grpo.retain_weight=-1.0: expected >= 0"),
+        (dict(retain_batch_size=0), r"grpo.retain_weight=1.0 needs grpo.retain_batch_size > 0"),
+        (dict(step_selection="latest"), r"grpo.step_selection='latest': expected one of \('random', 'noisiest'\)"),
+        (dict(step_fraction=0.0), r"grpo.step_fraction=0.0: expected a fraction in \(0, 1\]")]:
+        bad = base.copy_and_resolve_references()
+        bad.update(fields)
         with pytest.raises(ValueError, match=match):
-            grpo_loop.train_grpo(bad, str(tmp_path / "x"), evaluate=False)
+            grpo_loop.validate_grpo(bad)

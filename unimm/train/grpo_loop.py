@@ -78,21 +78,16 @@ def validate_grpo(g: Any) -> None:
     if g.get("encoder_from") and prompts == "geneval":
         raise ValueError("grpo.encoder_from captions training images, but grpo.prompts='geneval' uses none: "
                          "set grpo.prompts to 'captions' or 'both'")
-    sft_weight = g.get("sft_weight", 0.0)
-    if sft_weight and g.policy != "decoder":
-        raise ValueError("grpo.sft_weight adds the supervised text-to-image loss: it needs grpo.policy='decoder'")
-    if sft_weight < 0:
-        raise ValueError(f"grpo.sft_weight={g.sft_weight}: expected >= 0 (0 = no supervised anchor)")
-    if sft_weight and g.get("sft_batch_size", 0) <= 0:
-        raise ValueError(f"grpo.sft_weight={g.sft_weight} needs grpo.sft_batch_size > 0 (got {g.sft_batch_size})")
-    retain_weight = g.get("retain_weight", 0.0)
-    if retain_weight and g.policy != "decoder":
-        raise ValueError("grpo.retain_weight holds the decoder's sampler to the reference: it needs grpo.policy='decoder'")
-    if retain_weight < 0:
-        raise ValueError(f"grpo.retain_weight={g.retain_weight}: expected >= 0 (0 = no retain rollouts)")
-    if retain_weight and g.get("retain_batch_size", 0) <= 0:
-        raise ValueError(f"grpo.retain_weight={g.retain_weight} needs grpo.retain_batch_size > 0 "
-                         f"(got {g.retain_batch_size})")
+    for key, does, none in (("sft", "adds the supervised text-to-image loss", "no supervised anchor"),
+                            ("retain", "holds the decoder's sampler to the reference", "no retain rollouts")):
+        weight = g.get(f"{key}_weight", 0.0)
+        if weight and g.policy != "decoder":
+            raise ValueError(f"grpo.{key}_weight {does}: it needs grpo.policy='decoder'")
+        if weight < 0:
+            raise ValueError(f"grpo.{key}_weight={weight}: expected >= 0 (0 = {none})")
+        if weight and g.get(f"{key}_batch_size", 0) <= 0:
+            raise ValueError(f"grpo.{key}_weight={weight} needs grpo.{key}_batch_size > 0 "
+                             f"(got {g.get(f'{key}_batch_size', 0)})")
     if g.get("step_selection", "random") not in grpo_decoder.STEP_SELECTIONS:
         raise ValueError(f"grpo.step_selection={g.step_selection!r}: expected one of {grpo_decoder.STEP_SELECTIONS}")
     if not 0.0 < g.get("step_fraction", 1.0) <= 1.0:
