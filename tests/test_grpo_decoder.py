@@ -218,17 +218,20 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
                             max_new_tokens=6, rollout_steps="4"))
     config.sample.num_iter, config.sample.max_new_tokens = 3, 6
     config.train.steps, config.train.checkpoint_every, config.train.log_every = 2, 1, 1
+    # Each step draws two training images' captions and two GenEval prompts, G images each.
+    config.grpo.prompts = "both"
+    assert grpo_loop.geneval_share(config.grpo) == 2
     state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
     assert int(state.step) == 2
-    # The resumed step draws two training images' captions and two GenEval prompts, G images each.
-    config.train.steps, config.grpo.prompts = 3, "both"
-    assert grpo_loop.geneval_share(config.grpo) == 2
-    assert int(grpo_loop.train_grpo(config, str(tmp_path), evaluate=False).step) == 3
-    config.train.steps, config.grpo.prompts = 1, "geneval"   # GenEval prompts only: no training image at all
+    # The resumed step: GenEval prompts only (no training image at all), with the supervised
+    # anchor and retain rollouts.
+    config.train.steps, config.grpo.prompts = 3, "geneval"
     assert grpo_loop.geneval_share(config.grpo) == 4
-    config.grpo.sft_weight, config.grpo.sft_batch_size = 1.0, 8   # with the supervised anchor
-    config.grpo.retain_weight, config.grpo.retain_batch_size = 1.0, 8   # and retain rollouts
-    assert int(grpo_loop.train_grpo(config, str(tmp_path / "geneval"), evaluate=False).step) == 1
+    config.grpo.sft_weight, config.grpo.sft_batch_size = 1.0, 8
+    config.grpo.retain_weight, config.grpo.retain_batch_size = 1.0, 8
+    state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
+    assert int(state.step) == 3
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == 3
     bad = config_utils.load_config("configs/grpo.py:tiny")   # the loop validates first, builds nothing
     bad.grpo.update(dict(config.grpo, sft_weight=-1.0))
     with pytest.raises(ValueError, match=r"grpo.sft_weight=-1.0: expected >= 0"):
