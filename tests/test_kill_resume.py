@@ -22,6 +22,7 @@ KILL_AFTER = (9, 16)
 
 
 def _cmd(workdir):
+    # The train step (tiny, batch 4, 30 steps, one device) is tests/test_loop.py::test_cli's too.
     return [sys.executable, "-m", "unimm.main", "--config=configs/harmon.py:tiny", f"--workdir={workdir}",
             f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=0",
             "--config.train.checkpoint_every=4", "--config.train.keep_checkpoints=2",

@@ -129,25 +129,26 @@ def test_init_from_errors_name_the_path(tmp_path):
 
 
 def test_cli(tmp_path):
-    # One device keeps the subprocess's compilation short.
+    # One device keeps the subprocess's compilation short; the train step (batch 4, 30 steps)
+    # is tests/test_kill_resume.py's, so the session's compilation cache serves one of the two.
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     workdir = tmp_path / "cli"
     cmd = [sys.executable, "-m", "unimm.main", "--config=configs/harmon.py:tiny",
-           f"--workdir={workdir}", "--config.train.steps=2", "--config.train.log_every=1",
-           "--config.train.checkpoint_every=2", "--config.data.i2t_batch_size=2",
-           "--config.data.t2i_batch_size=2", "--config.eval.num_examples=6", "--config.eval.batch_size=6",
+           f"--workdir={workdir}", "--config.train.steps=30", "--config.train.log_every=10",
+           "--config.train.checkpoint_every=30", "--config.data.i2t_batch_size=4",
+           "--config.data.t2i_batch_size=4", "--config.eval.num_examples=6", "--config.eval.batch_size=6",
            "--config.sample.num_iter=4"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert os.listdir(workdir / "checkpoints") == ["2"]
-    assert "step 2/2 loss=" in proc.stderr
+    assert os.listdir(workdir / "checkpoints") == ["30"]
+    assert "step 30/30 loss=" in proc.stderr
     # The final evaluation wrote its scores and grids; the config was saved for the CLIs.
     with open(workdir / "eval.json") as f:
         scores = json.load(f)
-    assert scores["step"] == 2 and 0.0 <= scores["geneval"]["overall"] <= 1.0
+    assert scores["step"] == 30 and 0.0 <= scores["geneval"]["overall"] <= 1.0
     assert {"caption_exact_match", "qa_accuracy", "reconstruction", "unified_bench"} <= set(scores)
     assert set(scores["unified_bench"]) == {"mar", "latent", "overall"}
-    assert (workdir / "geneval_grid_2.png").exists() and (workdir / "config.json").exists()
+    assert (workdir / "geneval_grid_30.png").exists() and (workdir / "config.json").exists()
 
     # The inference CLIs read the run's config.json and newest checkpoint.
     from PIL import Image
