@@ -10,6 +10,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -39,3 +40,22 @@ LONGEST_FIRST = ("test_grpo_decoder.py", "test_official_presets.py", "test_loop.
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: file order kept otherwise
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config():
+    """``configs/harmon.py:tiny`` as the in-process training runs use it (tests/test_loop.py,
+    the supervised workdir GRPO starts from): batch 8 over 8 fake devices with fsdp, so
+    restores land in real shardings, and 6 steps. The runs share one train step, compiled
+    once through the session's cache. Keyword arguments override ``config.train``."""
+    from unimm import config_utils
+
+    def make(**train):
+        config = config_utils.load_config("configs/harmon.py:tiny")
+        config.data.i2t_batch_size = config.data.t2i_batch_size = 8
+        # (a tensor axis costs ~30 % more compile time here; tests/test_sharding.py covers it)
+        config.sharding.mesh = {"data": 4, "fsdp": 2, "tensor": 1}
+        config.train.update(dict(steps=6, log_every=2, checkpoint_every=3, eval_every=0))
+        config.train.update(train)
+        return config
+    return make

@@ -127,11 +127,17 @@ def test_tiny_grpo_raises_a_simple_reward(setup):
     assert last > max(0.5, 3 * first), (first, last, rates)
 
 
+def loop_test_grpo_config():
+    """The GRPO loops' config: 4 inputs x 2 captions, images in 3 MAR iterations of 5 steps."""
+    config = grpo_config(group_size=2, inputs_per_step=4, max_new_tokens=6)
+    config.sample.num_iter, config.sample.num_sampling_steps = 3, "5"
+    return config
+
+
 @pytest.mark.slow
 def test_grpo_loop_runs_checkpoints_and_resumes(tmp_path):
     from unimm.train import grpo_loop
-    config = grpo_config(group_size=2, inputs_per_step=4, max_new_tokens=6)
-    config.sample.num_iter, config.sample.num_sampling_steps = 3, "5"
+    config = loop_test_grpo_config()
     config.train.steps, config.train.checkpoint_every, config.train.log_every = 2, 1, 1
     state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
     assert int(state.step) == 2
@@ -144,15 +150,13 @@ def test_grpo_loop_runs_checkpoints_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_starts_from_a_supervised_workdir(tmp_path, monkeypatch):
+def test_grpo_starts_from_a_supervised_workdir(tmp_path, monkeypatch, tiny_train_config):
     from unimm import inference
     from unimm.train import grpo_loop
-    sup = config_utils.load_config("configs/harmon.py:tiny")
-    sup.train.steps, sup.train.checkpoint_every = 1, 1
+    sup = tiny_train_config()   # tests/test_loop.py's run: its train step comes from the cache
     inference.save_config(sup, str(tmp_path / "sup"))
     trained = loop.train_and_evaluate(sup, str(tmp_path / "sup"))
-    config = grpo_config(group_size=2, inputs_per_step=4, max_new_tokens=4)
-    config.sample.num_iter, config.sample.num_sampling_steps = 2, "3"
+    config = loop_test_grpo_config()   # the loop test's programs, from the cache
     config.train.steps, config.init_from = 1, str(tmp_path / "sup")
     mesh = sharding.make_mesh({"data": -1})
     start = grpo_loop.starting_params(config, mesh)

@@ -18,35 +18,23 @@ from unimm.train import loop
 pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 6
-
-
-def tiny_config(**train):
-    config = config_utils.load_config("configs/harmon.py:tiny")
-    config.data.i2t_batch_size = config.data.t2i_batch_size = 8
-    # 8 fake devices; fsdp shards the params, so restores land in real shardings. (A tensor
-    # axis costs ~30 % more compile time here; tests/test_sharding.py covers it.)
-    config.sharding.mesh = {"data": 4, "fsdp": 2, "tensor": 1}
-    config.train.update(dict(steps=STEPS, log_every=2, checkpoint_every=3, eval_every=0))
-    config.train.update(train)
-    return config
+STEPS = 6   # tiny_train_config (tests/conftest.py)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs below compile the same programs: share them through a persistent cache."""
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+def cache_every_program():
+    """The runs below compile the same programs, the small ones too: cache them all (in the
+    session's cache, tests/conftest.py, where tests/test_grpo.py finds the same train step)."""
+    old = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old)
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+def full_run(tmp_path_factory, tiny_train_config):
     workdir = str(tmp_path_factory.mktemp("full"))
-    state = loop.train_and_evaluate(tiny_config(), workdir)
+    state = loop.train_and_evaluate(tiny_train_config(), workdir)
     return workdir, jax.tree.map(np.asarray, state.params)
 
 
@@ -67,14 +55,14 @@ def test_run_writes_checkpoints_and_metrics(full_run):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_resume_is_bit_exact(full_run, tmp_path):
+def test_resume_is_bit_exact(full_run, tmp_path, tiny_train_config):
     workdir, params = full_run
     # An interrupted run: the same workdir as if it had stopped after the step-3 checkpoint.
     resumed_dir = str(tmp_path / "resumed")
     shutil.copytree(workdir, resumed_dir)
     shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "6"))
     evals = []
-    state = loop.train_and_evaluate(tiny_config(eval_every=1), resumed_dir,
+    state = loop.train_and_evaluate(tiny_train_config(eval_every=1), resumed_dir,
                                     eval_fn=lambda s, step, writer: evals.append(step))
     assert evals == [4, 5, 6]          # continued after step 3; final evaluation at the end
     assert int(state.step) == STEPS
@@ -84,17 +72,16 @@ def test_resume_is_bit_exact(full_run, tmp_path):
 _init = jax.jit(harmon.init, static_argnums=0)   # one compile instead of eager ops
 
 
-def _converted(tmp_path, seed=123):
-    config = tiny_config()
+def _converted(tmp_path, config, seed=123):
     params = jax.tree.map(np.asarray, _init(layers.freeze(config.model), jax.random.key(seed)))
     dst = str(tmp_path / "converted")
     convert_save(dst, params, config.model)
     return dst, params
 
 
-def test_init_from_converter_output(tmp_path):
-    dst, saved = _converted(tmp_path)
-    config = tiny_config(steps=STEPS)
+def test_init_from_converter_output(tmp_path, tiny_train_config):
+    config = tiny_train_config()
+    dst, saved = _converted(tmp_path, config)
     config.init_from = dst
     inference.save_config(config, str(tmp_path / "work"))
     state = loop.train_and_evaluate(config, str(tmp_path / "work"))
@@ -115,8 +102,8 @@ def test_init_from_converter_output(tmp_path):
         loop.initial_params(config, mesh)
 
 
-def test_init_from_errors_name_the_path(tmp_path):
-    config = tiny_config()
+def test_init_from_errors_name_the_path(tmp_path, tiny_train_config):
+    config = tiny_train_config()
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
     # A converter output for a different architecture (the LM alone); a missing or non-orbax
     # init_from: tests/test_bad_input.py.
@@ -180,27 +167,27 @@ def _truncate_largest(step_dir):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing_state"])
-def test_damaged_newest_checkpoint_falls_back(full_run, tmp_path, damage):
+def test_damaged_newest_checkpoint_falls_back(full_run, tmp_path, damage, tiny_train_config):
     """The newest step is damaged: resume from the previous one, set the damaged one aside
     (renamed, not deleted) and end bit-identical to the uninterrupted run."""
     workdir, params = full_run
     hurt = {"truncated": lambda c: _truncate_largest(os.path.join(c, "6")),
             "missing_state": lambda c: shutil.rmtree(os.path.join(c, "6", "state"))}[damage]
     run = _damaged_copy(workdir, tmp_path, damage, hurt)
-    state = loop.train_and_evaluate(tiny_config(), run)
+    state = loop.train_and_evaluate(tiny_train_config(), run)
     assert int(state.step) == STEPS
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), params)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["3", "6", "6.broken"]
 
 
-def test_all_damaged_or_other_architecture_is_one_error(full_run, tmp_path):
+def test_all_damaged_or_other_architecture_is_one_error(full_run, tmp_path, tiny_train_config):
     workdir, _ = full_run
     run = _damaged_copy(workdir, tmp_path, "all", lambda c: [shutil.rmtree(os.path.join(c, s, "state"))
                                                               for s in ("3", "6")])
     with pytest.raises(ValueError, match=r"no checkpoint in .* could be restored \(step 6: .*; step 3: "):
-        loop.train_and_evaluate(tiny_config(), run)
+        loop.train_and_evaluate(tiny_train_config(), run)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["3", "6"]   # nothing touched
-    other = tiny_config()
+    other = tiny_train_config()
     other.model.diffusion.width = 128
     with pytest.raises(ValueError, match=r"checkpoint step 6 in .* was written by another model \(shape mismatch"):
         loop.train_and_evaluate(other, workdir)
