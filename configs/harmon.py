@@ -57,8 +57,14 @@ def mar_config(variant: str) -> ml_collections.ConfigDict:
     c.num_heads = 12                      # heads in encoder and decoder blocks
     c.mlp_ratio = 4.0                     # timm Block MLP ratio
     c.buffer_size = 64                    # buffer tokens (hold fake_latent in Harmon)
-    c.mask_ratio_min = 0.7                # truncated-normal mask ratio lower bound
-    c.mask_ratio_std = 0.25               # its scale (loc 1.0)
+    c.mask_ratio_min = 0.7                # training mask ratio lower bound
+    c.mask_ratio_std = 0.25               # truncnorm's scale (loc 1.0)
+    # How training masks are drawn. Harmon (MAR): one truncated-normal ratio per batch.
+    # "cosine" is MaskGIT's cos(pi/2 * u): the masked fractions the cosine sampling schedule
+    # visits, equally often; per example, every batch holds fully masked images (the prompt
+    # alone) beside images with most tokens visible (what later MAR iterations condition on).
+    c.mask_ratio_dist = "truncnorm"       # "truncnorm" (MAR) or "cosine" (MaskGIT)
+    c.mask_ratio_per_example = False      # False: one ratio per batch (MAR); True: per example
     c.layer_norm_eps = 1e-6               # LayerNorm epsilon
     # Attention and projection dropout of the blocks in training (timm's attn_drop / proj_drop;
     # Harmon's MAR configs: 0.1); off at inference.
@@ -221,6 +227,7 @@ def data_config(variant: str, model) -> ml_collections.ConfigDict:
     d.image_token_id = -1                 # set from the tokenizer at run time
     d.tokenizer = ""                      # "" = built-in shapes vocabulary, else tokenizer.json path
     d.eval_offset = 1_000_000_000         # shapes indices >= this are held out for evaluation
+    d.val_offset = 2_000_000_000          # ... and >= this for validation (choosing sampling settings)
     d.tfds_name = ""                      # tfds: dataset name, split and feature keys
     d.tfds_split = "train"
     d.tfds_data_dir = ""
@@ -270,10 +277,12 @@ def optimizer_config(variant: str) -> ml_collections.ConfigDict:
 
 def sample_config(variant: str) -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
-    # MAR iterations (<= tokens per image). tiny: 1, all 9 cells at once. Its training masks
-    # (ratio >= 0.7) leave at most 2 of 9 tokens visible, and later iterations, conditioned
-    # on more generated ones, lose the scene (reconstruction 1.00 / 0.92 / 0.52 with 1 / 2 / 3
-    # iterations at CFG 1); wider training masks (0.1, std 0.5) made it worse (0.20-0.23).
+    # MAR iterations (<= tokens per image), each conditioned on the tokens drawn before it.
+    # tiny: 1, all 9 cells at once. Its training masks (ratio >= 0.7) leave at most 2 of 9
+    # tokens visible, and later iterations, conditioned on more generated ones, lose the scene
+    # (README: reconstruction 1.00 / 0.92 / 0.52 with 1 / 2 / 3 iterations at CFG 1). Masks
+    # that show every count of visible tokens (mask_ratio_dist="cosine", per example) did not
+    # fix it yet: results/generation.md.
     s.num_iter = 1 if variant == "tiny" else 64
     s.cfg = 2.0 if variant == "tiny" else 3.0   # classifier-free guidance scale
     s.cfg_schedule = "constant"           # "constant" or "linear" (Muse)

@@ -23,6 +23,7 @@ config and flags
   api config_remat                model.llm.remat=some -> expected one of ('none', 'full', 'dots')
   api config_token_dim            model.mar.token_dim=17 -> but model.vae (patch) produces 192-dim tokens
   api config_mask_ratio           model.mar.mask_ratio_min=1.0 -> must lie in [0, 1)
+  api config_mask_ratio_dist      model.mar.mask_ratio_dist=uniform -> expected one of ('truncnorm', 'cosine')
   api config_unknown_variant      configs/harmon.py:huge -> unknown variant 'huge'
   api config_file_missing         configs/nope.py -> config file not found
   api config_rules_missing_entry  logical_axis_rules without 'embed' -> no entry for the logical axis 'embed'
@@ -35,6 +36,7 @@ paths, workdirs, tokenizers
   cli main_workdir_not_writable   --workdir=/proc/... -> is not a writable directory
   cli sample_workdir_missing      --workdir=/nonexistent -> does not exist: expected a training workdir
   cli evaluate_config_json_bad    config.json not JSON -> not a valid JSON config
+  cli evaluate_set_not_sample     --set=model.llm.num_layers=1 -> only sample.* fields can change
   api config_json_missing_field   config.json {"model": {}} -> a required config field is missing
   api tokenizer_missing           data.tokenizer=/nonexistent -> tokenizer file not found
   api tokenizer_invalid           tokenizer.json not JSON -> not a valid tokenizer.json
@@ -189,6 +191,9 @@ CLI = {
                                               "--decoder_workdir={tmp}/wd_extra"],
                                              "--decoder_workdir: checkpoint step 1 in {tmp}/wd_extra/checkpoints "
                                              "was written by another model (unexpected: ['extra/w'])", None),
+    "evaluate_set_not_sample": (["unimm.evaluate", "--workdir={tmp}/wd_config", "--set=model.llm.num_layers=1"],
+                                "--set=model.llm.num_layers=1: only sample.* fields (how images and captions "
+                                "are drawn) can change", None),
     "evaluate_config_json_bad": (["unimm.evaluate", "--workdir={tmp}/wd_badjson"],
                                  "{tmp}/wd_badjson/config.json: not a valid JSON config (Expecting property name",
                                  None),
@@ -432,6 +437,8 @@ API = {
                          r"model.mar.token_dim=17 but model.vae \(patch\) produces 192-dim tokens"),
     "config_mask_ratio": (_validate("model.mar.mask_ratio_min=1.0"), ValueError,
                           r"model.mar.mask_ratio_min=1.0 must lie in \[0, 1\) and model.mar.mask_ratio_std=0.25 be > 0"),
+    "config_mask_ratio_dist": (_validate("model.mar.mask_ratio_dist=uniform"), ValueError,
+                               r"model.mar.mask_ratio_dist='uniform': expected one of \('truncnorm', 'cosine'\)"),
     "config_unknown_variant": (lambda f: config_utils.load_config("configs/harmon.py:huge"), ValueError,
                                r"configs/harmon.py: unknown variant 'huge'; choose one of"),
     "config_file_missing": (lambda f: config_utils.load_config("configs/nope.py:tiny"), FileNotFoundError,

@@ -325,3 +325,29 @@ def test_t2i_prompt_kinds_long_captions_only(tok):
     c.data.t2i_prompt_kinds = ("long_caption", "poems")
     with pytest.raises(ValueError, match=r"data.t2i_prompt_kinds=\('long_caption', 'poems'\): choose"):
         pipeline.task_source(c.data, "t2i")
+
+
+# ----------------------------------------------------------------------------- benchmark splits
+def test_validation_split_has_its_own_items_seed_and_files(tok):
+    """`unimm.evaluate --split=validation`: sampling settings are chosen on items of their own
+    (data.val_offset) with their own sampling seed, never on the held-out test items."""
+    from unimm.eval import splits
+    test_cfg, val_cfg = tiny_config(), tiny_config()
+    assert splits.select(test_cfg, "test") == (0, "")
+    assert splits.select(val_cfg, "validation", ["sample.num_iter=9", "sample.cfg=3.5"]) == (1, "validation_")
+    assert (val_cfg.sample.num_iter, val_cfg.sample.cfg) == (9, 3.5)
+    assert test_cfg.sample.num_iter == tiny_config().sample.num_iter != 9   # --set applies to its config only
+    for task in ("geneval", "i2t"):
+        test_items = pipeline.eval_examples(test_cfg, tok, 12, task)
+        val_items = pipeline.eval_examples(val_cfg, tok, 12, task)
+        key = "prompt" if task == "geneval" else "long_caption"
+        assert [it[key] for it in test_items] != [it[key] for it in val_items], task
+        if task == "geneval":
+            assert [it["index"] for it in val_items] == list(range(2_000_000_000, 2_000_000_012))
+            assert test_items[0]["index"] == test_cfg.data.eval_offset == 1_000_000_000
+    with pytest.raises(ValueError, match=r"--set=model.llm.num_layers=1: only sample.\* fields"):
+        splits.select(tiny_config(), "test", ["model.llm.num_layers=1"])
+    with pytest.raises(ValueError, match="sample.nope is not a config field"):
+        splits.select(tiny_config(), "test", ["sample.nope=1"])
+    with pytest.raises(ValueError, match="split 'train'"):
+        splits.select(tiny_config(), "train")

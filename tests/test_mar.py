@@ -261,6 +261,30 @@ def test_masking_utilities():
     assert abs(float(jnp.mean(wide <= 2 / 3)) - expect) < 0.015
 
 
+def test_per_example_cosine_masks_cover_what_sampling_conditions_on():
+    """model.mar.mask_ratio_dist="cosine", mask_ratio_per_example=True (tiny): each row's
+    masked count follows its own ratio cos(pi/2 u), so one batch holds fully masked rows
+    (the prompt alone) and rows with most tokens visible, as the sampler's later iterations
+    see them; the visible tokens gather into K = L at min ratio 0."""
+    seq, batch = 9, 4096
+    mask, idx, valid, ratio = jax.jit(lambda k: mar.training_mask(k, batch, seq, 0.0, per_example=True,
+                                                                  dist="cosine"))(jax.random.key(3))
+    assert ratio.shape == (batch,) and idx.shape == (batch, seq)
+    counts = np.asarray(mask).sum(-1)
+    np.testing.assert_array_equal(counts, np.ceil(seq * np.asarray(ratio) - 1e-6).clip(0, seq))
+    np.testing.assert_array_equal(np.asarray(valid).sum(-1), seq - counts)
+    # P(count = c) = P(ceil(9 cos(pi/2 u)) = c) = (2/pi)(acos((c-1)/9) - acos(c/9)).
+    want = [2 / math.pi * (math.acos((c - 1) / seq) - math.acos(c / seq)) for c in range(1, seq + 1)]
+    got = [float(np.mean(counts == c)) for c in range(1, seq + 1)]
+    np.testing.assert_allclose(got, want, atol=0.025)
+    # The sampler at 4 iterations conditions on 0, 1, 3 and 6 drawn tokens: all trained on.
+    assert {0, 1, 3, 6} <= set((seq - counts).tolist())
+    # min_ratio clips from below; the per-batch default still draws one scalar ratio.
+    clipped = mar.sample_mask_ratio(jax.random.key(1), 0.5, shape=(1000,), dist="cosine")
+    assert float(clipped.min()) == 0.5 and float(clipped.max()) <= 1.0
+    assert mar.training_mask(jax.random.key(0), 2, seq, 0.7)[3].shape == ()
+
+
 @pytest.mark.parametrize("seq_len,num_iter", [(16, 4), (16, 64), (256, 64), (1024, 10)])
 def test_sampling_schedule_matches_reference(seq_len, num_iter):
     remaining, ours_rem = seq_len, jnp.int32(seq_len)

@@ -171,3 +171,18 @@ def test_detector_finds_nothing_in_random_noise():
         for _ in range(50):
             noise = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
             assert S.detect(noise) == ()
+
+
+def test_labeled_grid_shows_each_image_its_prompt_and_check():
+    from unimm.eval.shapes_bench import labeled_grid
+    images = [S.render(S.sample_scene(0, i), 24) for i in range(3)]
+    grid = labeled_grid(images, ["a photo of a red circle", "two squares", "input"], [True, False, None],
+                        cols=2, cell=48)
+    pad, text_h = 3, 4 * 12 + 2
+    tile_w, tile_h = 48 + 2 * pad, 48 + 2 * pad + text_h
+    assert grid.shape == (2 * tile_h, 2 * tile_w, 3) and grid.dtype == np.uint8
+    assert tuple(grid[0, 0]) == (0, 160, 0) and tuple(grid[0, tile_w]) == (200, 0, 0)   # pass / fail frames
+    assert tuple(grid[tile_h, 0]) == (255, 255, 255)                                     # no check: no frame
+    np.testing.assert_array_equal(grid[pad:pad + 48:2, pad:pad + 48:2], images[0])       # nearest upscale x2
+    label = grid[48 + 2 * pad:tile_h, :tile_w]
+    assert (label < 128).any() and (label == 255).any()                                  # the prompt's text

@@ -17,22 +17,25 @@ from PIL import Image
 from unimm.eval import shapes_bench
 
 
-def write_results(workdir: str, step: int, metrics: dict, samples: dict, writer: Any = None) -> str:
-    """``eval.json`` (+ ``eval_<step>.json``) and PNG grids in ``workdir``; returns the json path."""
+def write_results(workdir: str, step: int, metrics: dict, samples: dict, writer: Any = None,
+                  prefix: str = "", settings: dict | None = None) -> str:
+    """``eval.json`` (+ ``eval_<step>.json``) and PNG grids in ``workdir``, their names
+    prefixed with ``prefix`` (e.g. ``validation_``); returns the json path. ``settings`` (e.g.
+    the sampling settings scored) join the record."""
     os.makedirs(workdir, exist_ok=True)
-    record = {"step": int(step), **metrics, "captions": samples.get("captions", []),
+    record = {"step": int(step), **(settings or {}), **metrics, "captions": samples.get("captions", []),
               "prompts": samples.get("prompts", [])}
-    for name in ("eval.json", f"eval_{int(step)}.json"):
+    for name in (f"{prefix}eval.json", f"{prefix}eval_{int(step)}.json"):
         with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
     grids = {k: v for k, v in samples.items() if k.endswith("_grid")}
     for name, grid in grids.items():
-        Image.fromarray(grid).save(os.path.join(workdir, f"{name}_{int(step)}.png"))
+        Image.fromarray(grid).save(os.path.join(workdir, f"{prefix}{name}_{int(step)}.png"))
     if writer is not None:
         writer.write_scalars(int(step), shapes_bench.flat_scalars(metrics))
         writer.write_images(int(step), {f"eval/{k}": v[None] for k, v in grids.items()})
         writer.flush()
-    return os.path.join(workdir, "eval.json")
+    return os.path.join(workdir, f"{prefix}eval.json")
 
 
 def summary_line(metrics: dict) -> str:

@@ -177,16 +177,22 @@ def evaluate(model: Model, num_examples: int = 60, batch_size: int = 12, seed: i
     gen_imgs = np.concatenate([model.generate([g["prompt"] for g in chunk], jax.random.fold_in(rng, 1000 + k))
                                for k, chunk in enumerate(_batched(gen_items, batch_size))])
     per_cat = collections.defaultdict(list)
-    for im, g in zip(gen_imgs, gen_items):
-        per_cat[g["category"]].append(shapes.check_geneval(g["spec"], shapes.detect(im)))
+    gen_ok = [shapes.check_geneval(g["spec"], shapes.detect(im)) for im, g in zip(gen_imgs, gen_items)]
+    for ok, g in zip(gen_ok, gen_items):
+        per_cat[g["category"]].append(ok)
     geneval = {cat: float(np.mean(v)) for cat, v in sorted(per_cat.items())}
     geneval["overall"] = float(np.mean(list(geneval.values())))
     metrics["geneval"] = geneval
 
     samples = {
-        "geneval_grid": image_grid(gen_imgs[:16]),
-        "reconstruction_grid": image_grid(np.concatenate([np.stack([it["image"] for it in items[:8]]),
-                                                          recon_imgs[:8]])),
+        # Each generated image under its prompt, framed by whether the GenEval check passed.
+        "geneval_grid": labeled_grid(gen_imgs[:16], [g["prompt"] for g in gen_items[:16]], gen_ok[:16]),
+        # Each input image beside the image drawn from the model's caption of it (the label),
+        # framed by whether the detected scenes agree.
+        "reconstruction_grid": labeled_grid(
+            [im for it, r in zip(items[:8], recon_imgs[:8]) for im in (it["image"], r)],
+            [t for it, c in zip(items[:8], long_caps[:8]) for t in ("input", c)],
+            [ok for im, it in zip(recon_imgs[:8], items[:8]) for ok in (None, shapes.detect(im) == it["scene"])]),
         "captions": [{"reference": it["long_caption"], "model": c} for it, c in zip(items[:5], long_caps[:5])],
         "prompts": [g["prompt"] for g in gen_items[:16]],
     }
@@ -203,6 +209,48 @@ def image_grid(images: np.ndarray, cols: int = 8) -> np.ndarray:
         r, q = divmod(i, cols)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
     return grid
+
+
+def labeled_grid(images, labels: list[str], passed: list[bool | None] | None = None, cols: int = 4,
+                 cell: int = 96, text_lines: int = 4) -> np.ndarray:
+    """Each image scaled to ``cell`` px (nearest: the pixels as drawn) above its label
+    (wrapped to ``text_lines`` lines), framed green if its check ``passed``, red if not (no
+    frame where ``passed`` is None); returns one uint8 ``[H, W, 3]`` image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=10)   # a scalable font where Pillow has FreeType
+    except (TypeError, ImportError, OSError):
+        font = ImageFont.load_default()
+    line_h, pad = 12, 3
+    tile_w, tile_h = cell + 2 * pad, cell + 2 * pad + text_lines * line_h + 2
+    n = len(images)
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    canvas = Image.new("RGB", (cols * tile_w, rows * tile_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+
+    def wrap(label: str) -> list[str]:
+        lines = [""]
+        for word in label.split():
+            grown = f"{lines[-1]} {word}".strip()
+            if lines[-1] and draw.textlength(grown, font=font) > cell:
+                lines.append(word)
+            else:
+                lines[-1] = grown
+        return lines[:text_lines]
+
+    for i, (im, label) in enumerate(zip(images, labels)):
+        r, q = divmod(i, cols)
+        x, y = q * tile_w, r * tile_h
+        if passed is not None and passed[i] is not None:
+            color = (0, 160, 0) if passed[i] else (200, 0, 0)
+            draw.rectangle([x, y, x + tile_w - 1, y + cell + 2 * pad - 1], fill=color)
+            label = ("PASS: " if passed[i] else "FAIL: ") + label
+        canvas.paste(Image.fromarray(np.asarray(im, np.uint8)).resize((cell, cell), Image.NEAREST), (x + pad, y + pad))
+        for k, line in enumerate(wrap(label)):
+            draw.text((x + pad, y + cell + 2 * pad + k * line_h), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
 
 
 def flat_scalars(metrics: dict, prefix: str = "eval/") -> dict:

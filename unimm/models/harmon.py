@@ -50,6 +50,8 @@ def validate(model_cfg: Any) -> None:
     if not (0.0 <= m.mask_ratio_min < 1.0 and std > 0):
         raise ValueError(f"model.mar.mask_ratio_min={m.mask_ratio_min} must lie in [0, 1) and "
                          f"model.mar.mask_ratio_std={std} be > 0")
+    if m.get("mask_ratio_dist", "truncnorm") not in mar.MASK_RATIO_DISTS:
+        raise ValueError(f"model.mar.mask_ratio_dist={m.mask_ratio_dist!r}: expected one of {mar.MASK_RATIO_DISTS}")
     if model_cfg.get("readout_residual", False) and not has_readout(model_cfg):
         raise ValueError(f"model.readout_residual=True needs the readout: model.readout_weight > 0 "
                          f"(got {model_cfg.get('readout_weight', 0.0)})")

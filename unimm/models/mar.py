@@ -250,9 +250,17 @@ def random_orders(rng: jax.Array, batch: int, seq_len: int) -> jax.Array:
 MASK_RATIO_STD = 0.25   # MAR's scale of the training mask ratio (model.mar.mask_ratio_std)
 
 
-def sample_mask_ratio(rng: jax.Array, min_ratio: float, std: float = MASK_RATIO_STD) -> jax.Array:
-    """Truncated normal (loc 1.0, scale ``std``) restricted to ``[min_ratio, 1]``."""
-    return 1.0 + std * jax.random.truncated_normal(rng, (min_ratio - 1.0) / std, 0.0)
+MASK_RATIO_DISTS = ("truncnorm", "cosine")
+
+
+def sample_mask_ratio(rng: jax.Array, min_ratio: float, std: float = MASK_RATIO_STD, shape: tuple = (),
+                      dist: str = "truncnorm") -> jax.Array:
+    """Mask ratios in ``[min_ratio, 1]`` of ``shape``: MAR's truncated normal (loc 1.0, scale
+    ``std``), or MaskGIT's ``cos(pi/2 * u)`` for uniform ``u`` (the ratios the cosine sampling
+    schedule visits, equally often), clipped from below at ``min_ratio``."""
+    if dist == "cosine":
+        return jnp.maximum(min_ratio, jnp.cos(0.5 * jnp.pi * jax.random.uniform(rng, shape)))
+    return 1.0 + std * jax.random.truncated_normal(rng, (min_ratio - 1.0) / std, 0.0, shape)
 
 
 def num_masked(seq_len: int, ratio: jax.Array) -> jax.Array:
@@ -293,15 +301,18 @@ def next_mask_len(step: jax.Array, num_iter: int, seq_len: int, remaining: jax.A
 
 
 def training_mask(rng: jax.Array, batch: int, seq_len: int, min_ratio: float,
-                  mask_len: jax.Array | int | None = None, std: float = MASK_RATIO_STD):
-    """One training mask: random orders, one truncated-normal ratio for the batch (or a given
-    ``mask_len``), and the visible tokens gathered into the static ``K`` of training.
+                  mask_len: jax.Array | int | None = None, std: float = MASK_RATIO_STD,
+                  per_example: bool = False, dist: str = "truncnorm"):
+    """One training mask: random orders, a mask ratio for the batch (MAR, Harmon) or one per
+    example (``per_example``), drawn from ``dist`` (or a given ``mask_len``), and the visible
+    tokens gathered into the static ``K`` of training.
 
-    Returns ``(mask bool [B, L], idx [B, K], valid [B, K], ratio)``.
+    Returns ``(mask bool [B, L], idx [B, K], valid [B, K], ratio)`` (``ratio`` ``[B]`` per
+    example, else a scalar).
     """
     k_order, k_ratio = jax.random.split(rng)
     orders = random_orders(k_order, batch, seq_len)
-    ratio = sample_mask_ratio(k_ratio, min_ratio, std)
+    ratio = sample_mask_ratio(k_ratio, min_ratio, std, (batch,) if per_example else (), dist)
     mask = mask_by_order(num_masked(seq_len, ratio) if mask_len is None else mask_len, orders)
     idx, valid = gather_visible(mask, max_visible_for_training(seq_len, min_ratio))
     return mask, idx, valid, ratio

@@ -59,8 +59,10 @@ def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
     b, seq, dim = img_tokens.shape
     k_mask, k_diff = jax.random.split(rng)
     k_drop = jax.random.fold_in(rng, 2)
-    mask, idx, valid, ratio = mar.training_mask(k_mask, b, seq, model_cfg.mar.mask_ratio_min,
-                                                std=model_cfg.mar.get("mask_ratio_std", mar.MASK_RATIO_STD))
+    m = model_cfg.mar
+    mask, idx, valid, ratio = mar.training_mask(   # .get: fields absent from older runs' config.json
+        k_mask, b, seq, m.mask_ratio_min, std=m.get("mask_ratio_std", mar.MASK_RATIO_STD),
+        per_example=m.get("mask_ratio_per_example", False), dist=m.get("mask_ratio_dist", "truncnorm"))
     text = qwen2.embed(params["llm"], model_cfg.llm, batch["t2i_tokens"])
     z = harmon.decoder_condition(params, model_cfg, text, batch["t2i_mask"], img_tokens, idx, valid,
                                  dropout_rng=k_drop)
@@ -68,7 +70,7 @@ def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
         params["head"], harmon.head_config(model_cfg), model_cfg.diffusion,
         harmon.head_target(params, model_cfg, z, img_tokens).reshape(-1, dim), z.reshape(b * seq, -1),
         mask.reshape(-1), k_diff)
-    metrics = {"t2i_loss": loss, "mask_ratio": ratio}
+    metrics = {"t2i_loss": loss, "mask_ratio": jnp.mean(ratio)}
     if harmon.has_readout(model_cfg):
         aux = harmon.readout_loss(params, z, img_tokens, mask)
         loss, metrics = loss + model_cfg.readout_weight * aux, {**metrics, "t2i_readout_loss": aux}
