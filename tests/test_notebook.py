@@ -21,7 +21,7 @@ def test_quickstart_notebook_runs(monkeypatch):
     outputs = ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in nb.cells
                if cell.cell_type == "code"]
     text = "\n".join(outputs)
-    assert "step 40: loss" in text
+    assert "step 30: loss" in text
     assert "a sampled caption:" in text
     grad_norm = float(re.search(r"grad_norm ([0-9.]+)", text).group(1))
     assert grad_norm > 0, text[-1000:]   # the GRPO step had informative groups and moved the policy
