@@ -167,8 +167,8 @@ def evaluate(model: Model, num_examples: int = 60, batch_size: int = 12, seed: i
     for k, chunk in enumerate(_batched(long_caps, batch_size)):
         recon_imgs.append(model.generate(chunk, jax.random.fold_in(rng, k)))
     recon_imgs = np.concatenate(recon_imgs)
-    metrics["reconstruction"] = float(np.mean([shapes.detect(im) == it["scene"]
-                                                for im, it in zip(recon_imgs, items)]))
+    recon_ok = [shapes.detect(im) == it["scene"] for im, it in zip(recon_imgs, items)]
+    metrics["reconstruction"] = float(np.mean(recon_ok))
     encoders = builtin_encoders(model, config.eval.get("unified_bench", UNIFIED_BENCH_ENCODERS))
     encoders.update(feature_encoders or {})
     metrics["unified_bench"] = unified_bench(np.stack([it["image"] for it in items]), recon_imgs, encoders)
@@ -192,7 +192,7 @@ def evaluate(model: Model, num_examples: int = 60, batch_size: int = 12, seed: i
         "reconstruction_grid": labeled_grid(
             [im for it, r in zip(items[:8], recon_imgs[:8]) for im in (it["image"], r)],
             [t for it, c in zip(items[:8], long_caps[:8]) for t in ("input", c)],
-            [ok for im, it in zip(recon_imgs[:8], items[:8]) for ok in (None, shapes.detect(im) == it["scene"])]),
+            [ok for same in recon_ok[:8] for ok in (None, same)]),
         "captions": [{"reference": it["long_caption"], "model": c} for it, c in zip(items[:5], long_caps[:5])],
         "prompts": [g["prompt"] for g in gen_items[:16]],
     }
