@@ -108,7 +108,7 @@ def diffusion_config(variant: str) -> ml_collections.ConfigDict:
         # x0: its loss makes the head read z at every noise level, which also trains the LLM
         # and MAR to carry the prompt (the readout alone rebuilt 1.00 of held-out scenes at
         # step 12000, 0.75 with eps). Its x0 at t < 20 is off by more than beta_t, so the
-        # learned variance runs past its range there: clipped. README, "The tiny run's numbers".
+        # learned variance runs past its range there: clipped. results/generation.md.
         c.prediction, c.clip_log_variance, c.num_sampling_steps = "x0", True, "25"
     return c
 
@@ -148,7 +148,7 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     m.readout_weight = 1.0 if variant == "tiny" else 0.0
     # True: the diffusion head models token - readout(z) and samples add the (guided)
     # readout back (needs readout_weight > 0; not in Harmon; set diffusion.clip_denoised=2
-    # with it). Off: on tiny it reconstructed less (README, "The tiny run's numbers").
+    # with it). Off: on tiny it reconstructed less (results/generation.md).
     m.readout_residual = False
     return m
 
@@ -280,7 +280,7 @@ def sample_config(variant: str) -> ml_collections.ConfigDict:
     # MAR iterations (<= tokens per image), each conditioned on the tokens drawn before it.
     # tiny: 1, all 9 cells at once. Its training masks (ratio >= 0.7) leave at most 2 of 9
     # tokens visible, and later iterations, conditioned on more generated ones, lose the scene
-    # (README: reconstruction 1.00 / 0.92 / 0.52 with 1 / 2 / 3 iterations at CFG 1). Masks
+    # (reconstruction 1.00 / 0.92 / 0.52 with 1 / 2 / 3 iterations at CFG 1). Masks
     # that show every count of visible tokens (mask_ratio_dist="cosine", per example) did not
     # fix it yet: results/generation.md.
     s.num_iter = 1 if variant == "tiny" else 64
