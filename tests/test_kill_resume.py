@@ -4,13 +4,14 @@ command."""
 import os
 import re
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from unimm import checkpoint
+
+import tiny_cli   # tests/tiny_cli.py
 
 pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
 
@@ -22,11 +23,10 @@ KILL_AFTER = (9, 16)
 
 
 def _cmd(workdir):
-    # The train step (tiny, batch 4, 30 steps, one device) is tests/test_loop.py::test_cli's too.
-    return [sys.executable, "-m", "unimm.main", "--config=configs/harmon.py:tiny", f"--workdir={workdir}",
-            f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=0",
-            "--config.train.checkpoint_every=4", "--config.train.keep_checkpoints=2",
-            "--config.data.i2t_batch_size=4", "--config.data.t2i_batch_size=4"]
+    # The train step is tests/test_loop.py::test_cli's too (tests/tiny_cli.py).
+    return tiny_cli.main_command(workdir, f"--config.train.steps={STEPS}", "--config.train.log_every=1",
+                                 "--config.train.eval_every=0", "--config.train.checkpoint_every=4",
+                                 "--config.train.keep_checkpoints=2")
 
 
 def _env():

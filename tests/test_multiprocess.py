@@ -10,7 +10,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,11 +17,12 @@ import pytest
 
 from unimm import checkpoint, distributed
 
+import tiny_cli   # tests/tiny_cli.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=0",
-             "--config.train.checkpoint_every=1000", "--config.data.i2t_batch_size=8",
-             "--config.data.t2i_batch_size=8"]
+OVERRIDES = (f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=0",
+             "--config.train.checkpoint_every=1000")
 
 
 def _free_port() -> int:
@@ -42,8 +42,7 @@ def _env(devices: int, **extra) -> dict:
 
 
 def _start(workdir: str, env: dict) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "unimm.main", "--config=configs/harmon.py:tiny", f"--workdir={workdir}",
-           *OVERRIDES]
+    cmd = tiny_cli.main_command(workdir, *OVERRIDES, batch=8)   # 8 examples over 8 devices
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

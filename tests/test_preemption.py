@@ -3,10 +3,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+
+import tiny_cli   # tests/tiny_cli.py
 
 pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
 
@@ -14,11 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cmd(workdir):
-    # A step count no run reaches: each one ends by SIGTERM.
-    return [sys.executable, "-m", "unimm.main", "--config=configs/harmon.py:tiny", f"--workdir={workdir}",
-            "--config.train.steps=100000", "--config.train.log_every=1", "--config.train.eval_every=0",
-            "--config.train.checkpoint_every=100000", "--config.data.i2t_batch_size=8",
-            "--config.data.t2i_batch_size=8", "--config.sharding.mesh.data=1"]
+    # A step count no run reaches: each one ends by SIGTERM. The train step is
+    # tests/test_kill_resume.py's (tests/tiny_cli.py), so the cache may already hold it.
+    return tiny_cli.main_command(workdir, "--config.train.steps=100000", "--config.train.log_every=1",
+                                 "--config.train.eval_every=0", "--config.train.checkpoint_every=100000",
+                                 "--config.sharding.mesh.data=1")
 
 
 def _env():
