@@ -65,6 +65,7 @@ def mar_config(variant: str) -> ml_collections.ConfigDict:
     # alone) beside images with most tokens visible (what later MAR iterations condition on).
     c.mask_ratio_dist = "truncnorm"       # "truncnorm" (MAR) or "cosine" (MaskGIT)
     c.mask_ratio_per_example = False      # False: one ratio per batch (MAR); True: per example
+    c.mask_full_prob = 0.0                # chance a ratio is 1 instead (all masked); MAR: 0
     c.layer_norm_eps = 1e-6               # LayerNorm epsilon
     # Attention and projection dropout of the blocks in training (timm's attn_drop / proj_drop;
     # Harmon's MAR configs: 0.1); off at inference.

@@ -24,6 +24,7 @@ config and flags
   api config_token_dim            model.mar.token_dim=17 -> but model.vae (patch) produces 192-dim tokens
   api config_mask_ratio           model.mar.mask_ratio_min=1.0 -> must lie in [0, 1)
   api config_mask_ratio_dist      model.mar.mask_ratio_dist=uniform -> expected one of ('truncnorm', 'cosine')
+  api config_mask_full_prob       model.mar.mask_full_prob=1.5 -> must lie in [0, 1]
   api config_unknown_variant      configs/harmon.py:huge -> unknown variant 'huge'
   api config_file_missing         configs/nope.py -> config file not found
   api config_rules_missing_entry  logical_axis_rules without 'embed' -> no entry for the logical axis 'embed'
@@ -439,6 +440,8 @@ API = {
                           r"model.mar.mask_ratio_min=1.0 must lie in \[0, 1\) and model.mar.mask_ratio_std=0.25 be > 0"),
     "config_mask_ratio_dist": (_validate("model.mar.mask_ratio_dist=uniform"), ValueError,
                                r"model.mar.mask_ratio_dist='uniform': expected one of \('truncnorm', 'cosine'\)"),
+    "config_mask_full_prob": (_validate("model.mar.mask_full_prob=1.5"), ValueError,
+                              r"model.mar.mask_full_prob=1.5 must lie in \[0, 1\]"),
     "config_unknown_variant": (lambda f: config_utils.load_config("configs/harmon.py:huge"), ValueError,
                                r"configs/harmon.py: unknown variant 'huge'; choose one of"),
     "config_file_missing": (lambda f: config_utils.load_config("configs/nope.py:tiny"), FileNotFoundError,

@@ -285,6 +285,23 @@ def test_per_example_cosine_masks_cover_what_sampling_conditions_on():
     assert mar.training_mask(jax.random.key(0), 2, seq, 0.7)[3].shape == ()
 
 
+def test_full_mask_probability_masks_that_share_of_rows_entirely():
+    """model.mar.mask_full_prob: that share of the rows is masked entirely (the prompt alone
+    conditions them); the rest keep the drawn ratio, so their counts follow cos(pi/2 u)."""
+    seq, batch, p = 9, 4096, 0.5
+    mask, _, _, ratio = jax.jit(lambda k: mar.training_mask(k, batch, seq, 0.0, per_example=True,
+                                                            dist="cosine", full_prob=p))(jax.random.key(4))
+    counts = np.asarray(mask).sum(-1)
+    np.testing.assert_array_equal(counts, np.ceil(seq * np.asarray(ratio) - 1e-6).clip(0, seq))
+    # All masked: the forced share plus the cosine draw's own P(ceil(9 cos) = 9) = (2/pi) acos(8/9).
+    full = p + (1 - p) * 2 / math.pi * math.acos(8 / seq)
+    assert abs(float(np.mean(counts == seq)) - full) < 0.025
+    assert abs(float(np.mean(counts == 1)) - (1 - p) * 2 / math.pi * (math.acos(0) - math.acos(1 / seq))) < 0.02
+    # Per batch, the coin decides for the whole batch.
+    ratios = [float(mar.training_mask(jax.random.key(i), 4, seq, 0.7, full_prob=p)[3]) for i in range(40)]
+    assert 5 < sum(r == 1.0 for r in ratios) < 35 and any(r < 1.0 for r in ratios)
+
+
 @pytest.mark.parametrize("seq_len,num_iter", [(16, 4), (16, 64), (256, 64), (1024, 10)])
 def test_sampling_schedule_matches_reference(seq_len, num_iter):
     remaining, ours_rem = seq_len, jnp.int32(seq_len)

@@ -52,6 +52,8 @@ def validate(model_cfg: Any) -> None:
                          f"model.mar.mask_ratio_std={std} be > 0")
     if m.get("mask_ratio_dist", "truncnorm") not in mar.MASK_RATIO_DISTS:
         raise ValueError(f"model.mar.mask_ratio_dist={m.mask_ratio_dist!r}: expected one of {mar.MASK_RATIO_DISTS}")
+    if not 0.0 <= m.get("mask_full_prob", 0.0) <= 1.0:
+        raise ValueError(f"model.mar.mask_full_prob={m.mask_full_prob} must lie in [0, 1]")
     if model_cfg.get("readout_residual", False) and not has_readout(model_cfg):
         raise ValueError(f"model.readout_residual=True needs the readout: model.readout_weight > 0 "
                          f"(got {model_cfg.get('readout_weight', 0.0)})")

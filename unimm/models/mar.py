@@ -302,17 +302,21 @@ def next_mask_len(step: jax.Array, num_iter: int, seq_len: int, remaining: jax.A
 
 def training_mask(rng: jax.Array, batch: int, seq_len: int, min_ratio: float,
                   mask_len: jax.Array | int | None = None, std: float = MASK_RATIO_STD,
-                  per_example: bool = False, dist: str = "truncnorm"):
+                  per_example: bool = False, dist: str = "truncnorm", full_prob: float = 0.0):
     """One training mask: random orders, a mask ratio for the batch (MAR, Harmon) or one per
     example (``per_example``), drawn from ``dist`` (or a given ``mask_len``), and the visible
-    tokens gathered into the static ``K`` of training.
+    tokens gathered into the static ``K`` of training. ``full_prob``: the chance that a ratio
+    is 1 instead (everything masked: the prompt alone conditions the tokens).
 
     Returns ``(mask bool [B, L], idx [B, K], valid [B, K], ratio)`` (``ratio`` ``[B]`` per
     example, else a scalar).
     """
     k_order, k_ratio = jax.random.split(rng)
     orders = random_orders(k_order, batch, seq_len)
-    ratio = sample_mask_ratio(k_ratio, min_ratio, std, (batch,) if per_example else (), dist)
+    shape = (batch,) if per_example else ()
+    ratio = sample_mask_ratio(k_ratio, min_ratio, std, shape, dist)
+    if full_prob > 0:
+        ratio = jnp.where(jax.random.bernoulli(jax.random.fold_in(k_ratio, 1), full_prob, shape), 1.0, ratio)
     mask = mask_by_order(num_masked(seq_len, ratio) if mask_len is None else mask_len, orders)
     idx, valid = gather_visible(mask, max_visible_for_training(seq_len, min_ratio))
     return mask, idx, valid, ratio

@@ -62,7 +62,8 @@ def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
     m = model_cfg.mar
     mask, idx, valid, ratio = mar.training_mask(   # .get: fields absent from older runs' config.json
         k_mask, b, seq, m.mask_ratio_min, std=m.get("mask_ratio_std", mar.MASK_RATIO_STD),
-        per_example=m.get("mask_ratio_per_example", False), dist=m.get("mask_ratio_dist", "truncnorm"))
+        per_example=m.get("mask_ratio_per_example", False), dist=m.get("mask_ratio_dist", "truncnorm"),
+        full_prob=m.get("mask_full_prob", 0.0))
     text = qwen2.embed(params["llm"], model_cfg.llm, batch["t2i_tokens"])
     z = harmon.decoder_condition(params, model_cfg, text, batch["t2i_mask"], img_tokens, idx, valid,
                                  dropout_rng=k_drop)
