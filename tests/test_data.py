@@ -1,4 +1,5 @@
 """Data path: images, sequence assembly, shapes vocabulary, grain pipelines, sources."""
+import collections
 import json
 import logging
 
@@ -137,6 +138,20 @@ def test_shapes_items_rotate_and_render():
     assert {x["kind"] for x in u} == set(pipeline.I2T_KINDS)
     qa = u[[x["kind"] for x in u].index("qa")]
     assert (qa["question"], qa["answer"]) in qa["qa"]
+
+
+@pytest.mark.parametrize("kinds", [("long_caption", "geneval"), pipeline.GEN_KINDS,
+                                   ("geneval", "long_caption", "geneval")])
+def test_every_geneval_category_is_trained_equally_often(kinds):
+    """Whatever the rotation of prompt kinds (the tiny config's two, the default three), the
+    GenEval-style training prompts cover all six categories equally, each with a scene that
+    passes its check (numbered by item index, two kinds trained only 3 of the 6)."""
+    items = [pipeline.shapes_t2i_item(0, i, 24, kinds) for i in range(36 * len(kinds))]
+    gen = [it for it in items if it["kind"] == "geneval"]
+    counts = collections.Counter(it["spec"]["category"] for it in gen)
+    assert set(counts) == set(shapes.GENEVAL_CATEGORIES) and len(set(counts.values())) == 1, counts
+    assert len({it["prompt"] for it in gen}) > len(gen) // 3    # not the same few prompts again
+    assert all(shapes.check_geneval(it["spec"], it["scene"]) for it in gen)
 
 
 def test_batches_shapes_and_determinism(tok):

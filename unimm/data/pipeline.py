@@ -58,7 +58,11 @@ def shapes_t2i_item(seed: int, index: int, image_size: int, kinds: tuple[str, ..
     kind = kinds[index % len(kinds)]
     spec = None
     if kind == "geneval":
-        _, prompt, spec = shapes.geneval_prompt(seed, index)
+        # geneval_prompt's category cycles with its index. The item index would visit only the
+        # categories congruent to this kind's place in the rotation (two kinds: 3 of the 6),
+        # so the GenEval items are numbered among themselves: every category, equally often.
+        rank = index // len(kinds) * kinds.count("geneval") + kinds[:index % len(kinds)].count("geneval")
+        _, prompt, spec = shapes.geneval_prompt(seed, rank)
         scene_seed = int(np.random.default_rng([seed, index, 3]).integers(2 ** 31))
         scene = shapes.scene_for_spec(spec, scene_seed)
     else:
