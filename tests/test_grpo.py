@@ -12,6 +12,8 @@ from unimm.models import vae as vae_lib
 from unimm.train import grpo, loop
 from unimm.train.state import create_train_state, state_shardings
 
+from tiny_cli import one_block_each   # tests/tiny_cli.py
+
 
 def grpo_config(**grpo_fields):
     config = config_utils.load_config("configs/grpo.py:tiny")
@@ -128,8 +130,9 @@ def test_tiny_grpo_raises_a_simple_reward(setup):
 
 
 def loop_test_grpo_config():
-    """The GRPO loops' config: 4 inputs x 2 captions, images in 3 MAR iterations of 5 steps."""
-    config = grpo_config(group_size=2, inputs_per_step=4, max_new_tokens=6)
+    """The GRPO loops' config: 4 inputs x 2 captions, images in 3 MAR iterations of 5 steps,
+    one block per stack (as ``tiny_train_config``, whose run the GRPO loop starts from)."""
+    config = one_block_each(grpo_config(group_size=2, inputs_per_step=4, max_new_tokens=6))
     config.sample.num_iter, config.sample.num_sampling_steps = 3, "5"
     return config
 

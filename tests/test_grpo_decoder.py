@@ -12,12 +12,14 @@ from unimm.models import harmon, layers
 from unimm.train import grpo, grpo_decoder, loop
 from unimm.train.state import create_train_state, state_shardings
 
+from tiny_cli import one_block_each   # tests/tiny_cli.py
+
 STEPS, ITERS = "5", 3
 
 
 @pytest.fixture(scope="module")
 def setup():
-    config = config_utils.load_config("configs/grpo.py:tiny")
+    config = one_block_each(config_utils.load_config("configs/grpo.py:tiny"))
     config.grpo.policy, config.grpo.trainable = "decoder", ("mar", "head")
     config.grpo.rollout_steps, config.grpo.step_fraction = STEPS, 1.0
     config.sample.cfg, config.sample.temperature = 3.0, 1.0
@@ -213,7 +215,7 @@ def test_decoder_grpo_step_sharded_equals_single_device(setup):
 @pytest.mark.slow
 def test_decoder_policy_loop_runs_and_resumes(tmp_path):
     from unimm.train import grpo_loop
-    config = config_utils.load_config("configs/grpo.py:tiny")
+    config = one_block_each(config_utils.load_config("configs/grpo.py:tiny"))
     config.grpo.update(dict(policy="decoder", trainable=("mar", "head"), group_size=2, inputs_per_step=4,
                             max_new_tokens=6, rollout_steps="4"))
     config.sample.num_iter, config.sample.max_new_tokens = 3, 6

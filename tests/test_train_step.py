@@ -13,11 +13,14 @@ from unimm.train import loop
 from unimm.train import step as step_lib
 from unimm.train.state import create_train_state, state_shardings
 
+from tiny_cli import one_block_each   # tests/tiny_cli.py
+
 IMAGE_ID = 5
 
 
 def tiny_config(**train):
-    config = config_utils.load_config("configs/harmon.py:tiny")
+    """The tiny config, one block per stack (the step's properties hold at any depth)."""
+    config = one_block_each(config_utils.load_config("configs/harmon.py:tiny"))
     config.data.image_token_id = IMAGE_ID
     config.data.i2t_batch_size = config.data.t2i_batch_size = 4
     config.train.steps = 10

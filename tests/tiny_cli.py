@@ -1,16 +1,27 @@
-"""The command line of the tests that start ``python -m unimm.main`` on the tiny config
+"""The tiny config one block per stack, for the tests whose property holds at any depth:
+in process (``one_block_each``: the training and RL loops, the compiled steps they compare)
+and on the command line of the tests that start ``python -m unimm.main``
 (tests/test_loop.py::test_cli, test_kill_resume.py, test_preemption.py, test_multiprocess.py).
 
 Their properties (the CLI's outputs, bit-exact restarts, SIGTERM saves, two processes equal
-to one) hold at any depth, so every stack is one block deep: each process compiles its
-programs ~30 % faster than at the tiny config's depths. One command line for all of them
-means one train step, compiled once into the session's cache (tests/conftest.py) and read
-from it by every later process with the same device count.
+to one, a sharded step equal to one device) hold at any depth, so every stack is one block
+deep: each program compiles ~30 % faster than at the tiny config's depths. One command line
+for all of them means one train step, compiled once into the session's cache
+(tests/conftest.py) and read from it by every later process with the same device count.
 """
 import sys
 
-ONE_BLOCK_EACH = ("--config.model.llm.num_layers=1", "--config.model.mar.encoder_depth=1",
-                  "--config.model.mar.decoder_depth=1", "--config.model.diffusion.depth=1")
+ONE_BLOCK = {"model.llm.num_layers": 1, "model.mar.encoder_depth": 1, "model.mar.decoder_depth": 1,
+             "model.diffusion.depth": 1}
+ONE_BLOCK_EACH = tuple(f"--config.{k}={v}" for k, v in ONE_BLOCK.items())
+
+
+def one_block_each(config):
+    """``config`` (a tiny config, changed in place and returned) with one block per stack."""
+    from unimm import config_utils
+    for k, v in ONE_BLOCK.items():
+        config_utils.apply_override(config, f"{k}={v}")
+    return config
 
 
 def main_command(workdir, *overrides: str, batch: int = 4) -> list[str]:

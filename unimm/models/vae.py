@@ -7,13 +7,14 @@ Both tokenizer kinds share one interface chosen by ``cfg.kind``: ``"kl16"`` or `
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unimm.models.layers import bind, init_params, ones, zeros
+from unimm.models.layers import bind, freeze, init_params, ones, zeros
 
 KINDS = ("kl16", "patch")
 _CONV_AXES = ("kernel_h", "kernel_w", "conv_in", "conv_out")
@@ -230,9 +231,22 @@ def images_to_tokens(params, cfg, images: jax.Array, *, rng: jax.Array | None = 
         p = cfg.patch_size
         x = images.reshape(b, hh // p, p, ww // p, p, 3).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, (hh // p) * (ww // p), 3 * p * p)
+    return _kl16_tokens(params, freeze(cfg), images, rng)
+
+
+# The KL-16 halves compiled whole: called outside jit (sampling, captioning, GRPO rollouts),
+# eagerly they would compile and dispatch each of their ~100 convolutions and norms one by
+# one. Inside another jit they inline.
+@functools.partial(jax.jit, static_argnums=1)
+def _kl16_tokens(params, cfg, images, rng):
     mean, logvar = encode(params, cfg, images)
     z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
-    return (z * cfg.scale).reshape(b, -1, cfg.embed_dim)
+    return (z * cfg.scale).reshape(images.shape[0], -1, cfg.embed_dim)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _kl16_images(params, cfg, latents):
+    return decode(params, cfg, latents / cfg.scale)
 
 
 def tokens_to_images(params, cfg, tokens: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
@@ -247,7 +261,7 @@ def tokens_to_images(params, cfg, tokens: jax.Array, grid_hw: tuple[int, int]) -
         p = cfg.patch_size
         x = tokens.reshape(b, h, w, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, h * p, w * p, 3)
-    return decode(params, cfg, tokens.reshape(b, h, w, d) / cfg.scale)
+    return _kl16_images(params, freeze(cfg), tokens.reshape(b, h, w, d))
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
