@@ -7,12 +7,14 @@ import pytest
 from unimm import config_utils
 from unimm.models import harmon, harmon_sample, layers, qwen2
 
+from tiny_cli import one_block_each   # tests/tiny_cli.py
+
 
 @pytest.fixture(scope="module")
 def tiny():
     """Perturbed params: the head's zero-initialised final layer makes a fresh x0 head (tiny's)
     draw all-zero tokens whatever the prompt, which would hide an unfilled or mixed-up slot."""
-    cfg = layers.freeze(config_utils.load_config("configs/harmon.py:tiny").model)
+    cfg = layers.freeze(one_block_each(config_utils.load_config("configs/harmon.py:tiny")).model)
     # The jitted init is other tests' too (the session's compilation cache); the noise is
     # added on the host (a jitted init + noise compiled 3x longer, eager adds one op per shape).
     params = jax.jit(harmon.init, static_argnums=0)(cfg, jax.random.key(0))
@@ -106,7 +108,7 @@ def test_readout_residual_samples_add_the_readout_back(tiny):
     = v), and the head is trained on the residual."""
     plain, params = tiny
     assert not plain.readout_residual
-    model = config_utils.load_config("configs/harmon.py:tiny").model
+    model = one_block_each(config_utils.load_config("configs/harmon.py:tiny")).model
     model.readout_residual = True
     cfg = layers.freeze(model)
     v = jnp.linspace(-0.5, 0.5, cfg.mar.token_dim)

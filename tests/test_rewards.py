@@ -52,11 +52,14 @@ def test_geneval_reward_checks_the_prompt_spec():
         rewards.geneval(gen, gen)
 
 
+_init = jax.jit(harmon.init, static_argnums=0)   # one compile (test_sharding's too), not op by op
+
+
 @pytest.mark.parametrize("name", ["feature_cosine", "latent_similarity"])
 def test_cosine_rewards(name):
     config = config_utils.load_config("configs/harmon.py:tiny")
     s = config.data.image_size
-    params = harmon.init(layers.freeze(config.model), jax.random.key(0))
+    params = _init(layers.freeze(config.model), jax.random.key(0))
     context = {"features": rewards.mar_features(params, config.model, {}, s),
                "tokenize": rewards.tokenizer_latents(config.model, {}, s)}
     src = np.stack([shapes.render((A, B), s), shapes.render((A,), s)])
@@ -72,7 +75,7 @@ def test_unified_bench_scores_each_encoder_and_their_mean():
     from unimm.eval import shapes_bench
     config = config_utils.load_config("configs/harmon.py:tiny")
     s = config.data.image_size
-    params = harmon.init(layers.freeze(config.model), jax.random.key(0))
+    params = _init(layers.freeze(config.model), jax.random.key(0))
     model = shapes_bench.Model(config, None, params, {})
     encoders = shapes_bench.builtin_encoders(model, config.eval.unified_bench)
     encoders["pixels"] = lambda images: np.asarray(images, np.float32)
