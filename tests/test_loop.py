@@ -135,6 +135,8 @@ def test_cli(tmp_path):
     assert scores["step"] == 30 and 0.0 <= scores["geneval"]["overall"] <= 1.0
     assert {"caption_exact_match", "qa_accuracy", "reconstruction", "unified_bench"} <= set(scores)
     assert set(scores["unified_bench"]) == {"mar", "latent", "overall"}
+    assert set(scores["geneval_diagnosis"]) == {"object_count", "named_shapes"}
+    assert all(set(d) == set(scores["geneval"]) for d in scores["geneval_diagnosis"].values())
     assert (workdir / "geneval_grid_30.png").exists() and (workdir / "config.json").exists()
 
     # The inference CLIs read the run's config.json and newest checkpoint.

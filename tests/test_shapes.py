@@ -158,6 +158,27 @@ def test_geneval_prompts_and_checks():
     assert " a orange" not in " ".join(S.geneval_prompt(0, i)[1] for i in range(300))
 
 
+def test_geneval_diagnosis_separates_count_from_shapes():
+    """The perfect scene passes both parts; an extra object breaks the count only; the
+    second named shape redrawn as the first breaks the shapes only."""
+    specs = {}
+    for i in range(60):
+        cat, _, spec = S.geneval_prompt(0, i)
+        specs.setdefault(cat, spec)
+    for cat in ("two_objects", "position", "counting"):
+        spec = specs[cat]
+        good = S.scene_for_spec(spec, seed=1)
+        assert S.geneval_diagnosis(spec, good) == {"object_count": True, "named_shapes": True}
+        free = next(c for c in range(9) if c not in {o.cell for o in good})
+        extra = S.canonical([*good, dataclasses.replace(good[0], cell=free)])
+        assert S.geneval_diagnosis(spec, extra) == {"object_count": False, "named_shapes": True}
+        if cat != "counting":   # counting names one shape
+            first = spec["objects"][0]["shape"]
+            twice = S.canonical([dataclasses.replace(o, shape=first) for o in good])
+            assert S.geneval_diagnosis(spec, twice) == {"object_count": True, "named_shapes": False}
+            assert not S.check_geneval(spec, twice)
+
+
 def test_scene_dict_round_trip():
     for i in range(100):
         sc = S.sample_scene(0, i)

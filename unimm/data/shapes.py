@@ -339,6 +339,17 @@ def check_geneval(spec: dict, scene: Scene) -> bool:
     return all(any(_matches(o, want) for o in scene) for want in objs)
 
 
+def geneval_diagnosis(spec: dict, scene: Scene) -> dict[str, bool]:
+    """Why a (detected) scene fails its prompt, in two parts: ``object_count`` (as many
+    objects as the prompt asks for: its count for counting, else one per named object) and
+    ``named_shapes`` (every shape the prompt names is drawn, whatever its colour or place).
+    A scene can pass both and still fail on colours or the relation."""
+    objs = spec["objects"]
+    want = spec["count"] if spec["category"] == "counting" else len(objs)
+    return {"object_count": len(scene) == want,
+            "named_shapes": all(any(o.shape == w["shape"] for o in scene) for w in objs)}
+
+
 def scene_for_spec(spec: dict, seed: int = 0) -> Scene:
     """A scene that satisfies spec (and nothing more): the reference 'perfect generation'."""
     rng = np.random.default_rng([seed, 2])

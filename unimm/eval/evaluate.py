@@ -43,7 +43,8 @@ def summary_line(metrics: dict) -> str:
     return (f"caption_exact_match={metrics['caption_exact_match']:.3f} qa_accuracy={metrics['qa_accuracy']:.3f} "
             f"geneval={g['overall']:.3f} reconstruction={metrics['reconstruction']:.3f} "
             f"unified_bench={metrics.get('unified_bench', {}).get('overall', float('nan')):.3f} "
-            f"(" + " ".join(f"{k}={v:.2f}" for k, v in g.items() if k != "overall") + ")")
+            f"(" + " ".join(f"{k}={v:.2f}" for k, v in g.items() if k != "overall") + ")"
+            + "".join(f" geneval_{k}={v['overall']:.2f}" for k, v in metrics.get("geneval_diagnosis", {}).items()))
 
 
 def make_eval_fn(config: Any, workdir: str, tok: Any = None, num_examples: int | None = None,

@@ -176,13 +176,13 @@ def evaluate(model: Model, num_examples: int = 60, batch_size: int = 12, seed: i
     gen_items = pipeline.eval_examples(config, tok, num_examples, "geneval")
     gen_imgs = np.concatenate([model.generate([g["prompt"] for g in chunk], jax.random.fold_in(rng, 1000 + k))
                                for k, chunk in enumerate(_batched(gen_items, batch_size))])
-    per_cat = collections.defaultdict(list)
-    gen_ok = [shapes.check_geneval(g["spec"], shapes.detect(im)) for im, g in zip(gen_imgs, gen_items)]
-    for ok, g in zip(gen_ok, gen_items):
-        per_cat[g["category"]].append(ok)
-    geneval = {cat: float(np.mean(v)) for cat, v in sorted(per_cat.items())}
-    geneval["overall"] = float(np.mean(list(geneval.values())))
-    metrics["geneval"] = geneval
+    detected = [shapes.detect(im) for im in gen_imgs]
+    gen_ok = [shapes.check_geneval(g["spec"], d) for d, g in zip(detected, gen_items)]
+    metrics["geneval"] = _by_category(gen_items, gen_ok)
+    # Which part of the prompts fails: the number of objects, or the shapes named.
+    diagnosis = [shapes.geneval_diagnosis(g["spec"], d) for d, g in zip(detected, gen_items)]
+    metrics["geneval_diagnosis"] = {k: _by_category(gen_items, [d[k] for d in diagnosis])
+                                    for k in ("object_count", "named_shapes")}
 
     samples = {
         # Each generated image under its prompt, framed by whether the GenEval check passed.
@@ -197,6 +197,15 @@ def evaluate(model: Model, num_examples: int = 60, batch_size: int = 12, seed: i
         "prompts": [g["prompt"] for g in gen_items[:16]],
     }
     return metrics, samples
+
+
+def _by_category(items: list[dict], hits: list[bool]) -> dict[str, float]:
+    """The share of ``hits`` per GenEval category, and ``overall``: their mean (GenEval's)."""
+    per_cat = collections.defaultdict(list)
+    for hit, g in zip(hits, items):
+        per_cat[g["category"]].append(hit)
+    shares = {cat: float(np.mean(v)) for cat, v in sorted(per_cat.items())}
+    return {**shares, "overall": float(np.mean(list(shares.values())))}
 
 
 def image_grid(images: np.ndarray, cols: int = 8) -> np.ndarray:
