@@ -15,7 +15,6 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from unimm import checkpoint, sharding
 from unimm.data import pipeline, text
@@ -179,6 +178,10 @@ def _mean_metrics(history: list[dict]) -> dict:
 
 
 def train_and_evaluate(config: Any, workdir: str, *, eval_fn: EvalFn | None = None) -> TrainState:
+    # Here, not at the top: clu's writers import TensorFlow (~6 s), which the inference CLIs
+    # (unimm.sample, caption, evaluate: they import this module for its helpers) do not need.
+    from clu import metric_writers, periodic_actions
+
     t = config.train
     mesh = sharding.make_mesh(mesh_shape(config))
     check_batch_sizes(config, mesh)
