@@ -2,12 +2,14 @@
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from tiny import xla_flags  # noqa: E402  (tests/tiny.py: the test processes' XLA flags)
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -95,10 +97,10 @@ def tiny_train_config():
     """``configs/harmon.py:tiny`` as the in-process training runs use it (tests/test_loop.py,
     the supervised workdir GRPO starts from): batch 8 over 8 fake devices with fsdp, so
     restores land in real shardings, and 6 steps. The runs share one train step, compiled
-    once through the session's cache. One block per stack (tests/tiny_cli.py): resumes,
+    once through the session's cache. One block per stack (tests/tiny.py): resumes,
     checkpoints and init_from hold at any depth. Keyword arguments override ``config.train``."""
     from unimm import config_utils
-    from tiny_cli import one_block_each
+    from tiny import one_block_each
 
     def make(**train):
         config = one_block_each(config_utils.load_config("configs/harmon.py:tiny"))

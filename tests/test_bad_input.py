@@ -111,6 +111,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tiny   # tests/tiny.py
 from unimm import checkpoint, cli, config_utils, inference, sharding
 from unimm.convert import common
 from unimm.data import images, pipeline, text
@@ -272,7 +273,7 @@ def files(tmp_path_factory):
 def cli_results(files):
     """Every command-line case, four processes at a time (each imports jax; some TensorFlow or torch)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "UNIMM_TRACEBACK")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=tiny.xla_flags(8), PYTHONPATH=ROOT)
 
     def run(name):
         args = [_fill(a, name) if isinstance(a, str) else a for a in CLI[name][0]]

@@ -341,7 +341,10 @@ def test_temperature_scales_step_noise_only(head):
     _, _, t0 = gd.sample(head, HEAD, DIFF, z, jax.random.key(6), temperature=0.0, return_trajectory=True)
     _, _, t1 = gd.sample(head, HEAD, DIFF, z, jax.random.key(6), temperature=1.0, return_trajectory=True)
     np.testing.assert_array_equal(t0["x"][0], t1["x"][0])                       # same initial noise
-    np.testing.assert_allclose(t0["x_next"], t0["mean"], atol=0)                # no step noise at tau 0
+    # No step noise at tau 0: x_next equals the mean to float rounding (XLA may compute the
+    # mean in two fusions, rounded differently); at tau 1 a step draws noise of median 0.27 here.
+    np.testing.assert_allclose(t0["x_next"], t0["mean"], rtol=1e-6, atol=0)
+    assert np.abs(t1["x_next"] - t1["mean"]).max() > 1e-3                       # and some at tau 1
     lp = gd.step_log_prob(jnp.zeros((2, D)), jnp.zeros((2, D)), jnp.ones((2, D)), 1.0)
     np.testing.assert_allclose(lp, -0.5 * D * (1 + math.log(2 * math.pi)), rtol=1e-6)
 

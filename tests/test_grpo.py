@@ -12,7 +12,7 @@ from unimm.models import vae as vae_lib
 from unimm.train import grpo, loop
 from unimm.train.state import create_train_state, state_shardings
 
-from tiny_cli import one_block_each   # tests/tiny_cli.py
+from tiny import one_block_each   # tests/tiny.py
 
 
 def grpo_config(**grpo_fields):

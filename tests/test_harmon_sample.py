@@ -7,7 +7,7 @@ import pytest
 from unimm import config_utils
 from unimm.models import harmon, harmon_sample, layers, qwen2
 
-from tiny_cli import one_block_each   # tests/tiny_cli.py
+from tiny import one_block_each   # tests/tiny.py
 
 
 @pytest.fixture(scope="module")

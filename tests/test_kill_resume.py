@@ -11,7 +11,7 @@ import pytest
 
 from unimm import checkpoint
 
-import tiny_cli   # tests/tiny_cli.py
+import tiny   # tests/tiny.py
 
 pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
 
@@ -23,8 +23,8 @@ KILL_AFTER = (9, 16)
 
 
 def _cmd(workdir):
-    # The train step is tests/test_loop.py::test_cli's too (tests/tiny_cli.py).
-    return tiny_cli.main_command(workdir, f"--config.train.steps={STEPS}", "--config.train.log_every=1",
+    # The train step is tests/test_loop.py::test_cli's too (tests/tiny.py).
+    return tiny.main_command(workdir, f"--config.train.steps={STEPS}", "--config.train.log_every=1",
                                  "--config.train.eval_every=0", "--config.train.checkpoint_every=4",
                                  "--config.train.keep_checkpoints=2")
 
@@ -33,7 +33,7 @@ def _env():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     # Four processes compile the same programs: they share them through the session's
     # persistent cache (tests/conftest.py), every program of them.
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": tiny.xla_flags(1),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 

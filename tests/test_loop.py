@@ -15,7 +15,7 @@ from unimm.convert.__main__ import save as convert_save
 from unimm.models import harmon, layers
 from unimm.train import loop
 
-import tiny_cli   # tests/tiny_cli.py
+import tiny   # tests/tiny.py
 
 pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
 
@@ -119,10 +119,10 @@ def test_init_from_errors_name_the_path(tmp_path, tiny_train_config):
 
 def test_cli(tmp_path):
     # One device keeps the subprocess's compilation short; the train step is
-    # tests/test_kill_resume.py's (tests/tiny_cli.py), compiled once through the session's cache.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    # tests/test_kill_resume.py's (tests/tiny.py), compiled once through the session's cache.
+    env = dict(os.environ, XLA_FLAGS=tiny.xla_flags(1), JAX_PLATFORMS="cpu")
     workdir = tmp_path / "cli"
-    cmd = tiny_cli.main_command(workdir, "--config.train.steps=30", "--config.train.log_every=10",
+    cmd = tiny.main_command(workdir, "--config.train.steps=30", "--config.train.log_every=10",
                                 "--config.train.checkpoint_every=30", "--config.eval.num_examples=6",
                                 "--config.eval.batch_size=6", "--config.sample.num_iter=4")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

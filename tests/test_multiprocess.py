@@ -17,7 +17,7 @@ import pytest
 
 from unimm import checkpoint, distributed
 
-import tiny_cli   # tests/tiny_cli.py
+import tiny   # tests/tiny.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -36,13 +36,13 @@ def _env(devices: int, **extra) -> dict:
     # first: the two-process run then took 60 s instead of 74 s with an empty cache.
     keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
     env = {k: v for k, v in os.environ.items() if (not k.startswith("JAX_") or k in keep) and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=tiny.xla_flags(devices),
                PYTHONPATH=ROOT, **{k: str(v) for k, v in extra.items()})
     return env
 
 
 def _start(workdir: str, env: dict) -> subprocess.Popen:
-    cmd = tiny_cli.main_command(workdir, *OVERRIDES, batch=8)   # 8 examples over 8 devices
+    cmd = tiny.main_command(workdir, *OVERRIDES, batch=8)   # 8 examples over 8 devices
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -6,6 +6,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import tiny   # tests/tiny.py
+
 pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,7 +17,7 @@ def test_quickstart_notebook_runs(monkeypatch):
     nb = nbformat.read(os.path.join(ROOT, "notebooks", "quickstart.ipynb"), as_version=4)
     # The kernel inherits this environment: one CPU device, as a Colab CPU runtime has (and
     # no 8-way partitioned programs to compile); the compilation cache is the session's.
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_FLAGS", tiny.xla_flags(1))
     client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}})
     client.execute()
     outputs = ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in nb.cells

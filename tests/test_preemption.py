@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-import tiny_cli   # tests/tiny_cli.py
+import tiny   # tests/tiny.py
 
 pytestmark = pytest.mark.slow   # processes / loops: the full suite only (tests/README.md)
 
@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _cmd(workdir):
     # A step count no run reaches: each one ends by SIGTERM. The train step is
-    # tests/test_kill_resume.py's (tests/tiny_cli.py), so the cache may already hold it.
-    return tiny_cli.main_command(workdir, "--config.train.steps=100000", "--config.train.log_every=1",
+    # tests/test_kill_resume.py's (tests/tiny.py), so the cache may already hold it.
+    return tiny.main_command(workdir, "--config.train.steps=100000", "--config.train.log_every=1",
                                  "--config.train.eval_every=0", "--config.train.checkpoint_every=100000",
                                  "--config.sharding.mesh.data=1")
 
@@ -25,7 +25,7 @@ def _cmd(workdir):
 def _env():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+            "XLA_FLAGS": tiny.xla_flags(1)}
 
 
 def _run_until(workdir, pattern):

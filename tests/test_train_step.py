@@ -13,7 +13,7 @@ from unimm.train import loop
 from unimm.train import step as step_lib
 from unimm.train.state import create_train_state, state_shardings
 
-from tiny_cli import one_block_each   # tests/tiny_cli.py
+from tiny import one_block_each   # tests/tiny.py
 
 IMAGE_ID = 5
 
