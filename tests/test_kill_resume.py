@@ -25,8 +25,8 @@ KILL_AFTER = (9, 16)
 def _cmd(workdir):
     # The train step is tests/test_loop.py::test_cli's too (tests/tiny.py).
     return tiny.main_command(workdir, f"--config.train.steps={STEPS}", "--config.train.log_every=1",
-                                 "--config.train.eval_every=0", "--config.train.checkpoint_every=4",
-                                 "--config.train.keep_checkpoints=2")
+                             "--config.train.eval_every=0", "--config.train.checkpoint_every=4",
+                             "--config.train.keep_checkpoints=2")
 
 
 def _env():

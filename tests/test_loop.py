@@ -123,8 +123,8 @@ def test_cli(tmp_path):
     env = dict(os.environ, XLA_FLAGS=tiny.xla_flags(1), JAX_PLATFORMS="cpu")
     workdir = tmp_path / "cli"
     cmd = tiny.main_command(workdir, "--config.train.steps=30", "--config.train.log_every=10",
-                                "--config.train.checkpoint_every=30", "--config.eval.num_examples=6",
-                                "--config.eval.batch_size=6", "--config.sample.num_iter=4")
+                            "--config.train.checkpoint_every=30", "--config.eval.num_examples=6",
+                            "--config.eval.batch_size=6", "--config.sample.num_iter=4")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.listdir(workdir / "checkpoints") == ["30"]

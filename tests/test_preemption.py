@@ -18,8 +18,8 @@ def _cmd(workdir):
     # A step count no run reaches: each one ends by SIGTERM. The train step is
     # tests/test_kill_resume.py's (tests/tiny.py), so the cache may already hold it.
     return tiny.main_command(workdir, "--config.train.steps=100000", "--config.train.log_every=1",
-                                 "--config.train.eval_every=0", "--config.train.checkpoint_every=100000",
-                                 "--config.sharding.mesh.data=1")
+                             "--config.train.eval_every=0", "--config.train.checkpoint_every=100000",
+                             "--config.sharding.mesh.data=1")
 
 
 def _env():
