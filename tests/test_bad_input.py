@@ -272,8 +272,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cli_results(files):
     """Every command-line case, four processes at a time (each imports jax; some TensorFlow or torch)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "UNIMM_TRACEBACK")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=tiny.xla_flags(8), PYTHONPATH=ROOT)
+    env = tiny.process_env(8)
 
     def run(name):
         args = [_fill(a, name) if isinstance(a, str) else a for a in CLI[name][0]]

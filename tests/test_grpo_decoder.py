@@ -220,17 +220,19 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
                             max_new_tokens=6, rollout_steps="4"))
     config.sample.num_iter, config.sample.max_new_tokens = 3, 6
     config.train.steps, config.train.checkpoint_every, config.train.log_every = 2, 1, 1
-    # Each step draws two training images' captions and two GenEval prompts, G images each.
+    # Each step draws two training images' captions and two GenEval prompts, G images each,
+    # with the supervised anchor and retain rollouts (the loss without them:
+    # test_decoder_step_moves_the_policy_towards_high_reward). Both runs have the same
+    # batch shapes, so the resumed run finds its step in the compilation cache.
     config.grpo.prompts = "both"
     assert grpo_loop.geneval_share(config.grpo) == 2
-    state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
-    assert int(state.step) == 2
-    # The resumed step: GenEval prompts only (no training image at all), with the supervised
-    # anchor and retain rollouts.
-    config.train.steps, config.grpo.prompts = 3, "geneval"
-    assert grpo_loop.geneval_share(config.grpo) == 4
     config.grpo.sft_weight, config.grpo.sft_batch_size = 1.0, 8
     config.grpo.retain_weight, config.grpo.retain_batch_size = 1.0, 8
+    state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
+    assert int(state.step) == 2
+    # The resumed step: GenEval prompts only (no training image at all).
+    config.train.steps, config.grpo.prompts = 3, "geneval"
+    assert grpo_loop.geneval_share(config.grpo) == 4
     state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
     assert int(state.step) == 3
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == 3

@@ -30,11 +30,9 @@ def _cmd(workdir):
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     # Four processes compile the same programs: they share them through the session's
     # persistent cache (tests/conftest.py), every program of them.
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": tiny.xla_flags(1),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return tiny.process_env(1, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0)
 
 
 def _final_params(workdir):

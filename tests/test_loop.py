@@ -120,7 +120,7 @@ def test_init_from_errors_name_the_path(tmp_path, tiny_train_config):
 def test_cli(tmp_path):
     # One device keeps the subprocess's compilation short; the train step is
     # tests/test_kill_resume.py's (tests/tiny.py), compiled once through the session's cache.
-    env = dict(os.environ, XLA_FLAGS=tiny.xla_flags(1), JAX_PLATFORMS="cpu")
+    env = tiny.process_env(1)
     workdir = tmp_path / "cli"
     cmd = tiny.main_command(workdir, "--config.train.steps=30", "--config.train.log_every=10",
                             "--config.train.checkpoint_every=30", "--config.eval.num_examples=6",

@@ -34,11 +34,7 @@ def _free_port() -> int:
 def _env(devices: int, **extra) -> dict:
     # The session's compilation cache (tests/conftest.py) stays, and the one-process run goes
     # first: the two-process run then took 60 s instead of 74 s with an empty cache.
-    keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
-    env = {k: v for k, v in os.environ.items() if (not k.startswith("JAX_") or k in keep) and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=tiny.xla_flags(devices),
-               PYTHONPATH=ROOT, **{k: str(v) for k, v in extra.items()})
-    return env
+    return tiny.process_env(devices, jax_cache_only=True, **extra)
 
 
 def _start(workdir: str, env: dict) -> subprocess.Popen:

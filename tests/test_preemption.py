@@ -23,9 +23,7 @@ def _cmd(workdir):
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-            "XLA_FLAGS": tiny.xla_flags(1)}
+    return tiny.process_env(1)
 
 
 def _run_until(workdir, pattern):

@@ -10,7 +10,10 @@ deep: each program compiles ~30 % faster than at the tiny config's depths. One c
 for all of them means one train step, compiled once into the session's cache
 (tests/conftest.py) and read from it by every later process with the same device count.
 """
+import os
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Every process of the test session compiles for compile time, not run time: XLA's CPU
 # backend at -O0 (LLVM's cheapest code generation) and its older elemental fusion emitters.
@@ -24,6 +27,19 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters
 def xla_flags(devices: int) -> str:
     """``XLA_FLAGS`` for a test process with ``devices`` fake CPU devices."""
     return f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
+
+
+def process_env(devices: int, *, jax_cache_only: bool = False, **extra) -> dict:
+    """The environment of a process a test starts: this one's, with ``devices`` fake CPU
+    devices and the test XLA flags, the repository on the path, and ``extra`` (str()-ed).
+    The session's compilation cache (tests/conftest.py) travels in ``JAX_COMPILATION_CACHE_DIR``.
+    ``jax_cache_only`` drops every other ``JAX_*`` variable (a distributed run sets its own)."""
+    keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "UNIMM_TRACEBACK") and not (jax_cache_only and k.startswith("JAX_") and k not in keep)}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices), PYTHONPATH=ROOT,
+               **{k: str(v) for k, v in extra.items()})
+    return env
 
 
 ONE_BLOCK = {"model.llm.num_layers": 1, "model.mar.encoder_depth": 1, "model.mar.decoder_depth": 1,
