@@ -192,12 +192,17 @@ def data_config(variant: str, model) -> ml_collections.ConfigDict:
     d.image_size = 512 if variant in OFFICIAL else model.image_size
     d.i2t_batch_size = 8                  # global understanding examples per step
     d.t2i_batch_size = 8                  # global generation examples per step
+    # Global reconstruction examples per step (RecA: generation conditioned on the image's own
+    # understanding embeddings; any image source, no caption needed). 0 = none, as Harmon.
+    d.recon_batch_size = 0
     d.max_i2t_len = 0                     # understanding sequence length incl. image tokens;
                                           # 0 = num_image_tokens + i2t_text_len (follows the grid)
     d.i2t_text_len = 80                   # understanding text budget beside the image tokens
                                           # (chat template + question + answer; Harmon: 512)
     d.max_t2i_len = 64                    # generation prompt length in training, chat template
                                           # included (Harmon: 128); sampling fits the longest prompt
+    d.recon_text_len = 24                 # reconstruction prompt budget beside the image tokens
+                                          # (chat template + instruction; RecA: 128 with its image)
     d.cfg_drop_prob = 0.1                 # prompts replaced by the unconditional prompt
     d.t2i_prompt_kinds = ("long_caption", "short_caption", "geneval")   # shapes prompts, in rotation
     # How JSONL / TFDS images become squares: "pad" (centred on gray 127, as Harmon's
@@ -225,6 +230,7 @@ def data_config(variant: str, model) -> ml_collections.ConfigDict:
     # placeholders (the token grid + buffers) and the understanding sequence length.
     d.num_image_tokens = (d.image_size * model.mar.grid // model.image_size) ** 2 + model.mar.buffer_size
     d.i2t_seq_len = d.max_i2t_len or d.num_image_tokens + d.i2t_text_len
+    d.recon_seq_len = d.num_image_tokens + d.recon_text_len   # the reconstruction prompt's length
     d.image_token_id = -1                 # set from the tokenizer at run time
     d.tokenizer = ""                      # "" = built-in shapes vocabulary, else tokenizer.json path
     d.eval_offset = 1_000_000_000         # shapes indices >= this are held out for evaluation
@@ -249,6 +255,7 @@ def train_config(variant: str) -> ml_collections.ConfigDict:
     # accumulation of 1 understanding and 4 generation batches (each loss / 5) amounts to.
     t.i2t_weight = 0.2 if variant in OFFICIAL else 1.0
     t.t2i_weight = 0.8 if variant in OFFICIAL else 1.0
+    t.recon_weight = 1.0                  # weight of the reconstruction loss's mean (RecA: 1)
     # EMA of the params, which evaluation and the CLIs use; 0 = none (the params themselves,
     # as Harmon's fine-tune, which keeps no EMA).
     t.ema_decay = {"tiny": 0.995, "small": 0.9999}.get(variant, 0.0)

@@ -26,7 +26,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unimm.data import images, shapes, text
 
-TASKS = ("i2t", "t2i")
+# understanding, generation, and RecA's reconstruction (generation from the image's own
+# understanding embeddings; any image source, no text needed).
+TASKS = ("i2t", "t2i", "recon")
 SHAPES_RANGE = 10 ** 9   # the shapes world is infinite; shuffle lazily over this many indices
 GEN_KINDS = ("long_caption", "short_caption", "geneval")
 I2T_KINDS = ("short_caption", "long_caption", "qa")
@@ -169,8 +171,14 @@ def _as_rgb(img: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- sources
 
+def batch_size(d, task: str) -> int:
+    """``data.{task}_batch_size``; 0 where an older run's config lacks the field."""
+    return int(d.get(f"{task}_batch_size", 0))
+
+
 def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int], dict]]:
-    """(size, index -> raw item with "image" uint8 [H,W,3] and "question"/"answer" or "prompt").
+    """(size, index -> raw item with "image" uint8 [H,W,3] and "question"/"answer" or "prompt";
+    "recon" items hold the image only).
 
     Shapes images are rendered at ``data.image_size``; JSONL / TFDS images come as stored
     (:func:`square_image` makes them the training square)."""
@@ -181,6 +189,8 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
         offset = d.eval_offset if split == "eval" else 0
         if task == "i2t":
             return SHAPES_RANGE, lambda i: shapes_i2t_item(d.seed, offset + int(i), size)
+        if task == "recon":
+            return SHAPES_RANGE, lambda i: {"image": shapes.render(shapes.sample_scene(d.seed, offset + int(i)), size)}
         kinds = tuple(d.get("t2i_prompt_kinds", GEN_KINDS))
         if not kinds or set(kinds) - set(GEN_KINDS):
             raise ValueError(f"data.t2i_prompt_kinds={kinds}: choose one or more of {GEN_KINDS}")
@@ -188,7 +198,7 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
     if d.source == "jsonl":
         if not d.jsonl_path:
             raise ValueError("data.source='jsonl' needs data.jsonl_path")
-        recs = [r for r in read_jsonl(d.jsonl_path, d.jsonl_allow_outside_root) if r[task]]
+        recs = [r for r in read_jsonl(d.jsonl_path, d.jsonl_allow_outside_root) if task == "recon" or r[task]]
         if not recs:
             raise ValueError(f"{d.jsonl_path}: no records usable for the {task} task")
 
@@ -200,7 +210,7 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
                 raise type(e)(f"{r['where']}: {e}") from None   # which record named the image
             if task == "i2t":
                 return {"image": img, "question": r["i2t"][0], "answer": r["i2t"][1]}
-            return {"image": img, "prompt": r["t2i"]}
+            return {"image": img} if task == "recon" else {"image": img, "prompt": r["t2i"]}
         return len(recs), item
     if d.source == "tfds":
         if not d.tfds_name:
@@ -210,6 +220,8 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
         def item(i):
             rec = src[int(i)]
             img = _as_rgb(_tfds_get(rec, d.tfds_image_key))
+            if task == "recon":
+                return {"image": img}
             caption = _tfds_text(_tfds_get(rec, d.tfds_text_key))
             if task == "i2t":
                 return {"image": img, "question": None, "answer": caption}
@@ -256,7 +268,8 @@ def example_encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
     def encode(pos_and_index):
         pos, index = pos_and_index
         item = item_fn(index)
-        image = images.to_model(square_image(d, task, item["image"], pos))
+        # Reconstruction squares its images as generation does (data.t2i_square).
+        image = images.to_model(square_image(d, "t2i" if task == "recon" else task, item["image"], pos))
         if task == "i2t":
             question = caption_question(d, item["question"], pos)
             ex = text.i2t_example(tok, question, item["answer"], d.num_image_tokens, d.i2t_seq_len)
@@ -264,7 +277,10 @@ def example_encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
                     "i2t_targets": ex["targets"], "i2t_mask": ex["mask"]}
         # Dropout keyed by stream position: independent of the process count, and a
         # finite source's record is not dropped identically in every epoch.
-        drop = np.random.default_rng([d.seed, int(pos), 5]).random() < d.cfg_drop_prob
+        drop = np.random.default_rng([d.seed, int(pos), 5 if task == "t2i" else 8]).random() < d.cfg_drop_prob
+        if task == "recon":
+            ex = text.recon_example(tok, text.RECON_INSTRUCTION, d.num_image_tokens, d.recon_seq_len, bool(drop))
+            return {"recon_images": image, "recon_tokens": ex["tokens"], "recon_mask": ex["mask"]}
         ex = text.t2i_example(tok, item["prompt"], d.max_t2i_len, bool(drop))
         return {"t2i_images": image, "t2i_tokens": ex["tokens"], "t2i_mask": ex["mask"]}
     return encode
@@ -285,14 +301,14 @@ def task_dataset(config, tok, task: str, *, process_index: int, process_count: i
                  split: str = "train") -> grain.IterDataset | None:
     """The per-process batched IterDataset for one task, or None when its batch size is 0."""
     d = config.data
-    global_size = d.i2t_batch_size if task == "i2t" else d.t2i_batch_size
+    global_size = batch_size(d, task)
     if global_size <= 0:
         return None
     if global_size % process_count:
         raise ValueError(f"data.{task}_batch_size {global_size} is not divisible by "
                          f"{process_count} processes")
     n, item_fn = task_source(d, task, split)
-    seed = d.seed + TASKS.index(task)   # different orders for the two tasks
+    seed = d.seed + TASKS.index(task)   # a different order for each task
     stream = (grain.MapDataset.range(n).shuffle(seed=seed).repeat()
               .map_with_index(lambda pos, i: (pos, i)))
     local = global_size // process_count
@@ -339,7 +355,7 @@ def make_train_iterator(config, tok, *, process_index: int | None = None,
         if ds is not None:
             iters[task] = iter(ds)
     if not iters:
-        raise ValueError("both data.i2t_batch_size and data.t2i_batch_size are 0")
+        raise ValueError(f"every task's batch size is 0 ({', '.join(f'data.{t}_batch_size' for t in TASKS)})")
     return TrainIterator(iters)
 
 

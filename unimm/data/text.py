@@ -4,6 +4,8 @@
   the ``<image>`` token expanded to one placeholder per image token; loss on the answer only.
 * generation (T2I): ``chat_prompt("Generate an image: {prompt}")`` (Harmon's template), or
   the unconditional prompt for classifier-free-guidance dropout.
+* reconstruction (RecA): the understanding prompt of an instruction, its ``<image>`` slots
+  holding the image's own understanding embeddings; the generation path redraws that image.
 
 Works with either tokenizer of ``unimm.data.tokenizer``; imports nothing from models/train.
 """
@@ -40,6 +42,8 @@ DENSE_CAPTION_QS = (
     "Catalog all visible elements in the image and describe their significance to the overall scene.",
 )
 CAPTION_QUESTION_MODES = ("fixed", "harmon")
+# RecA's instruction (its list asks, in many words, for a detailed description of the image).
+RECON_INSTRUCTION = LONG_CAPTION_Q
 FIXED_TEXTS = (GEN_TEMPLATE.format(prompt=""), UNCOND_PROMPT, SHORT_CAPTION_Q, LONG_CAPTION_Q,
                CAPTION_Q, "nothing", "an empty image.")
 
@@ -189,6 +193,18 @@ def i2t_example(tok, question: str, answer: str, num_image_tokens: int, max_len:
     # Position t predicts token t+1: the last prompt position predicts the first answer token.
     targets[len(prompt) - 1:len(ids) - 1] = answer_ids
     return {"tokens": tokens, "targets": targets, "mask": mask}
+
+
+def recon_example(tok, instruction: str, num_image_tokens: int, max_len: int, drop: bool) -> dict:
+    """tokens / mask, int32 [max_len]: RecA's prompt, the understanding prompt of
+    ``instruction`` with ``num_image_tokens`` image slots. ``drop`` (CFG dropout) replaces the
+    instruction by the unconditional prompt and keeps the image, as RecA does."""
+    ids = i2t_prompt_ids(tok, UNCOND_PROMPT if drop else instruction, num_image_tokens)
+    if len(ids) > max_len:
+        raise ValueError(f"recon_example: prompt of {len(ids)} tokens ({num_image_tokens} image tokens) "
+                         f"exceeds max_len {max_len}; raise data.recon_text_len")
+    tokens, mask = _pad(ids, max_len, tok.pad_id)
+    return {"tokens": tokens, "mask": mask}
 
 
 def t2i_example(tok, prompt: str, max_len: int, drop: bool) -> dict:

@@ -39,10 +39,20 @@ def mesh_shape(config: Any) -> dict:
 
 
 def check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
-    """Each task's global batch is split over the data-parallel axes (data x fsdp)."""
+    """Each task's global batch is split over the data-parallel axes (data x fsdp), and the
+    mix of tasks trains something: weights >= 0, one task with examples and weight > 0."""
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    weights = {task: float(config.train.get(f"{task}_weight", 1.0)) for task in pipeline.TASKS}
+    for task, w in weights.items():
+        if w < 0:
+            raise ValueError(f"train.{task}_weight={w}: expected >= 0")
+    if not any(pipeline.batch_size(config.data, t) > 0 and weights[t] > 0 for t in pipeline.TASKS):
+        mix = ", ".join(f"{t}: batch {pipeline.batch_size(config.data, t)} x weight {weights[t]:g}"
+                        for t in pipeline.TASKS)
+        raise ValueError(f"no task trains ({mix}); give one task data.<task>_batch_size > 0 and "
+                         "train.<task>_weight > 0")
     for task in pipeline.TASKS:
-        size = config.data[f"{task}_batch_size"]
+        size = pipeline.batch_size(config.data, task)
         if size % dp:
             raise ValueError(
                 f"data.{task}_batch_size={size} is not divisible by the data-parallel size {dp} "
@@ -71,6 +81,8 @@ def set_derived_fields(config: Any, tok: Any) -> None:
         d.num_image_tokens = h * w + config.model.mar.buffer_size
         # 0 follows the grid (stage 3, another data.image_size): image tokens + text budget.
         d.i2t_seq_len = int(d.max_i2t_len) or d.num_image_tokens + int(d.i2t_text_len)
+        if "recon_text_len" in d:   # older runs' config.json predate RecA
+            d.recon_seq_len = d.num_image_tokens + int(d.recon_text_len)
     if d.i2t_seq_len <= d.num_image_tokens:
         raise ValueError(f"data.max_i2t_len={d.max_i2t_len} leaves no room for text beside the "
                          f"{d.num_image_tokens} image tokens of data.image_size={d.image_size}; set it "

@@ -1,4 +1,5 @@
-"""The supervised train step: image->text cross-entropy + text->image diffusion loss.
+"""The supervised train step: image->text cross-entropy + text->image diffusion loss
+(+ RecA's reconstruction diffusion loss).
 
 ``train_step(state, batch, rng, *, config) -> (state, metrics)`` is pure; bind the config
 with :func:`make_train_step` and jit it with :func:`jit_train_step` (shardings + donation).
@@ -8,7 +9,9 @@ Batch keys (either task may be absent; images float32 in [-1, 1], NHWC):
 ``<image>`` placeholders), ``i2t_targets [B1,T1]`` (next token, -1 = no loss),
 ``i2t_mask [B1,T1]`` (1 = real token); ``t2i_images [B2,H,W,3]``, ``t2i_tokens [B2,T2]``
 (the prompt, already dropped to the unconditional prompt for ~10 %), ``t2i_mask [B2,T2]``.
-``{i2t,t2i}_latents [B, L, D]`` may replace the images (pre-computed tokens).
+``recon_images [B3,H,W,3]``, ``recon_tokens [B3,T3]`` (the understanding prompt of RecA's
+instruction, one run of ``<image>`` placeholders), ``recon_mask [B3,T3]``.
+``{i2t,t2i,recon}_latents [B, L, D]`` may replace the images (pre-computed tokens).
 """
 from __future__ import annotations
 
@@ -56,6 +59,26 @@ def i2t_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array, im
 
 def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
              rng: jax.Array) -> tuple[jax.Array, dict]:
+    text = qwen2.embed(params["llm"], model_cfg.llm, batch["t2i_tokens"])
+    return masked_diffusion_loss(params, model_cfg, text, batch["t2i_mask"], img_tokens, rng)
+
+
+def recon_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array, image_id: int,
+               grad_scale: float, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """RecA: the generation loss of an image whose prompt carries that image's understanding
+    embeddings (the unmasked MAR encoder through ``proj_in``, gradient scaled by
+    ``grad_scale``, MAR dropout on), as the understanding path feeds the LLM."""
+    k_enc, k_gen = jax.random.split(rng)
+    text = harmon.understanding_embeds(params, model_cfg, batch["recon_tokens"], img_tokens, image_id,
+                                       grad_scale, dropout_rng=k_enc)
+    loss, metrics = masked_diffusion_loss(params, model_cfg, text, batch["recon_mask"], img_tokens, k_gen)
+    return loss, {f"recon_{k.removeprefix('t2i_')}": v for k, v in metrics.items()}
+
+
+def masked_diffusion_loss(params: Any, model_cfg: Any, text: jax.Array, text_mask: jax.Array,
+                          img_tokens: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """MAR's loss of ``img_tokens`` after the prompt embeddings ``text`` (generation and
+    reconstruction): training masks, the decoder condition, the diffusion head's loss."""
     b, seq, dim = img_tokens.shape
     k_mask, k_diff = jax.random.split(rng)
     k_drop = jax.random.fold_in(rng, 2)
@@ -64,8 +87,7 @@ def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
         k_mask, b, seq, m.mask_ratio_min, std=m.get("mask_ratio_std", mar.MASK_RATIO_STD),
         per_example=m.get("mask_ratio_per_example", False), dist=m.get("mask_ratio_dist", "truncnorm"),
         full_prob=m.get("mask_full_prob", 0.0))
-    text = qwen2.embed(params["llm"], model_cfg.llm, batch["t2i_tokens"])
-    z = harmon.decoder_condition(params, model_cfg, text, batch["t2i_mask"], img_tokens, idx, valid,
+    z = harmon.decoder_condition(params, model_cfg, text, text_mask, img_tokens, idx, valid,
                                  dropout_rng=k_drop)
     loss = gaussian_diffusion.diffusion_loss(
         params["head"], harmon.head_config(model_cfg), model_cfg.diffusion,
@@ -90,6 +112,11 @@ def loss_fn(params: Any, tokenizer_params: Any, batch: dict, rng: jax.Array, *, 
         toks = batch_image_tokens(tokenizer_params, m, batch, "t2i")
         loss, mets = t2i_loss(params, m, batch, toks, rng)
         total, metrics = total + t.t2i_weight * loss, {**metrics, **mets}
+    if "recon_tokens" in batch:
+        toks = batch_image_tokens(tokenizer_params, m, batch, "recon")
+        loss, mets = recon_loss(params, m, batch, toks, config.data.image_token_id, m.understanding_grad_scale,
+                                jax.random.fold_in(rng, 3))
+        total, metrics = total + t.get("recon_weight", 1.0) * loss, {**metrics, **mets}
     return total, metrics
 
 
