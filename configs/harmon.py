@@ -206,10 +206,11 @@ def data_config(variant: str, model) -> ml_collections.ConfigDict:
     d.cfg_drop_prob = 0.1                 # prompts replaced by the unconditional prompt
     d.t2i_prompt_kinds = ("long_caption", "short_caption", "geneval")   # shapes prompts, in rotation
     # How JSONL / TFDS images become squares: "pad" (centred on gray 127, as Harmon's
-    # understanding data), "random_crop" (Harmon's crop2square for text-to-image data) or
-    # "center_crop". The shapes world renders squares.
+    # understanding data), "random_crop" (Harmon's crop2square for text-to-image data),
+    # "center_crop" or "stretch" (resized whole). The shapes world renders squares.
     d.i2t_square = "pad"
     d.t2i_square = "pad"
+    d.recon_square = "pad"                # reconstruction images ("stretch": RecA, configs/reca.py)
     # Question of JSONL / TFDS captions: "fixed" ("Describe the image.") or "harmon" (one of
     # Harmon's dense-caption prompts at random per example, as its caption datasets do).
     d.caption_questions = "fixed"

@@ -290,8 +290,8 @@ def test_harmon_data_modes_random_crop_and_dense_caption_questions(tmp_path, tok
     held_out = pipeline.eval_examples(c, tok, 2, "t2i")[0]["image"]
     np.testing.assert_array_equal(held_out[:, 0, 0], np.full(24, 72))   # centred: offset 24
     assert pipeline.eval_examples(c, tok, 1, "i2t")[0]["question"] == text.LONG_CAPTION_Q
-    c.data.t2i_square = "stretch"
-    with pytest.raises(ValueError, match=r"data.t2i_square='stretch': expected one of"):
+    c.data.t2i_square = "squash"
+    with pytest.raises(ValueError, match=r"data.t2i_square='squash': expected one of"):
         pipeline.make_train_iterator(c, tok)
 
 

@@ -123,3 +123,28 @@ def test_task_mix_that_trains_nothing_is_one_clear_error():
     config.data.recon_batch_size = 3
     with pytest.raises(ValueError, match=r"data.recon_batch_size=3 is not divisible by the data-parallel size 2"):
         loop.check_batch_sizes(config, sharding.make_mesh({"data": 2}, devices=jax.devices()[:2]))
+
+
+@pytest.mark.parametrize("variant", ["tiny", "0.5b", "1.5b"])
+def test_reca_configs_change_the_task_mix_and_optimizer_only(variant):
+    config = config_utils.load_config(f"configs/reca.py:{variant}")
+    harmon_config = config_utils.load_config(f"configs/harmon.py:{variant}")
+    assert config.model == harmon_config.model
+    d, t = config.data, config.train
+    assert d.t2i_batch_size == 0 and d.recon_batch_size == d.i2t_batch_size > 0
+    loop.check_batch_sizes(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    if variant != "tiny":   # RecA's code: 2 + 2 micro-batches of 48 (1.5B) / 96 (0.5B), lr 1e-5, no EMA
+        assert d.recon_batch_size == {"1.5b": 96, "0.5b": 192}[variant]
+        assert (t.recon_weight, t.i2t_weight, t.t2i_weight) == (0.5, 0.5, 0.0)
+        assert (config.optimizer.lr, config.optimizer.final_lr_fraction, t.ema_decay, t.steps) == (1e-5, 0.0, 0.0, 12500)
+        assert d.recon_square == "stretch"
+
+
+def test_stretch_resizes_the_whole_image_to_the_square():
+    from unimm.data import images
+    img = np.zeros((4, 8, 3), np.uint8)
+    img[:, :4] = (255, 0, 0)
+    img[:, 4:] = (0, 0, 255)
+    out = images.to_square(img, 8, "stretch")
+    assert out.shape == (8, 8, 3)
+    assert (out[:, :3] == (255, 0, 0)).all() and (out[:, 5:] == (0, 0, 255)).all()   # nothing cut, nothing padded

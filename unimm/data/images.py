@@ -81,7 +81,7 @@ def square_and_resize(img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC), np.uint8)
 
 
-SQUARE_MODES = ("pad", "random_crop", "center_crop")
+SQUARE_MODES = ("pad", "random_crop", "center_crop", "stretch")
 
 
 def to_square(img: np.ndarray, size: int, mode: str = "pad",
@@ -89,9 +89,15 @@ def to_square(img: np.ndarray, size: int, mode: str = "pad",
     """``size`` x ``size`` uint8: ``mode`` "pad" (:func:`square_and_resize`), or a square of
     side ``min(H, W)`` cut from the longer side — "random_crop" at a uniform integer offset
     drawn from ``rng`` (Harmon's ``crop2square``), "center_crop" in the middle — then a
-    bicubic resize (PIL's default, as Harmon's ``image.resize``)."""
+    bicubic resize (PIL's default, as Harmon's ``image.resize``); or "stretch": the whole
+    image resized to the square, its aspect ratio lost (RecA's reconstruction data)."""
     if mode == "pad":
         return square_and_resize(img, size)
+    if mode == "stretch":
+        img = np.asarray(img, np.uint8)
+        if img.shape[:2] == (size, size):
+            return img
+        return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC), np.uint8)
     if mode not in SQUARE_MODES:
         raise ValueError(f"unknown square mode {mode!r}; expected one of {SQUARE_MODES}")
     img = np.asarray(img, np.uint8)

@@ -232,8 +232,8 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
 
 def check_data_modes(d) -> None:
     """The data fields that name a mode (checked before any example is built)."""
-    for key in ("i2t_square", "t2i_square"):
-        if d[key] not in images.SQUARE_MODES:
+    for key in ("i2t_square", "t2i_square", "recon_square"):
+        if d.get(key, "pad") not in images.SQUARE_MODES:
             raise ValueError(f"data.{key}={d[key]!r}: expected one of {images.SQUARE_MODES}")
     if d.caption_questions not in text.CAPTION_QUESTION_MODES:
         raise ValueError(f"data.caption_questions={d.caption_questions!r}: expected one of "
@@ -243,7 +243,7 @@ def check_data_modes(d) -> None:
 def square_image(d, task: str, image: np.ndarray, pos: int | None) -> np.ndarray:
     """A raw item's image as the task's ``data.image_size`` square (``data.{task}_square``);
     a random crop is keyed by the stream position, a held-out item (``pos`` None) is centred."""
-    mode = d[f"{task}_square"]
+    mode = d.get(f"{task}_square", "pad")
     if mode == "random_crop" and pos is None:
         mode = "center_crop"
     rng = None if pos is None else np.random.default_rng([d.seed, int(pos), 6])
@@ -268,8 +268,7 @@ def example_encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
     def encode(pos_and_index):
         pos, index = pos_and_index
         item = item_fn(index)
-        # Reconstruction squares its images as generation does (data.t2i_square).
-        image = images.to_model(square_image(d, "t2i" if task == "recon" else task, item["image"], pos))
+        image = images.to_model(square_image(d, task, item["image"], pos))
         if task == "i2t":
             question = caption_question(d, item["question"], pos)
             ex = text.i2t_example(tok, question, item["answer"], d.num_image_tokens, d.i2t_seq_len)
