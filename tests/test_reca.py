@@ -148,3 +148,24 @@ def test_stretch_resizes_the_whole_image_to_the_square():
     out = images.to_square(img, 8, "stretch")
     assert out.shape == (8, 8, 3)
     assert (out[:, :3] == (255, 0, 0)).all() and (out[:, 5:] == (0, 0, 255)).all()   # nothing cut, nothing padded
+
+
+def test_image_variation_draws_from_the_images_own_embeddings(setup):
+    from unimm.data import shapes
+    from unimm.eval.shapes_bench import Model
+    config, tok, _, params = setup
+    config = config.copy_and_resolve_references()
+    config.sample.num_iter, config.sample.num_sampling_steps = 2, "3"
+    # Fresh params draw gray (zero-initialised adaLN and output layers): perturb every one.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    model = Model(config, tok, params, {})
+    size = config.data.image_size
+    a = [shapes.render(shapes.sample_scene(0, i), size) for i in range(2)]
+    b = [np.full_like(a[0], 255), a[1]]
+    out_a, out_b = (model.reconstruct(x, jax.random.key(0)) for x in (a, b))
+    assert out_a.shape == (2, size, size, 3) and out_a.dtype == np.uint8
+    # Same draws (the rng), another first image: only the first redraw changes.
+    assert not np.array_equal(out_a[0], out_b[0])
+    np.testing.assert_array_equal(out_a[1], out_b[1])

@@ -3,6 +3,10 @@
     python -m unimm.sample --workdir=DIR --prompt="a red circle" --prompt="two blue squares" \
         --out=grid.png [--num_per_prompt=4 --cfg=3.0 --num_iter=16 --temperature=1.0 --seed=0]
     python -m unimm.sample --workdir=DIR --prompt_file=prompts.txt   # UTF-8, one prompt per line
+    python -m unimm.sample --workdir=DIR --image=a.png --image=b.jpg  # RecA's image variation
+
+With ``--image`` each image is the prompt: the model redraws it from its own understanding
+embeddings (RecA's reconstruction prompt); each grid row is the image, then its redraws.
 
 Prompts are checked before the model is loaded: an empty or non-UTF-8 prompt is an error;
 one longer than the LLM's context leaves beside the image tokens (with the chat template)
@@ -19,6 +23,8 @@ flags.DEFINE_string("workdir", None, "training workdir (checkpoints + config.jso
 flags.DEFINE_string("config", None, "configs/<model>.py:<variant> (default: the run's config.json)")
 flags.DEFINE_multi_string("prompt", None, "prompt(s) to draw")
 flags.DEFINE_string("prompt_file", None, "UTF-8 text file, one prompt per line (after any --prompt)")
+flags.DEFINE_multi_string("image", None, "image(s) to redraw from their own understanding embeddings "
+                          "(RecA's image variation; instead of prompts)")
 flags.DEFINE_string("out", "samples.png", "output PNG grid (one row per prompt)")
 flags.DEFINE_integer("num_per_prompt", 4, "images per prompt")
 flags.DEFINE_float("cfg", None, "guidance scale (default: config.sample.cfg)")
@@ -37,6 +43,12 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
     if not named:
         raise ValueError("no prompt: give --prompt=TEXT (repeatable) or --prompt_file=FILE")
     return [text.check_text(p, what) for what, p in named]
+
+
+def read_images(paths: list[str]):
+    """The ``--image`` files as uint8 RGB arrays (a missing or unreadable file is one error)."""
+    from unimm.data import images as images_lib
+    return [images_lib.load_image(p) for p in paths]
 
 
 def warn_long_prompts(prompts: list[str], tok, config) -> None:
@@ -70,12 +82,16 @@ def main(argv):
     with cli.user_errors():
         cli.check_positive(num_per_prompt=FLAGS.num_per_prompt, num_iter=FLAGS.num_iter)
         check_out(FLAGS.out)
-        prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file)
+        if FLAGS.image and (FLAGS.prompt or FLAGS.prompt_file):
+            raise ValueError("give prompts (--prompt / --prompt_file) or --image, not both")
+        sources = read_images(FLAGS.image) if FLAGS.image else None
+        prompts = None if sources else read_prompts(FLAGS.prompt, FLAGS.prompt_file)
         config = inference.load_config(FLAGS.workdir, FLAGS.config)
         inference.apply_sample_overrides(config, {
             name: getattr(FLAGS, name) for name in ("cfg", "num_iter", "temperature")})
         tok = inference.prepare(config)
-        warn_long_prompts(prompts, tok, config)
+        if prompts:
+            warn_long_prompts(prompts, tok, config)
         model, step = inference.load_model(config, FLAGS.workdir, tok=tok)
 
     import jax
@@ -84,10 +100,19 @@ def main(argv):
 
     from unimm.eval.shapes_bench import image_grid
 
-    prompts = [p for p in prompts for _ in range(FLAGS.num_per_prompt)]
-    images = model.generate(prompts, jax.random.key(FLAGS.seed))
-    Image.fromarray(image_grid(np.asarray(images), cols=FLAGS.num_per_prompt)).save(FLAGS.out)
-    print(f"wrote {len(images)} images (checkpoint step {step}) to {FLAGS.out}")
+    k = FLAGS.num_per_prompt
+    if sources:
+        from unimm.data import images as images_lib
+        drawn = model.reconstruct([s for s in sources for _ in range(k)], jax.random.key(FLAGS.seed))
+        size = drawn.shape[1]
+        shown = [images_lib.square_and_resize(s, size) for s in sources]
+        rows = [np.concatenate([shown[i][None], drawn[i * k:(i + 1) * k]]) for i in range(len(sources))]
+        grid, cols, what = np.concatenate(rows), k + 1, "redrawn images"
+    else:
+        grid = model.generate([p for p in prompts for _ in range(k)], jax.random.key(FLAGS.seed))
+        cols, what = k, "images"
+    Image.fromarray(image_grid(np.asarray(grid), cols=cols)).save(FLAGS.out)
+    print(f"wrote {len(sources or prompts) * k} {what} (checkpoint step {step}) to {FLAGS.out}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ exactly through the shapes world's detector on held-out indices.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -27,7 +28,7 @@ import numpy as np
 from unimm.data import images as images_lib
 from unimm.data import pipeline, shapes, text
 from unimm.models import decoding as decoding_lib
-from unimm.models import harmon_sample, layers
+from unimm.models import harmon, harmon_sample, layers, qwen2
 from unimm.models import vae as vae_lib
 from unimm.train import rewards
 
@@ -98,6 +99,39 @@ class Model:
             cfg_scale=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
             num_steps=s.num_sampling_steps or None, grid=grid[0])
         return np.asarray(vae_lib.to_uint8(vae_lib.tokens_to_images(self.tokenizer_params, self.cfg.vae, toks, grid)))
+
+
+    def reconstruct(self, images_uint8: Sequence[np.ndarray], rng: jax.Array) -> np.ndarray:
+        """RecA's image variation: uint8 images ``[N, H, W, 3]``, each drawn from a prompt whose
+        image slots hold that image's own understanding embeddings (RecA's ``sample_recon``);
+        the other half of CFG is the unconditional text prompt."""
+        d, s, tok = self.config.data, self.config.sample, self.tok
+        grid = vae_lib.grid(self.cfg.vae, d.image_size)
+        length = int(d.get("recon_seq_len", d.num_image_tokens + 24))
+        row = text.recon_example(tok, text.RECON_INSTRUCTION, d.num_image_tokens, length, False)
+        n, guided = len(images_uint8), s.cfg != 1.0
+        tokens, mask = np.tile(row["tokens"], (n, 1)), np.tile(row["mask"], (n, 1))
+        embeds = _understanding_embeds(self.decoder_params, self.cfg, jnp.asarray(tokens),
+                                       self._image_tokens(images_uint8), tok.image_id)
+        if guided:
+            uncond = text.t2i_example(tok, "", length, True)
+            embeds = jnp.concatenate([embeds, _embed(self.decoder_params, self.cfg, jnp.tile(uncond["tokens"], (n, 1)))])
+            mask = np.concatenate([mask, np.tile(uncond["mask"], (n, 1))])
+        toks = harmon_sample.generate_image_tokens(
+            self.decoder_params, self.cfg, embeds, jnp.asarray(mask), rng, num_iter=s.num_iter, guided=guided,
+            cfg_scale=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
+            num_steps=s.num_sampling_steps or None, grid=grid[0])
+        return np.asarray(vae_lib.to_uint8(vae_lib.tokens_to_images(self.tokenizer_params, self.cfg.vae, toks, grid)))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _understanding_embeds(params, cfg, tokens, image_tokens, image_id):
+    return harmon.understanding_embeds(params, cfg, tokens, image_tokens, image_id)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _embed(params, cfg, tokens):
+    return qwen2.embed(params["llm"], cfg.llm, tokens)
 
 
 def _batched(items: Sequence[Any], size: int):

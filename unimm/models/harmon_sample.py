@@ -46,7 +46,8 @@ def _fill(tokens: jax.Array, pos: jax.Array, valid: jax.Array, values: jax.Array
 def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array, rng: jax.Array,
                           *, num_iter: int, guided: bool, cfg_scale=1.0, cfg_schedule: str = "constant",
                           temperature=1.0, num_steps: str | None = None, grid: int | None = None) -> jax.Array:
-    """Image tokens ``[B, L, D]`` for prompts ``tokens/mask [B', T]`` (1 = real token).
+    """Image tokens ``[B, L, D]`` for prompts ``tokens/mask [B', T]`` (1 = real token);
+    ``tokens`` may be prompt embeddings ``[B', T, H]`` instead (RecA's image prompts).
 
     ``guided``: rows are ``[cond (B); uncond (B)]`` (B' = 2B), sharing orders, masks and
     noise; ε is guided with ``cfg_scale`` (constant or Muse's linear schedule). Otherwise
@@ -57,7 +58,7 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
         raise ValueError(f"cfg_schedule={cfg_schedule!r}: expected 'constant' or 'linear'")
     m = cfg.mar
     seq, dim = (grid or m.grid) ** 2, m.token_dim
-    rows, t_len = tokens.shape
+    rows = tokens.shape[0]
     b = rows // 2 if guided else rows
     after, cfg_len = mask_schedule(num_iter, seq)
     before = np.concatenate([[seq], after[:-1]])
@@ -98,8 +99,9 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
 
 
 def prefill(params: dict, cfg: Any, tokens: jax.Array, text_mask: jax.Array, seq: int) -> list:
-    """The prompts' KV cache, sized for the prompt + ``seq`` image tokens + the buffers."""
-    rows, t_len = tokens.shape
+    """The prompts' KV cache, sized for the prompt (ids or embeddings) + ``seq`` image tokens
+    + the buffers."""
+    rows, t_len = tokens.shape[:2]
     cache = qwen2.init_cache(cfg.llm, rows, t_len + seq + cfg.mar.buffer_size, jnp.dtype(cfg.llm.dtype))
     kv = jnp.concatenate([text_mask, jnp.zeros((rows, seq + cfg.mar.buffer_size), bool)], axis=1)
     _, cache = qwen2.forward(params["llm"], cfg.llm, tokens, qwen2.positions_from_mask(text_mask), kv, cache=cache)
