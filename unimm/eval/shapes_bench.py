@@ -90,23 +90,26 @@ class Model:
 
     def generate(self, prompts: Sequence[str], rng: jax.Array) -> np.ndarray:
         """uint8 images ``[N, H, W, 3]`` for the prompts (Harmon's CFG sampler)."""
-        d, s, tok = self.config.data, self.config.sample, self.tok
-        grid = vae_lib.grid(self.cfg.vae, d.image_size)   # data.image_size: stage 3 may exceed the model's
+        s, tok = self.config.sample, self.tok
         length = text.sampling_prompt_len(tok, list(prompts), self.config)
-        tokens, mask = text.t2i_rows(tok, list(prompts), length, guided=s.cfg != 1.0)
+        return self._draw(*text.t2i_rows(tok, list(prompts), length, guided=s.cfg != 1.0), rng)
+
+    def _draw(self, prompt: Any, mask: Any, rng: jax.Array) -> np.ndarray:
+        """uint8 images for prompt rows (ids or embeddings; ``[cond; uncond]`` with CFG)."""
+        d, s = self.config.data, self.config.sample
+        grid = vae_lib.grid(self.cfg.vae, d.image_size)   # data.image_size: stage 3 may exceed the model's
         toks = harmon_sample.generate_image_tokens(
-            self.decoder_params, self.cfg, tokens, mask, rng, num_iter=s.num_iter, guided=s.cfg != 1.0,
+            self.decoder_params, self.cfg, prompt, mask, rng, num_iter=s.num_iter, guided=s.cfg != 1.0,
             cfg_scale=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
             num_steps=s.num_sampling_steps or None, grid=grid[0])
         return np.asarray(vae_lib.to_uint8(vae_lib.tokens_to_images(self.tokenizer_params, self.cfg.vae, toks, grid)))
-
 
     def reconstruct(self, images_uint8: Sequence[np.ndarray], rng: jax.Array) -> np.ndarray:
         """RecA's image variation: uint8 images ``[N, H, W, 3]``, each drawn from a prompt whose
         image slots hold that image's own understanding embeddings (RecA's ``sample_recon``);
         the other half of CFG is the unconditional text prompt."""
         d, s, tok = self.config.data, self.config.sample, self.tok
-        grid = vae_lib.grid(self.cfg.vae, d.image_size)
+        # Older runs' config.json lack the field: the default budget (configs/harmon.py).
         length = int(d.get("recon_seq_len", d.num_image_tokens + 24))
         row = text.recon_example(tok, text.RECON_INSTRUCTION, d.num_image_tokens, length, False)
         n, guided = len(images_uint8), s.cfg != 1.0
@@ -117,11 +120,7 @@ class Model:
             uncond = text.t2i_example(tok, "", length, True)
             embeds = jnp.concatenate([embeds, _embed(self.decoder_params, self.cfg, jnp.tile(uncond["tokens"], (n, 1)))])
             mask = np.concatenate([mask, np.tile(uncond["mask"], (n, 1))])
-        toks = harmon_sample.generate_image_tokens(
-            self.decoder_params, self.cfg, embeds, jnp.asarray(mask), rng, num_iter=s.num_iter, guided=guided,
-            cfg_scale=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
-            num_steps=s.num_sampling_steps or None, grid=grid[0])
-        return np.asarray(vae_lib.to_uint8(vae_lib.tokens_to_images(self.tokenizer_params, self.cfg.vae, toks, grid)))
+        return self._draw(embeds, jnp.asarray(mask), rng)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 4))
