@@ -32,7 +32,7 @@ def test_fsdp_holds_an_eighth_of_the_state(spec):
 
 
 # The 1.5b supervised step compiles too (python -m unimm.memory --config=configs/harmon.py:1.5b,
-# README "Memory"), in ~100 s on 2 cores: too slow for the suite, so it is the benchmark's.
+# docs/scale_out.md), in ~100 s on 2 cores: too slow for the suite, so it is the benchmark's.
 # The supervised step takes pre-computed latents here (its VAE-encoder half would double the
 # compile time; the memory command compiles it with images).
 # (grpo.py:0.5b is the same program as 1.5b at a smaller width: 68 s more for no new path.)

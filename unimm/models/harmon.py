@@ -121,7 +121,7 @@ def diffuses_residual(cfg: Any) -> bool:
     The readout regresses the conditional mean of a token from ``z``; the head then only
     has to model what is left around it. (On tiny that mean alone rebuilds 0.75-0.84 of
     held-out scenes from their captions, the head's samples 0.32; but the head sampling
-    the residual did not do better, see the README.)"""
+    the residual did not do better: results/generation.md.)"""
     return bool(cfg.get("readout_residual", False))
 
 
