@@ -109,8 +109,8 @@ class Model:
         image slots hold that image's own understanding embeddings (RecA's ``sample_recon``);
         the other half of CFG is the unconditional text prompt."""
         d, s, tok = self.config.data, self.config.sample, self.tok
-        # Older runs' config.json lack the field: the default budget (configs/harmon.py).
-        length = int(d.get("recon_seq_len", d.num_image_tokens + 24))
+        # Rows as long as the image prompt, or as the unconditional prompt's training length.
+        length = max(len(text.i2t_prompt_ids(tok, text.RECON_INSTRUCTION, d.num_image_tokens)), int(d.max_t2i_len))
         row = text.recon_example(tok, text.RECON_INSTRUCTION, d.num_image_tokens, length, False)
         n, guided = len(images_uint8), s.cfg != 1.0
         tokens, mask = np.tile(row["tokens"], (n, 1)), np.tile(row["mask"], (n, 1))
