@@ -17,6 +17,7 @@ import os
 from absl import app, flags, logging
 
 from unimm import cli, inference
+from unimm.data import images as images_lib
 from unimm.data import text
 
 flags.DEFINE_string("workdir", None, "training workdir (checkpoints + config.json)")
@@ -47,7 +48,6 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
 
 def read_images(paths: list[str]):
     """The ``--image`` files as uint8 RGB arrays (a missing or unreadable file is one error)."""
-    from unimm.data import images as images_lib
     return [images_lib.load_image(p) for p in paths]
 
 
@@ -102,7 +102,6 @@ def main(argv):
 
     k = FLAGS.num_per_prompt
     if sources:
-        from unimm.data import images as images_lib
         drawn = model.reconstruct([s for s in sources for _ in range(k)], jax.random.key(FLAGS.seed))
         size = drawn.shape[1]
         shown = [images_lib.square_and_resize(s, size) for s in sources]
