@@ -62,10 +62,15 @@ def test_rollout_log_probs_equal_the_policy_and_ratio_is_one(setup):
     assert (np.diff(comp.astype(int), axis=1) <= 0).all() and comp[:, 0].all()
     # Sampled (temperature 0.7) captions differ within a group.
     assert len({tuple(row) for row in np.asarray(r["tokens"][:config.grpo.group_size])}) > 1
-    again = jax.jit(grpo.token_log_probs, static_argnums=(1, 5, 6))(
+    # The rollout scores the completion only; scoring every position gives the same values there.
+    every = jax.jit(grpo.token_log_probs, static_argnums=(1, 5, 6))(
         state.params, layers.freeze(config.model), r["tokens"], r["mask"], r["image_tokens"],
         config.data.image_token_id, config.grpo.temperature)
-    np.testing.assert_allclose(again, r["old_log_probs"], atol=1e-5)
+    np.testing.assert_allclose(every[:, t:], r["old_log_probs"][:, t:], atol=1e-5)
+    assert not np.asarray(r["old_log_probs"][:, :t]).any() and np.asarray(every[:, 1:t]).any()
+    with pytest.raises(ValueError, match="first=0"):
+        grpo.token_log_probs(state.params, layers.freeze(config.model), r["tokens"], r["mask"],
+                             r["image_tokens"], config.data.image_token_id, first=0)
     # Reference = policy here: equal to float rounding (two computations in one program, which
     # XLA may fuse and round differently).
     np.testing.assert_allclose(r["old_log_probs"], r["ref_log_probs"], rtol=1e-6, atol=0)

@@ -33,16 +33,23 @@ ROLLOUT_KEYS = ("tokens", "mask", "completion_mask", "image_tokens", "old_log_pr
 
 
 def token_log_probs(params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array, image_tokens: jax.Array,
-                    image_id: int, temperature: float = 1.0) -> jax.Array:
-    """``[B, T]``: entry ``t`` is ``log π(tokens[:, t] | tokens[:, :t], image)`` for the
-    sampling distribution at ``temperature`` (0 at ``t = 0``, which has no prefix)."""
+                    image_id: int, temperature: float = 1.0, first: int = 1) -> jax.Array:
+    """``[B, T]``: entry ``t >= first`` is ``log π(tokens[:, t] | tokens[:, :t], image)`` for
+    the sampling distribution at ``temperature``; entries before ``first`` are 0.
+
+    Pass the prompt length as ``first`` to score the completion only: the LM head then
+    projects ``T - first`` positions onto the vocabulary instead of ``T - 1`` (a prompt holds
+    the image's slots, 1088 of them at 512 px, against a few hundred caption tokens).
+    """
+    if not 1 <= first < tokens.shape[1]:
+        raise ValueError(f"token_log_probs: first={first} must lie in [1, {tokens.shape[1]})")
     embeds = harmon.understanding_embeds(params, cfg, tokens, image_tokens, image_id)
     mask = mask.astype(bool)
     hidden, _ = qwen2.forward(params["llm"], cfg.llm, embeds, qwen2.positions_from_mask(mask), mask)
-    logits = qwen2.lm_logits(params["llm"], cfg.llm, hidden[:, :-1]).astype(jnp.float32)
+    logits = qwen2.lm_logits(params["llm"], cfg.llm, hidden[:, first - 1:-1]).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits / temperature, axis=-1)
-    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.pad(picked, ((0, 0), (1, 0)))
+    picked = jnp.take_along_axis(logp, tokens[:, first:, None], axis=-1)[..., 0]
+    return jnp.pad(picked, ((0, 0), (first, 0)))
 
 
 @functools.partial(jax.jit, static_argnums=(2,), static_argnames=(
@@ -70,7 +77,8 @@ def caption_rollout(policy_params: dict, ref_params: dict, cfg: Any, prompt_toke
     full_mask = jnp.concatenate([mask.astype(bool), completion], axis=1)
     completion_mask = jnp.concatenate([jnp.zeros_like(mask, bool), completion], axis=1)
     score = functools.partial(token_log_probs, cfg=cfg, tokens=out, mask=full_mask,
-                              image_tokens=image_tokens, image_id=image_id, temperature=temperature)
+                              image_tokens=image_tokens, image_id=image_id, temperature=temperature,
+                              first=tokens.shape[1])
     return {"tokens": out, "mask": full_mask, "completion_mask": completion_mask,
             "image_tokens": image_tokens, "old_log_probs": score(policy_params),
             "ref_log_probs": score(ref_params)}
@@ -88,8 +96,10 @@ def with_advantages(rollout: dict, rewards: jax.Array, g: Any) -> dict:
 
 def caption_grpo_loss(params: dict, rollout: dict, *, config: Any) -> tuple[jax.Array, dict]:
     g, cfg = config.grpo, config.model
+    # Rollouts are prompt + max_new_tokens wide (caption_rollout); only the completion is scored.
+    prompt_len = rollout["tokens"].shape[1] - g.max_new_tokens
     logp = token_log_probs(params, cfg, rollout["tokens"], rollout["mask"], rollout["image_tokens"],
-                           config.data.image_token_id, g.temperature)
+                           config.data.image_token_id, g.temperature, first=prompt_len)
     adv = rollout["advantages"][:, None]
     obj, clipped = grpo_math.clipped_objective(logp, rollout["old_log_probs"], adv, g.epsilon, g.epsilon_high)
     kl = grpo_math.k3_kl(logp, rollout["ref_log_probs"])
