@@ -12,6 +12,7 @@ from unimm.data import pipeline, text
 from unimm.models import gaussian_diffusion, harmon, mar, qwen2
 from unimm.train import loop
 from unimm.train import step as step_lib
+from unimm.train.state import create_train_state, state_shardings
 
 from tiny import one_block_each   # tests/tiny.py
 
@@ -105,6 +106,34 @@ def test_gradient_reaches_the_understanding_path_scaled_by_its_factor(setup):
         for x, y in zip(a, b):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
                                        atol=1e-6 * max(float(jnp.abs(y).max()), 1e-12))
+
+
+@pytest.mark.slow
+def test_sharded_recon_step_equals_one_device(setup):
+    """Two steps of the reconstruction-only mix on (data 2, fsdp 2, tensor 2) equal one device,
+    and every path the task crosses moves: the LLM, the MAR encoder (the prompt's embeddings
+    and the visible tokens), proj_in, the decoder side and the head."""
+    config, _, batch, _ = setup
+    results = []
+    for shape in ({"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        mesh = sharding.make_mesh(shape, devices=jax.devices()[:1] if shape == {"data": 1} else None)
+        state = create_train_state(config, mesh, jax.random.key(0))
+        start = jax.tree.map(np.asarray, state.params)
+        step = step_lib.jit_train_step(config, mesh, state_shardings(state), batch)
+        losses = []
+        with jax.set_mesh(mesh):
+            for _ in range(2):
+                state, metrics = step(state, batch, jax.random.key(1))
+                losses.append(float(metrics["loss"]))
+        results.append((start, jax.tree.map(np.asarray, state.params), losses, jax.device_get(metrics)))
+    (start, one, losses_one, metrics), (_, eight, losses_eight, _) = results
+    assert set(metrics) >= {"recon_loss", "recon_mask_ratio"} and "t2i_loss" not in metrics
+    np.testing.assert_allclose(losses_eight, losses_one, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
+        np.testing.assert_allclose(b, a, atol=5e-5, rtol=1e-4)   # reduction order differs across shardings
+    for group in ("llm", "mar", "proj_in", "proj_out", "head"):
+        moved = jax.tree.leaves(jax.tree.map(lambda x, y: not np.array_equal(x, y), start[group], one[group]))
+        assert any(moved), group
 
 
 def test_task_mix_that_trains_nothing_is_one_clear_error():
