@@ -203,6 +203,9 @@ def data_config(variant: str, model) -> ml_collections.ConfigDict:
                                           # included (Harmon: 128); sampling fits the longest prompt
     d.recon_text_len = 24                 # reconstruction prompt budget beside the image tokens
                                           # (chat template + instruction; RecA: 128 with its image)
+    # Reconstruction instructions, one drawn per example: a file with one per line or a JSON
+    # list (RecA draws from a list of 364); "" = "Describe the image in detail." alone.
+    d.recon_instructions = ""
     d.cfg_drop_prob = 0.1                 # prompts replaced by the unconditional prompt
     d.t2i_prompt_kinds = ("long_caption", "short_caption", "geneval")   # shapes prompts, in rotation
     # How JSONL / TFDS images become squares: "pad" (centred on gray 127, as Harmon's

@@ -1,6 +1,7 @@
 """RecA's reconstruction task: its batches, its loss as a composition of the generation
 pieces, the 0.1 gradient scale into the understanding path, and the task mix's checks."""
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,41 @@ def test_recon_batches_hold_the_image_and_its_understanding_prompt(setup):
     rows = [encode((pos, pos))["recon_tokens"] for pos in range(400)]
     share = np.mean([r[:len(dropped)].tolist() == dropped for r in rows])
     assert abs(share - d.cfg_drop_prob) < 0.05, share
+
+
+def test_instructions_come_from_a_file_one_drawn_per_example(setup, tmp_path):
+    config, tok, _, _ = setup
+    d = config.copy_and_resolve_references().data
+    instructions = [text.LONG_CAPTION_Q, text.SHORT_CAPTION_Q, text.CAPTION_Q]
+    lines, as_json = tmp_path / "instructions.txt", tmp_path / "instructions.json"
+    lines.write_text("\n".join(instructions) + "\n\n")
+    as_json.write_text(json.dumps(instructions))
+    item_fn = pipeline.task_source(d, "recon")[1]
+    prompts = [text.i2t_prompt_ids(tok, q, d.num_image_tokens) for q in (*instructions, text.UNCOND_PROMPT)]
+    rows = {}
+    for path in (lines, as_json):
+        d.recon_instructions = str(path)
+        encode = pipeline.example_encoder(d, tok, "recon", item_fn)
+        rows[path] = [encode((pos, pos)) for pos in range(120)]
+        seen = [prompts.index(r["recon_tokens"][r["recon_mask"].astype(bool)].tolist()) for r in rows[path]]
+        assert set(seen) == {0, 1, 2, 3}, seen   # every instruction, and the dropped prompt
+    for a, b in zip(rows[lines], rows[as_json]):   # both formats, the same draws
+        np.testing.assert_array_equal(a["recon_tokens"], b["recon_tokens"])
+
+    lines.write_text(text.LONG_CAPTION_Q + "\n" + " ".join(["detail"] * 40) + "\n")
+    d.recon_instructions = str(lines)
+    need = len(text.i2t_prompt_ids(tok, " ".join(["detail"] * 40), 0))
+    with pytest.raises(ValueError, match=rf"data.recon_text_len={d.recon_seq_len - d.num_image_tokens} is too "
+                                         rf"short: .* set data.recon_text_len >= {need}$"):
+        pipeline.example_encoder(d, tok, "recon", item_fn)
+    for content, why in (("", "holds no instruction"), ('["a", 3]', "must hold non-empty strings"),
+                         ("[oops", "not a JSON list")):
+        lines.write_text(content)
+        with pytest.raises(ValueError, match=why):
+            pipeline.example_encoder(d, tok, "recon", item_fn)
+    d.recon_instructions = str(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="missing.txt.*cannot read it"):
+        pipeline.example_encoder(d, tok, "recon", item_fn)
 
 
 def test_recon_loss_is_the_generation_loss_after_the_images_own_embeddings(setup):

@@ -264,6 +264,9 @@ def caption_question(d, question: str | None, pos: int | None) -> str:
 def example_encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
     """(stream position, item index) -> model-ready example with task-prefixed keys."""
     check_data_modes(d)
+    if task == "recon":
+        instructions = text.load_instructions(d.get("recon_instructions", ""))
+        text.check_instructions_fit(tok, instructions, d.num_image_tokens, d.recon_seq_len)
 
     def encode(pos_and_index):
         pos, index = pos_and_index
@@ -278,7 +281,9 @@ def example_encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
         # finite source's record is not dropped identically in every epoch.
         drop = np.random.default_rng([d.seed, int(pos), 5 if task == "t2i" else 8]).random() < d.cfg_drop_prob
         if task == "recon":
-            ex = text.recon_example(tok, text.RECON_INSTRUCTION, d.num_image_tokens, d.recon_seq_len, bool(drop))
+            # One instruction per example, as RecA draws from its list; keyed by stream position.
+            k = np.random.default_rng([d.seed, int(pos), 9]).integers(len(instructions))
+            ex = text.recon_example(tok, instructions[k], d.num_image_tokens, d.recon_seq_len, bool(drop))
             return {"recon_images": image, "recon_tokens": ex["tokens"], "recon_mask": ex["mask"]}
         ex = text.t2i_example(tok, item["prompt"], d.max_t2i_len, bool(drop))
         return {"t2i_images": image, "t2i_tokens": ex["tokens"], "t2i_mask": ex["mask"]}

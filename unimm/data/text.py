@@ -11,6 +11,7 @@ Works with either tokenizer of ``unimm.data.tokenizer``; imports nothing from mo
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -205,6 +206,43 @@ def recon_example(tok, instruction: str, num_image_tokens: int, max_len: int, dr
                          f"exceeds max_len {max_len}; raise data.recon_text_len")
     tokens, mask = _pad(ids, max_len, tok.pad_id)
     return {"tokens": tokens, "mask": mask}
+
+
+def load_instructions(path: str) -> tuple[str, ...]:
+    """Reconstruction instructions from ``path``: a JSON list of strings, or one instruction
+    per line (blank lines skipped); "" gives the built-in ``(RECON_INSTRUCTION,)``."""
+    if not path:
+        return (RECON_INSTRUCTION,)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"data.recon_instructions={path!r}: cannot read it ({e})") from None
+    if raw.lstrip().startswith("["):
+        try:
+            items = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data.recon_instructions={path!r}: not a JSON list ({e})") from None
+        if not all(isinstance(x, str) and x.strip() for x in items):
+            raise ValueError(f"data.recon_instructions={path!r}: the JSON list must hold non-empty strings")
+        items = [x.strip() for x in items]
+    else:
+        items = [line.strip() for line in raw.splitlines() if line.strip()]
+    if not items:
+        raise ValueError(f"data.recon_instructions={path!r} holds no instruction")
+    return tuple(items)
+
+
+def check_instructions_fit(tok, instructions: tuple[str, ...], num_image_tokens: int, max_len: int) -> None:
+    """One error naming the ``data.recon_text_len`` (``max_len`` less the image tokens) that
+    the longest instruction's prompt needs."""
+    longest = max((UNCOND_PROMPT, *instructions), key=lambda s: len(i2t_prompt_ids(tok, s, num_image_tokens)))
+    need = len(i2t_prompt_ids(tok, longest, num_image_tokens))
+    if need > max_len:
+        raise ValueError(f"data.recon_text_len={max_len - num_image_tokens} is too short: the reconstruction prompt of "
+                         f"{longest[:60]!r} takes {need - num_image_tokens} tokens beside the "
+                         f"{num_image_tokens} image tokens; set data.recon_text_len >= "
+                         f"{need - num_image_tokens}")
 
 
 def t2i_example(tok, prompt: str, max_len: int, drop: bool) -> dict:
