@@ -9,10 +9,10 @@ from unimm.data import shapes, text
 from unimm.data import images as images_lib
 from unimm.models import layers
 from unimm.models import vae as vae_lib
-from unimm.train import grpo, loop
+from unimm.train import grpo, loop, rewards
 from unimm.train.state import create_train_state, state_shardings
 
-from tiny import one_block_each   # tests/tiny.py
+from tiny import one_block_each, sigterm_after_step   # tests/tiny.py
 
 
 def grpo_config(**grpo_fields):
@@ -145,16 +145,37 @@ def loop_test_grpo_config():
 
 
 @pytest.mark.slow
-def test_grpo_loop_runs_checkpoints_and_resumes(tmp_path):
+def test_grpo_loop_preempted_resumes_bit_exact_and_evaluates_on_cadence(tmp_path, monkeypatch):
+    """Three steps straight, against a run stopped by SIGTERM after step 2 and rerun: the same
+    params bit for bit. ``train.eval_every`` evaluates during the run and at its end."""
     from unimm.train import grpo_loop
     config = loop_test_grpo_config()
-    config.train.steps, config.train.checkpoint_every, config.train.log_every = 2, 1, 1
-    state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
-    assert int(state.step) == 2
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
-    config.train.steps = 3
-    state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
-    assert int(state.step) == 3
+    config.train.steps, config.train.checkpoint_every, config.train.log_every = 3, 1, 1
+    config.train.eval_every = 2
+    # Rewards that differ within every group, so every step moves the policy (the default reward
+    # gives random params' images all the same score, and a step that changes nothing would
+    # hide a resume that is off).
+    monkeypatch.setitem(rewards.REWARDS, "alternating",
+                        lambda source, generated, **_: (np.arange(len(generated)) % 2).astype(np.float32))
+    config.grpo.reward = "alternating"
+    evaluated = []
+    monkeypatch.setattr(grpo_loop, "make_eval_fn", lambda *a, **k: lambda state, step, writer: evaluated.append(step))
+    straight = grpo_loop.train_grpo(config, str(tmp_path / "straight"))
+    assert int(straight.step) == 3 and evaluated == [2, 3]
+    assert sorted(int(p.name) for p in (tmp_path / "straight" / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [1, 2, 3]
+
+    evaluated.clear()
+    with monkeypatch.context() as m:
+        sigterm_after_step(m, 2)
+        stopped = grpo_loop.train_grpo(config, str(tmp_path / "preempted"))
+    assert int(stopped.step) == 2 and evaluated == []   # saved and returned: no evaluation
+    resumed = grpo_loop.train_grpo(config, str(tmp_path / "preempted"))
+    assert int(resumed.step) == 3 and evaluated == [3]
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(stopped.params["llm"]),
+                                                        jax.tree.leaves(resumed.params["llm"])))   # step 3 moved it
     with pytest.raises(ValueError, match="trainable"):
         grpo_loop.train_grpo(grpo_config(trainable=("llm", "vae")), str(tmp_path / "x"), evaluate=False)
 

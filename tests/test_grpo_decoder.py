@@ -12,7 +12,7 @@ from unimm.models import harmon, layers
 from unimm.train import grpo, grpo_decoder, loop
 from unimm.train.state import create_train_state, state_shardings
 
-from tiny import one_block_each   # tests/tiny.py
+from tiny import one_block_each, sigterm_after_step   # tests/tiny.py
 
 STEPS, ITERS = "5", 3
 
@@ -213,7 +213,7 @@ def test_decoder_grpo_step_sharded_equals_single_device(setup):
 
 
 @pytest.mark.slow
-def test_decoder_policy_loop_runs_and_resumes(tmp_path):
+def test_decoder_policy_loop_runs_and_resumes(tmp_path, monkeypatch):
     from unimm.train import grpo_loop
     config = one_block_each(config_utils.load_config("configs/grpo.py:tiny"))
     config.grpo.update(dict(policy="decoder", trainable=("mar", "head"), group_size=2, inputs_per_step=4,
@@ -228,6 +228,10 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path):
     assert grpo_loop.geneval_share(config.grpo) == 2
     config.grpo.sft_weight, config.grpo.sft_batch_size = 1.0, 8
     config.grpo.retain_weight, config.grpo.retain_batch_size = 1.0, 8
+    with monkeypatch.context() as m:   # preempted: SIGTERM after step 1 saves it and returns
+        sigterm_after_step(m, 1)
+        state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
+    assert int(state.step) == 1
     state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
     assert int(state.step) == 2
     # The resumed step: GenEval prompts only (no training image at all).

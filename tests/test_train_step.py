@@ -227,7 +227,7 @@ def test_nonfinite_step_changes_nothing_but_the_step(mesh1, default_step):
 
 
 def test_nonfinite_guard_stops_after_a_run():
-    from unimm.train.loop import NonFiniteGuard
+    from unimm.train.runner import NonFiniteGuard
     guard = NonFiniteGuard(3)
     for i, flag in enumerate([1.0, 0.0, 1.0, 1.0]):
         guard.observe(jnp.float32(flag), i + 1)

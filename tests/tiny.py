@@ -62,3 +62,25 @@ def main_command(workdir, *overrides: str, batch: int = 4) -> list[str]:
     return [sys.executable, "-m", "unimm.main", "--config=configs/harmon.py:tiny", f"--workdir={workdir}",
             *ONE_BLOCK_EACH, f"--config.data.i2t_batch_size={batch}", f"--config.data.t2i_batch_size={batch}",
             *overrides]
+
+
+def sigterm_after_step(monkeypatch, step: int) -> None:
+    """The GRPO loops' next runs send this process SIGTERM right after their ``step``-th
+    optimizer step (a scheduler's preemption, in process): the runner then saves and returns."""
+    import signal
+
+    from unimm.train import grpo
+    make = grpo.jit_grpo_step
+    calls = [0]
+
+    def jit_grpo_step(*args, **kwargs):
+        step_fn = make(*args, **kwargs)
+
+        def preempted(*a):
+            out = step_fn(*a)
+            calls[0] += 1
+            if calls[0] == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        return preempted
+    monkeypatch.setattr(grpo, "jit_grpo_step", jit_grpo_step)

@@ -11,23 +11,21 @@ resumes from the workdir's newest checkpoint (rollout position included).
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 
-from unimm import checkpoint, sharding
+from unimm import sharding
 from unimm.data import images as images_lib
 from unimm.data import pipeline, shapes, text
 from unimm.eval import shapes_bench
 from unimm.eval.evaluate import make_eval_fn
 from unimm.models import layers
 from unimm.models import vae as vae_lib
-from unimm.train import grpo, grpo_decoder, loop, rewards
+from unimm.train import grpo, grpo_decoder, loop, rewards, runner
 from unimm.train.state import create_train_state, frozen_groups, state_shardings
 
 
@@ -146,7 +144,7 @@ def starting_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = Non
 
 
 def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
-    g, t, d = config.grpo, config.train, config.data
+    g, d = config.grpo, config.data
     frozen_groups(config)   # validates grpo.trainable before anything is built
     validate_grpo(g)
     if d.source != "shapes":
@@ -182,18 +180,9 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     judges = shapes_bench.builtin_encoders(decoder, ("mar", "latent"))    # frozen: the reference's
     context = {"features": judges["mar"], "tokenize": judges["latent"]}
     positions = RolloutPosition(g.inputs_per_step)
-    manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
-    state, resumed = checkpoint.restore_latest(manager, state, positions)
-    step = int(jax.device_get(state.step))
-    if resumed:
-        logging.info("grpo: resumed from %s at step %d", manager.directory, step)
-
     prompt, prompt_mask = text.left_pad(
         [text.i2t_prompt_ids(tok, text.LONG_CAPTION_Q, d.num_image_tokens)] * g.inputs_per_step, tok.pad_id)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    report = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer, every_steps=t.log_every)
-    step_fn, history, last = None, [], (time.perf_counter(), step)
-    guard = loop.NonFiniteGuard(t.get("max_nonfinite_steps", 10))
+    step_fn = None
     k_roll, k_gen = jax.random.split(jax.random.fold_in(rng, 1))
     k_retain = jax.random.fold_in(rng, 2)
 
@@ -212,68 +201,59 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
         images = [shapes.render(shapes.sample_scene(d.seed, i), d.image_size) for i in indices]
         return np.stack(images) if images else np.zeros((0, d.image_size, d.image_size, 3), np.uint8)
 
-    with jax.set_mesh(mesh):
-        while step < t.steps:
-            n, indices, repeat = positions.position, positions.next_indices(), g.group_size
-            logged_parts = {}
-            if g.policy == "captioner":
-                source = training_images(indices)
-                rollout, generated = captioner_rollout(state, source, n)
-                reward = reward_fn(np.repeat(source, repeat, axis=0), generated, **context)
-            else:   # G images per input: the frozen encoder's caption of a training image, or a GenEval prompt
-                split = len(indices) - geneval_share(g)
-                source = training_images(indices[:split])
-                items = [shapes.geneval_prompt(d.seed, i) for i in indices[split:]]
-                texts = [*(encoder.answer(source, [text.LONG_CAPTION_Q] * len(source)) if split else []),
-                         *(prompt_text for _, prompt_text, _ in items)]
-                rollout, generated = decoder_rollout(config, tok, state, ref, np.repeat(texts, repeat),
-                                                     jax.random.fold_in(k_roll, n))
-                rows = split * repeat
-                reward = np.concatenate([
-                    reward_fn(np.repeat(source, repeat, axis=0), generated[:rows], **context) if split else [],
-                    rewards.geneval(None, generated[rows:], specs=[spec for *_, spec in items for _ in range(repeat)])
-                    if items else []]).astype(np.float32)
-                parts = {"reward_captions": reward[:rows], "reward_geneval": reward[rows:]}
-                logged_parts = {k: float(v.mean()) for k, v in parts.items() if v.size}
-                if g.get("sft_weight", 0.0):
-                    rollout = {**rollout, **anchor_batch(config, tok, state.tokenizer_params, n)}
-                if g.get("retain_weight", 0.0):   # the policy's own images of training long captions
-                    scenes = retain_scenes(config, n)
-                    kept, drawn = decoder_rollout(config, tok, state, ref, [shapes.long_caption(x) for x in scenes],
-                                                  jax.random.fold_in(k_retain, n))
-                    rollout = {**rollout, **grpo_decoder.as_retain(kept)}
-                    logged_parts["reward_retain"] = float(reward_fn(
-                        np.stack([shapes.render(x, d.image_size) for x in scenes]), drawn, **context).mean())
-            reward = jnp.asarray(reward.reshape(g.inputs_per_step, g.group_size))
-            scored = grpo.shard_rollout(grpo.with_advantages(rollout, reward, g), mesh)
-            if step_fn is None:
-                step_fn = grpo.jit_grpo_step(config, mesh, state_shardings(state), scored, step_fn=(
-                    grpo.grpo_step if g.policy == "captioner" else grpo_decoder.decoder_grpo_step))
-            for _ in range(g.ppo_epochs):
-                state, metrics = step_fn(state, scored, rng)
-                step += 1
-                guard.observe(metrics["nonfinite"], step)
-                report(step)
-            history.append({**jax.device_get(metrics), **logged_parts, "reward_mean": float(reward.mean()),
-                            "reward_std": float(reward.std(axis=1).mean()),
-                            "groups_kept": float(jax.device_get(scored["group_valid"]).mean())})
-            if step % t.log_every < g.ppo_epochs or step >= t.steps:
-                scalars = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-                now = time.perf_counter()
-                scalars["steps_per_sec"] = (step - last[1]) / (now - last[0])
-                last, history = (now, step), []
-                writer.write_scalars(step, scalars)
-                logging.info("grpo step %d/%d reward=%.3f kl=%.4f clip=%.3f%s", step, t.steps,
-                             scalars["reward_mean"], scalars["kl"], scalars["clip_fraction"],
-                             f" caption_length={scalars['caption_length']:.1f}" if "caption_length" in scalars else "")
-            if step % t.checkpoint_every < g.ppo_epochs or step >= t.steps:
-                checkpoint.save(manager, state, positions)
-        guard.flush()
-        if evaluate:   # the policy scored; the captioner policy's images come from the frozen decoder,
-            # the decoder policy's captions from grpo.encoder_from's run when set
-            make_eval_fn(config, workdir, tok, decoder_params=decoder_params if g.policy == "captioner" else None,
-                         encoder_params=encoder_params)(state, step, writer)
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
-    return state
+    def advance(state: Any) -> tuple[Any, list[dict]]:
+        """One rollout, scored, then ``grpo.ppo_epochs`` optimizer steps on it."""
+        nonlocal step_fn
+        n, indices, repeat = positions.position, positions.next_indices(), g.group_size
+        logged_parts = {}
+        if g.policy == "captioner":
+            source = training_images(indices)
+            rollout, generated = captioner_rollout(state, source, n)
+            reward = reward_fn(np.repeat(source, repeat, axis=0), generated, **context)
+        else:   # G images per input: the frozen encoder's caption of a training image, or a GenEval prompt
+            split = len(indices) - geneval_share(g)
+            source = training_images(indices[:split])
+            items = [shapes.geneval_prompt(d.seed, i) for i in indices[split:]]
+            texts = [*(encoder.answer(source, [text.LONG_CAPTION_Q] * len(source)) if split else []),
+                     *(prompt_text for _, prompt_text, _ in items)]
+            rollout, generated = decoder_rollout(config, tok, state, ref, np.repeat(texts, repeat),
+                                                 jax.random.fold_in(k_roll, n))
+            rows = split * repeat
+            reward = np.concatenate([
+                reward_fn(np.repeat(source, repeat, axis=0), generated[:rows], **context) if split else [],
+                rewards.geneval(None, generated[rows:], specs=[spec for *_, spec in items for _ in range(repeat)])
+                if items else []]).astype(np.float32)
+            parts = {"reward_captions": reward[:rows], "reward_geneval": reward[rows:]}
+            logged_parts = {k: float(v.mean()) for k, v in parts.items() if v.size}
+            if g.get("sft_weight", 0.0):
+                rollout = {**rollout, **anchor_batch(config, tok, state.tokenizer_params, n)}
+            if g.get("retain_weight", 0.0):   # the policy's own images of training long captions
+                scenes = retain_scenes(config, n)
+                kept, drawn = decoder_rollout(config, tok, state, ref, [shapes.long_caption(x) for x in scenes],
+                                              jax.random.fold_in(k_retain, n))
+                rollout = {**rollout, **grpo_decoder.as_retain(kept)}
+                logged_parts["reward_retain"] = float(reward_fn(
+                    np.stack([shapes.render(x, d.image_size) for x in scenes]), drawn, **context).mean())
+        reward = jnp.asarray(reward.reshape(g.inputs_per_step, g.group_size))
+        scored = grpo.shard_rollout(grpo.with_advantages(rollout, reward, g), mesh)
+        if step_fn is None:
+            step_fn = grpo.jit_grpo_step(config, mesh, state_shardings(state), scored, step_fn=(
+                grpo.grpo_step if g.policy == "captioner" else grpo_decoder.decoder_grpo_step))
+        stats = {**logged_parts, "reward_mean": float(reward.mean()), "reward_std": float(reward.std(axis=1).mean()),
+                 "groups_kept": scored["group_valid"].mean()}
+        records = []
+        for _ in range(g.ppo_epochs):
+            state, metrics = step_fn(state, scored, rng)
+            records.append({**metrics, **stats})
+        return state, records
+
+    def describe(scalars: dict) -> str:
+        length = f" caption_length={scalars['caption_length']:.1f}" if "caption_length" in scalars else ""
+        return (f"reward={scalars['reward_mean']:.3f} kl={scalars['kl']:.4f} "
+                f"clip={scalars['clip_fraction']:.3f}{length}")
+
+    # The policy is scored; the captioner policy's images come from the frozen decoder, the
+    # decoder policy's captions from grpo.encoder_from's run when set.
+    eval_fn = make_eval_fn(config, workdir, tok, encoder_params=encoder_params,
+                           decoder_params=decoder_params if g.policy == "captioner" else None) if evaluate else None
+    return runner.run(config, workdir, mesh, state, positions, advance, describe, eval_fn=eval_fn, label="grpo ")

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 
 from unimm import checkpoint, sharding
@@ -21,11 +18,11 @@ from unimm.data import pipeline, text
 from unimm.data.tokenizer import HFTokenizer
 from unimm.models import harmon, layers
 from unimm.models import vae as vae_lib
+from unimm.train import runner
+from unimm.train.runner import EvalFn
 from unimm.train.state import TrainState, create_train_state, param_shardings, state_shardings
 from unimm.train.step import jit_train_step
 
-# eval_fn(state, step, writer): writes its own metrics; its return value is ignored.
-EvalFn = Callable[[TrainState, int, Any], Any]
 
 
 def make_tokenizer(config: Any):
@@ -124,77 +121,9 @@ def run_params(config: Any, mesh: jax.sharding.Mesh, workdir: str, key: str = "i
     return jax.device_put(arrays["ema_params"], param_shardings(config, mesh))
 
 
-class Preemption:
-    """SIGTERM (what schedulers and TPU maintenance send before killing a job) asks the loop
-    to save the current step and return. With several processes, a stop any process saw
-    is agreed on by all of them at the same step (one small all-gather per step)."""
-
-    def __init__(self):
-        self.requested, self._previous = False, None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-        except ValueError:   # not the main thread: leave signals alone
-            pass
-
-    def _on_signal(self, signum, frame):
-        self.requested, self.received_at = True, time.monotonic()
-        logging.warning("SIGTERM received: saving at the end of this step, then stopping")
-
-    def should_stop(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
-
-    def __enter__(self) -> "Preemption":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-class NonFiniteGuard:
-    """Counts skipped (non-finite) steps; ``limit`` in a row stops training (0 = never).
-
-    Each step's flag is read one step late, so checking never stalls the device queue."""
-
-    def __init__(self, limit: int):
-        self.limit, self.total, self.run, self._pending = int(limit), 0, 0, None
-
-    def observe(self, flag: jax.Array, step: int) -> None:
-        self.flush()
-        self._pending = (flag, step)
-
-    def flush(self) -> None:
-        if self._pending is None:
-            return
-        flag, step = self._pending
-        self._pending = None
-        if float(jax.device_get(flag)):
-            self.total += 1
-            self.run += 1
-            logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, self.run)
-            if self.limit and self.run >= self.limit:
-                raise FloatingPointError(
-                    f"{self.run} steps in a row (up to step {step}) had a non-finite loss or gradient "
-                    f"(train.max_nonfinite_steps={self.limit}); params were left unchanged by those steps. "
-                    f"Lower optimizer.lr, check the data, or resume from the last checkpoint")
-        else:
-            self.run = 0
-
-
-def _mean_metrics(history: list[dict]) -> dict:
-    host = jax.device_get(history)   # one transfer per interval, not per step
-    return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-
-
 def train_and_evaluate(config: Any, workdir: str, *, eval_fn: EvalFn | None = None) -> TrainState:
-    # Here, not at the top: clu's writers import TensorFlow (~6 s), which the inference CLIs
-    # (unimm.sample, caption, evaluate: they import this module for its helpers) do not need.
-    from clu import metric_writers, periodic_actions
-
-    t = config.train
+    """Supervised training to ``config.train.steps`` (``runner.run`` owns the run's life);
+    ``eval_fn`` scores the state every ``train.eval_every`` steps and at the end."""
     mesh = sharding.make_mesh(mesh_shape(config))
     check_batch_sizes(config, mesh)
     tok = make_tokenizer(config)
@@ -203,64 +132,18 @@ def train_and_evaluate(config: Any, workdir: str, *, eval_fn: EvalFn | None = No
     rng = jax.random.key(config.seed)
     state = create_train_state(config, mesh, rng, params=initial_params(config, mesh))
     iterator = pipeline.make_train_iterator(config, tok)
-    manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
-    state, resumed = checkpoint.restore_latest(manager, state, iterator)
-    step = int(jax.device_get(state.step))
-    if resumed:
-        logging.info("resumed from %s at step %d", manager.directory, step)
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    if step == 0:
-        writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
-    report = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer,
-                                             every_steps=t.log_every, every_secs=None)
-    guard = NonFiniteGuard(t.get("max_nonfinite_steps", 10))
-    evaluate = eval_fn is not None and t.eval_every > 0
     train_step = None   # built from the first batch (the jit needs the batch's ranks)
-    history: list[dict] = []
-    last_time, last_step = time.perf_counter(), step
 
-    with jax.set_mesh(mesh), Preemption() as preemption:
-        while step < t.steps:
-            batch = pipeline.global_batch(next(iterator), mesh)
-            if train_step is None:
-                train_step = jit_train_step(config, mesh, state_shardings(state), batch)
-            state, metrics = train_step(state, batch, rng)
-            step += 1
-            guard.observe(metrics["nonfinite"], step)
-            history.append(metrics)
-            report(step)
-            if step % t.log_every == 0 or step == t.steps:
-                scalars = _mean_metrics(history)
-                now = time.perf_counter()
-                scalars["steps_per_sec"] = (step - last_step) / (now - last_time)
-                scalars["nonfinite_steps"] = guard.total
-                last_time, last_step, history = now, step, []
-                writer.write_scalars(step, scalars)
-                losses = " ".join(f"{k}={v:.4f}" for k, v in sorted(scalars.items())
-                                  if k.endswith("_loss"))
-                logging.info("step %d/%d loss=%.4f %s steps/s=%.2f", step, t.steps,
-                             scalars["loss"], losses, scalars["steps_per_sec"])
-            if preemption.should_stop():
-                checkpoint.save(manager, state, iterator)
-                manager.wait_until_finished()
-                took = time.monotonic() - preemption.received_at
-                logging.warning("preempted: step %d saved in %s %.1f s after SIGTERM; re-run the same "
-                                "command to resume", step, manager.directory, took)
-                if took > t.get("preemption_grace_secs", 30):
-                    logging.warning("the save took longer than train.preemption_grace_secs=%s",
-                                    t.preemption_grace_secs)
-                print(f"preempted at step {step}: checkpoint saved; re-run the same command to resume", flush=True)
-                break
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                checkpoint.save(manager, state, iterator)
-            if evaluate and step % t.eval_every == 0 and step < t.steps:
-                eval_fn(state, step, writer)
-        guard.flush()
-        if evaluate and not preemption.requested:
-            eval_fn(state, step, writer)
+    def advance(state: TrainState) -> tuple[TrainState, list[dict]]:
+        nonlocal train_step
+        batch = pipeline.global_batch(next(iterator), mesh)
+        if train_step is None:
+            train_step = jit_train_step(config, mesh, state_shardings(state), batch)
+        state, metrics = train_step(state, batch, rng)
+        return state, [metrics]
 
-    manager.wait_until_finished()   # async saves must land before we return
-    manager.close()
-    writer.flush()
-    return state
+    def describe(scalars: dict) -> str:
+        losses = " ".join(f"{k}={v:.4f}" for k, v in sorted(scalars.items()) if k.endswith("_loss"))
+        return f"loss={scalars['loss']:.4f} {losses} steps/s={scalars['steps_per_sec']:.2f}"
+
+    return runner.run(config, workdir, mesh, state, iterator, advance, describe, eval_fn=eval_fn)
