@@ -41,7 +41,7 @@ def grpo_config(variant: str) -> ml_collections.ConfigDict:
     g.loss_aggregation = "seq-mean-token-mean"   # or "token-mean" (DAPO / Dr. GRPO)
     g.ppo_epochs = 1                      # optimizer steps per rollout
     g.drop_constant_groups = True         # DAPO: skip groups whose rewards are all equal
-    g.reward = "shapes_match"             # unimm.train.rewards.REWARDS: image vs its source image
+    g.reward = "shapes_match"             # unimm.eval.rewards.REWARDS: image vs its source image
     g.rollout_steps = "10"                # decoder policy: diffusion steps per rollout (sampling: 100)
     g.train_variance = True               # decoder policy: False = only the steps' means move (the
                                           # head's learned variances get no policy gradient)

@@ -3,20 +3,19 @@ import jax
 import numpy as np
 import pytest
 
-from unimm import config_utils
+from unimm import config_utils, resolve
 from unimm.autoencoder import AutoEncoder
 from unimm.data import shapes
-from unimm.eval import shapes_bench
+from unimm.inference.model import Model
 from unimm.models import harmon, layers
-from unimm.train import loop
 
 
 @pytest.fixture(scope="module")
 def models():
     config = config_utils.load_config("configs/harmon.py:tiny")
     config.sample.num_sampling_steps, config.sample.max_new_tokens = "5", 12
-    tok = loop.make_tokenizer(config)
-    loop.set_derived_fields(config, tok)
+    tok = resolve.make_tokenizer(config)
+    resolve.set_derived_fields(config, tok)
     init = jax.jit(harmon.init, static_argnums=0)
     cfg = layers.freeze(config.model)
     params = [init(cfg, jax.random.key(seed)) for seed in (0, 1)]
@@ -24,7 +23,7 @@ def models():
     # non-zero one so the two decoders draw different images.
     final = params[1]["head"]["final_layer"]["linear"]
     final["kernel"] = 0.05 * jax.random.normal(jax.random.key(2), final["kernel"].shape)
-    return [shapes_bench.Model(config, tok, p, {}) for p in params]
+    return [Model(config, tok, p, {}) for p in params]
 
 
 def _images(n=2):

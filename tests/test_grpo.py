@@ -4,12 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm import config_utils, sharding
+from unimm import config_utils, resolve, sharding
 from unimm.data import shapes, text
 from unimm.data import images as images_lib
 from unimm.models import layers
 from unimm.models import vae as vae_lib
-from unimm.train import grpo, loop, rewards
+from unimm.eval import rewards
+from unimm.train import grpo, loop
 from unimm.train.state import create_train_state, state_shardings
 
 from tiny import one_block_each, sigterm_after_step   # tests/tiny.py
@@ -25,7 +26,7 @@ def grpo_config(**grpo_fields):
 def setup():
     config = grpo_config(group_size=4, max_new_tokens=10)
     tok = text.shapes_tokenizer()
-    loop.set_derived_fields(config, tok)
+    resolve.set_derived_fields(config, tok)
     return config, tok
 
 
@@ -118,7 +119,7 @@ def test_tiny_grpo_raises_a_simple_reward(setup):
     config = grpo_config(group_size=8, max_new_tokens=8, temperature=1.0, beta=0.0)
     config.optimizer.lr = 3e-3
     tok = text.shapes_tokenizer()
-    loop.set_derived_fields(config, tok)
+    resolve.set_derived_fields(config, tok)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     state = make_state(config, mesh)
     ref = jax.tree.map(jnp.copy, state.params)
@@ -196,7 +197,7 @@ def test_grpo_starts_from_a_supervised_workdir(tmp_path, monkeypatch, tiny_train
     # UAE's two models: the frozen decoder is what grpo.decoder_from loads (here the same run,
     # so the check is on the wiring: the loaded object itself generates the images).
     loaded, models = {}, []
-    real_start, real_model = grpo_loop.starting_params, grpo_loop.shapes_bench.Model
+    real_start, real_model = grpo_loop.starting_params, grpo_loop.Model
 
     def spy_start(cfg, m, path=None, key="init_from"):
         loaded[key] = real_start(cfg, m, path, key)
@@ -207,7 +208,7 @@ def test_grpo_starts_from_a_supervised_workdir(tmp_path, monkeypatch, tiny_train
         return real_model(cfg, tok, params, *args, **kwargs)
 
     monkeypatch.setattr(grpo_loop, "starting_params", spy_start)
-    monkeypatch.setattr(grpo_loop.shapes_bench, "Model", spy_model)
+    monkeypatch.setattr(grpo_loop, "Model", spy_model)
     config.grpo.decoder_from = str(tmp_path / "sup")
     state = grpo_loop.train_grpo(config, str(tmp_path / "rl"), evaluate=False)
     monkeypatch.undo()
@@ -222,7 +223,7 @@ def test_grpo_starts_from_a_supervised_workdir(tmp_path, monkeypatch, tiny_train
     loaded.clear()
     models.clear()
     monkeypatch.setattr(grpo_loop, "starting_params", spy_start)
-    monkeypatch.setattr(grpo_loop.shapes_bench, "Model", spy_model)
+    monkeypatch.setattr(grpo_loop, "Model", spy_model)
     config.grpo.update(dict(policy="decoder", trainable=("mar", "head"), decoder_from="",
                             encoder_from=str(tmp_path / "sup")))
     config.train.steps = 0

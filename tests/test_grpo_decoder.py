@@ -6,10 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from unimm import config_utils, sharding
+from unimm import config_utils, resolve, sharding
 from unimm.data import text
 from unimm.models import harmon, layers
-from unimm.train import grpo, grpo_decoder, loop
+from unimm.train import grpo, grpo_decoder
 from unimm.train.state import create_train_state, state_shardings
 
 from tiny import one_block_each, sigterm_after_step   # tests/tiny.py
@@ -23,8 +23,8 @@ def setup():
     config.grpo.policy, config.grpo.trainable = "decoder", ("mar", "head")
     config.grpo.rollout_steps, config.grpo.step_fraction = STEPS, 1.0
     config.sample.cfg, config.sample.temperature = 3.0, 1.0
-    tok = loop.make_tokenizer(config)
-    loop.set_derived_fields(config, tok)
+    tok = resolve.make_tokenizer(config)
+    resolve.set_derived_fields(config, tok)
     cfg = layers.freeze(config.model)
     params = jax.jit(harmon.init, static_argnums=0)(cfg, jax.random.key(0))
     final = params["head"]["final_layer"]["linear"]   # non-zero output layer: a real policy
@@ -104,7 +104,7 @@ def test_supervised_anchor_adds_the_t2i_loss(setup, plain):
     """grpo.sft_weight: the step's loss is the GRPO loss plus weight x train_step's T2I loss on
     the batch riding in the rollout; its gradient reaches the LLM, which GRPO alone leaves."""
     config, cfg, params, rollout = setup
-    tok = loop.make_tokenizer(config)
+    tok = resolve.make_tokenizer(config)
     config = config.copy_and_resolve_references()
     config.grpo.sft_weight, config.grpo.sft_batch_size = 0.5, 4
     from unimm.train import grpo_loop, step

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unimm import config_utils, sharding
+from unimm import config_utils, resolve, sharding
 from unimm.data import pipeline, text
 from unimm.data.tokenizer import HFTokenizer
-from unimm.eval import shapes_bench
+from unimm.inference.model import Model
 from unimm.models import layers
-from unimm.train import grpo, grpo_decoder, grpo_loop, loop
+from unimm.train import grpo, grpo_decoder, grpo_loop
 from unimm.train.state import create_train_state, state_shardings
 from unimm.train.step import jit_train_step
 
@@ -86,7 +86,7 @@ def test_preset_trains_samples_and_captions_at_its_geometry(variant, image_size,
     config = preset(f"configs/harmon.py:{variant}", qwen_like, image_size, stage)
     assert config.model.mar.dropout == 0.1 and config.train.ema_decay == 0.0   # Harmon's training
     tok = HFTokenizer(qwen_like)
-    loop.set_derived_fields(config, tok)
+    resolve.set_derived_fields(config, tok)
     d = config.data
     grid = image_size // 16
     assert d.num_image_tokens == grid * grid + 64 and d.i2t_seq_len == d.num_image_tokens + 512
@@ -108,7 +108,7 @@ def test_preset_trains_samples_and_captions_at_its_geometry(variant, image_size,
     llm_moved = not np.array_equal(before["llm"]["norm"]["scale"], np.asarray(state.params["llm"]["norm"]["scale"]))
     assert llm_moved == (stage != 1)   # stage 1 freezes the LLM
 
-    model = shapes_bench.Model(config, tok, state.params, state.tokenizer_params)
+    model = Model(config, tok, state.params, state.tokenizer_params)
     images = model.generate(["a red car parked beside a tall tree"], jax.random.key(2))
     assert images.shape == (1, image_size, image_size, 3) and images.dtype == np.uint8
     settings = model.decoding()   # Harmon's image2text.py: greedy, penalty 1.1 (Qwen2.5-Instruct's)
@@ -126,7 +126,7 @@ def test_grpo_steps_at_stage3_resolution(variant, qwen_like):
     config.grpo.group_size, config.grpo.inputs_per_step, config.grpo.max_new_tokens = 2, 1, 4
     config.grpo.rollout_steps = "2"
     tok = HFTokenizer(qwen_like)
-    loop.set_derived_fields(config, tok)
+    resolve.set_derived_fields(config, tok)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     cfg, d, g = layers.freeze(config.model), config.data, config.grpo
     rewards = jnp.asarray([[0.0, 1.0]])
@@ -137,7 +137,7 @@ def test_grpo_steps_at_stage3_resolution(variant, qwen_like):
             image = next(pipeline.make_train_iterator(config, tok))["i2t_images"][:1]
             prompt, mask = text.left_pad([text.i2t_prompt_ids(tok, text.LONG_CAPTION_Q, d.num_image_tokens)],
                                          tok.pad_id)
-            tokens = shapes_bench.Model(config, tok, state.params, state.tokenizer_params)._image_tokens(
+            tokens = Model(config, tok, state.params, state.tokenizer_params)._image_tokens(
                 [np.asarray((image[0] + 1) * 127.5, np.uint8)])
             rollout = grpo.caption_rollout(state.params, state.params, cfg, prompt, mask, tokens, jax.random.key(1),
                                            group_size=g.group_size, temperature=g.temperature,
@@ -166,7 +166,7 @@ def test_caption_decoding_follows_the_generation_config(qwen_like, tmp_path):
         "do_sample": True, "eos_token_id": [151645, 151643], "repetition_penalty": 1.05,
         "temperature": 0.7, "top_k": 20, "top_p": 0.8}))
     config.sample.generation_config = str(tmp_path)
-    model = shapes_bench.Model(config, tok, {}, {})
+    model = Model(config, tok, {}, {})
     assert model.decoding() == {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.05,
                                 "eos_id": [151645, 151643]}
     config.sample.caption_sampling = True

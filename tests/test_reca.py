@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm import config_utils, sharding
+from unimm import config_utils, resolve, sharding
 from unimm.data import pipeline, text
 from unimm.models import gaussian_diffusion, harmon, mar, qwen2
 from unimm.train import loop
@@ -25,7 +25,7 @@ def setup():
     config = one_block_each(config_utils.load_config("configs/harmon.py:tiny"))
     config.data.i2t_batch_size, config.data.t2i_batch_size, config.data.recon_batch_size = 0, 0, 4
     tok = text.shapes_tokenizer()
-    loop.set_derived_fields(config, tok)
+    resolve.set_derived_fields(config, tok)
     batch = next(pipeline.make_train_iterator(config, tok, process_index=0, process_count=1))
     params = harmon.init(config.model, jax.random.key(0))
     return config, tok, {k: jnp.asarray(v) for k, v in batch.items()}, params
@@ -217,7 +217,7 @@ def test_stretch_resizes_the_whole_image_to_the_square():
 
 def test_image_variation_draws_from_the_images_own_embeddings(setup):
     from unimm.data import shapes
-    from unimm.eval.shapes_bench import Model
+    from unimm.inference.model import Model
     config, tok, _, params = setup
     config = config.copy_and_resolve_references()
     config.sample.num_iter, config.sample.num_sampling_steps = 2, "3"

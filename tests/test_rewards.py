@@ -6,7 +6,7 @@ import pytest
 from unimm import config_utils
 from unimm.data import shapes
 from unimm.models import harmon, layers
-from unimm.train import rewards
+from unimm.eval import rewards
 
 A = shapes.Obj("circle", "red", "large", 0)
 B = shapes.Obj("square", "blue", "small", 4)
@@ -73,10 +73,11 @@ def test_cosine_rewards(name):
 
 def test_unified_bench_scores_each_encoder_and_their_mean():
     from unimm.eval import shapes_bench
+    from unimm.inference.model import Model
     config = config_utils.load_config("configs/harmon.py:tiny")
     s = config.data.image_size
     params = _init(layers.freeze(config.model), jax.random.key(0))
-    model = shapes_bench.Model(config, None, params, {})
+    model = Model(config, None, params, {})
     encoders = shapes_bench.builtin_encoders(model, config.eval.unified_bench)
     encoders["pixels"] = lambda images: np.asarray(images, np.float32)
     src = np.stack([shapes.render((A, B), s), shapes.render((A,), s)])

@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm import config_utils, sharding
+from unimm import config_utils, resolve, sharding
 from unimm.models import harmon, harmon_sample, layers
 from unimm.data import text
-from unimm.train import loop
 from unimm.train import step as step_lib
 from unimm.train.state import create_train_state, state_shardings
 
@@ -154,7 +153,7 @@ def test_sharded_step_matches_single_device(float32_two_steps):
 def test_stage3_trains_and_samples_at_twice_the_resolution(mesh1):
     config = tiny_config(stage=3)
     m = config.model
-    loop.set_derived_fields(config, text.shapes_tokenizer())
+    resolve.set_derived_fields(config, text.shapes_tokenizer())
     config.data.image_token_id = IMAGE_ID     # synthetic batches use their own ids
     g = 2 * m.mar.grid
     assert config.data.image_size == 2 * m.image_size

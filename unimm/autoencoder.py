@@ -28,7 +28,7 @@ def identity_connector(captions: list[str]) -> list[str]:
 
 
 class AutoEncoder:
-    """``encoder`` / ``decoder``: :class:`unimm.eval.shapes_bench.Model` (or anything with
+    """``encoder`` / ``decoder``: :class:`unimm.inference.model.Model` (or anything with
     ``answer(images, questions)`` and ``generate(prompts, rng)``)."""
 
     def __init__(self, encoder: Any, decoder: Any | None = None, connector: Connector = identity_connector,

@@ -243,21 +243,22 @@ def run_grpo(variants: list[str], reps: int) -> list[dict]:
     """Unified-GRPO (captioner policy) at each variant's ``configs/grpo.py`` settings: caption
     rollout throughput (completion tokens/s, incl. the policy and reference scoring passes),
     decoding the captions into images (images/s), and the ``grpo_step`` time."""
-    from unimm import config_utils, sharding
+    from unimm import config_utils, resolve, sharding
     from unimm.data import images as images_lib
     from unimm.data import shapes, text
-    from unimm.eval import shapes_bench
+    from unimm.eval import rewards
+    from unimm.inference.model import Model
     from unimm.models import layers
     from unimm.models import vae as vae_lib
-    from unimm.train import grpo, loop, rewards
+    from unimm.train import grpo
     from unimm.train.state import create_train_state, state_shardings
 
     rows = []
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     for variant in variants:
         config = config_utils.load_config(f"configs/grpo.py:{variant}")
-        tok = loop.make_tokenizer(config)
-        loop.set_derived_fields(config, tok)
+        tok = resolve.make_tokenizer(config)
+        resolve.set_derived_fields(config, tok)
         g, d, cfg = config.grpo, config.data, layers.freeze(config.model)
         state = create_train_state(config, mesh, jax.random.key(0))
         ref = jax.tree.map(jnp.copy, state.params)
@@ -276,7 +277,7 @@ def run_grpo(variants: list[str], reps: int) -> list[dict]:
             rollout = roll()
             n_tokens = int(rollout["completion_mask"].sum())
             captions = grpo.caption_texts(tok, rollout, prompt.shape[1])
-            decoder = shapes_bench.Model(config, tok, ref, state.tokenizer_params)
+            decoder = Model(config, tok, ref, state.tokenizer_params)
             t_dec = _time(lambda: decoder.generate(captions, jax.random.key(2)), max(reps // 2, 1))
             reward = rewards.get_reward("shapes_match")(np.repeat(source, g.group_size, axis=0),
                                                         decoder.generate(captions, jax.random.key(2)))
@@ -303,9 +304,9 @@ def run_grpo_decoder(variants: list[str], reps: int) -> list[dict]:
     variances) at each variant's ``configs/grpo.py`` settings: the trajectory-recording image
     rollout (images/s, incl. the reference's step means) and ``decoder_grpo_step`` training
     every diffusion step against the noisiest half (``grpo.step_selection``), side by side."""
-    from unimm import config_utils, sharding
+    from unimm import config_utils, resolve, sharding
     from unimm.data import shapes
-    from unimm.train import grpo, grpo_decoder, grpo_loop, loop
+    from unimm.train import grpo, grpo_decoder, grpo_loop
     from unimm.train.state import create_train_state, state_shardings
 
     rows = []
@@ -314,8 +315,8 @@ def run_grpo_decoder(variants: list[str], reps: int) -> list[dict]:
         config = config_utils.load_config(f"configs/grpo.py:{variant}")
         config.grpo.update(dict(policy="decoder", prompts="geneval", trainable=("mar", "head"),
                                 train_variance=False))
-        tok = loop.make_tokenizer(config)
-        loop.set_derived_fields(config, tok)
+        tok = resolve.make_tokenizer(config)
+        resolve.set_derived_fields(config, tok)
         g = config.grpo
         state = create_train_state(config, mesh, jax.random.key(0))
         ref = jax.tree.map(jnp.copy, state.params)

@@ -15,6 +15,7 @@ from absl import logging
 from PIL import Image
 
 from unimm.eval import shapes_bench
+from unimm.inference.model import Model
 
 
 def write_results(workdir: str, step: int, metrics: dict, samples: dict, writer: Any = None,
@@ -65,7 +66,7 @@ def make_eval_fn(config: Any, workdir: str, tok: Any = None, num_examples: int |
     n = num_examples or config.eval.num_examples
 
     def eval_fn(state: Any, step: int, writer: Any = None) -> dict:
-        model = shapes_bench.Model(config, tok, state.ema_params if encoder_params is None else encoder_params,
+        model = Model(config, tok, state.ema_params if encoder_params is None else encoder_params,
                                    state.tokenizer_params,
                                    decoder_params=state.ema_params if decoder_params is None else decoder_params)
         metrics, samples = shapes_bench.evaluate(model, num_examples=n, batch_size=config.eval.batch_size,

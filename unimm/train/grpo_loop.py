@@ -18,14 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from unimm import sharding
+from unimm import resolve, sharding
 from unimm.data import images as images_lib
 from unimm.data import pipeline, shapes, text
-from unimm.eval import shapes_bench
+from unimm.eval import rewards, shapes_bench
 from unimm.eval.evaluate import make_eval_fn
+from unimm.inference.model import Model
 from unimm.models import layers
 from unimm.models import vae as vae_lib
-from unimm.train import grpo, grpo_decoder, loop, rewards, runner
+from unimm.train import grpo, grpo_decoder, loop, runner
 from unimm.train.state import create_train_state, frozen_groups, state_shardings
 
 
@@ -159,8 +160,8 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
         if g.get(f"{key}_weight", 0.0) and g[f"{key}_batch_size"] % dp:
             raise ValueError(f"grpo.{key}_batch_size = {g[f'{key}_batch_size']} is not divisible by the "
                              f"data-parallel size {dp}")
-    tok = loop.make_tokenizer(config)
-    loop.set_derived_fields(config, tok)
+    tok = resolve.make_tokenizer(config)
+    resolve.set_derived_fields(config, tok)
     cfg = layers.freeze(config.model)
 
     rng = jax.random.key(config.seed)
@@ -169,12 +170,12 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     # UAE's two-model setup: the captioner policy's images may come from another run's decoder.
     decoder_params = (starting_params(config, mesh, g.decoder_from, "grpo.decoder_from")
                       if g.get("decoder_from") else ref)
-    decoder = shapes_bench.Model(config, tok, decoder_params, state.tokenizer_params)
+    decoder = Model(config, tok, decoder_params, state.tokenizer_params)
     # The decoder policy's captions: the frozen starting point's, or another run's captioner
     # (``grpo.encoder_from``: UAE's two models, the understanding side fixed).
     encoder_params = (starting_params(config, mesh, g.encoder_from, "grpo.encoder_from")
                       if g.get("encoder_from") else None)
-    encoder = (shapes_bench.Model(config, tok, encoder_params, state.tokenizer_params)
+    encoder = (Model(config, tok, encoder_params, state.tokenizer_params)
                if g.get("encoder_from") else decoder)
     reward_fn = rewards.get_reward(g.reward)
     judges = shapes_bench.builtin_encoders(decoder, ("mar", "latent"))    # frozen: the reference's

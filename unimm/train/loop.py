@@ -13,21 +13,15 @@ from typing import Any
 import jax
 from absl import logging
 
-from unimm import checkpoint, sharding
-from unimm.data import pipeline, text
-from unimm.data.tokenizer import HFTokenizer
+from unimm import checkpoint, inference, sharding
+from unimm import resolve
+from unimm.data import pipeline
 from unimm.models import harmon, layers
-from unimm.models import vae as vae_lib
 from unimm.train import runner
 from unimm.train.runner import EvalFn
 from unimm.train.state import TrainState, create_train_state, param_shardings, state_shardings
 from unimm.train.step import jit_train_step
 
-
-
-def make_tokenizer(config: Any):
-    path = config.data.tokenizer
-    return text.shapes_tokenizer() if path == "" else HFTokenizer(path)
 
 
 def mesh_shape(config: Any) -> dict:
@@ -57,35 +51,6 @@ def check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
                 f"sharding.mesh={mesh_shape(config)}); change the batch size or the mesh")
 
 
-def set_derived_fields(config: Any, tok: Any) -> None:
-    """Fields that follow from the tokenizer and the data resolution: ``data.image_token_id``,
-    ``data.num_image_tokens`` (the token grid of ``data.image_size`` plus the buffers; a
-    ``data.image_size`` above ``model.image_size`` is stage 3's higher resolution) and
-    ``data.i2t_seq_len`` (the understanding sequence length)."""
-    if tok.vocab_size > config.model.llm.vocab_size:
-        raise ValueError(f"tokenizer {config.data.tokenizer or '(built-in shapes)'} has "
-                         f"{tok.vocab_size} tokens but model.llm.vocab_size is "
-                         f"{config.model.llm.vocab_size}")
-    with config.unlocked():
-        if int(config.train.stage) == 3 and config.data.image_size == config.model.image_size:
-            # Stage 3's preset: twice the model's native resolution (Harmon: 256 -> 512 px).
-            config.data.image_size = 2 * config.model.image_size
-            logging.info("train.stage=3: data.image_size set to %d", config.data.image_size)
-    h, w = vae_lib.grid(config.model.vae, config.data.image_size)
-    d = config.data
-    with config.unlocked():   # config_flags hands out a locked ConfigDict
-        d.image_token_id = int(tok.image_id)
-        d.num_image_tokens = h * w + config.model.mar.buffer_size
-        # 0 follows the grid (stage 3, another data.image_size): image tokens + text budget.
-        d.i2t_seq_len = int(d.max_i2t_len) or d.num_image_tokens + int(d.i2t_text_len)
-        if "recon_text_len" in d:   # older runs' config.json predate RecA
-            d.recon_seq_len = d.num_image_tokens + int(d.recon_text_len)
-    if d.i2t_seq_len <= d.num_image_tokens:
-        raise ValueError(f"data.max_i2t_len={d.max_i2t_len} leaves no room for text beside the "
-                         f"{d.num_image_tokens} image tokens of data.image_size={d.image_size}; set it "
-                         "to 0 (image tokens + data.i2t_text_len)")
-
-
 def initial_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = None,
                    key: str = "init_from") -> Any:
     """Params of ``path`` (default ``config.init_from``), born sharded; None = random. ``path``
@@ -108,8 +73,8 @@ def initial_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = None
 
 
 def run_params(config: Any, mesh: jax.sharding.Mesh, workdir: str, key: str = "init_from") -> Any:
-    """The newest EMA params of another training run's ``workdir``, for this config's model."""
-    from unimm import inference   # the run's own config: its optimizer layout, to restore its state
+    """The newest EMA params of another training run's ``workdir``, for this config's model
+    (restored through that run's own config: its optimizer layout)."""
     source = inference.load_config(workdir)
     shapes_of = lambda m: jax.tree.map(lambda a: a.shape, harmon.abstract_params(layers.freeze(m)))
     if shapes_of(source.model) != shapes_of(config.model):
@@ -126,8 +91,8 @@ def train_and_evaluate(config: Any, workdir: str, *, eval_fn: EvalFn | None = No
     ``eval_fn`` scores the state every ``train.eval_every`` steps and at the end."""
     mesh = sharding.make_mesh(mesh_shape(config))
     check_batch_sizes(config, mesh)
-    tok = make_tokenizer(config)
-    set_derived_fields(config, tok)
+    tok = resolve.make_tokenizer(config)
+    resolve.set_derived_fields(config, tok)
 
     rng = jax.random.key(config.seed)
     state = create_train_state(config, mesh, rng, params=initial_params(config, mesh))

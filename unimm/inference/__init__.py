@@ -76,10 +76,10 @@ def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def prepare(config: Any):
     """The tokenizer, with the fields derived from it and the resolution set on ``config``."""
-    from unimm.train import loop
+    from unimm import resolve   # jax: not before the CLIs have checked their input
 
-    tok = loop.make_tokenizer(config)
-    loop.set_derived_fields(config, tok)
+    tok = resolve.make_tokenizer(config)
+    resolve.set_derived_fields(config, tok)
     return tok
 
 
@@ -102,11 +102,11 @@ def latest_step(config: Any, workdir: str, flag: str = "--workdir") -> int:
 
 
 def load_model(config: Any, workdir: str, use_ema: bool = True, tok: Any = None):
-    """The newest checkpoint's (EMA) params as a :class:`shapes_bench.Model`, and its step."""
-    import jax
+    """The newest checkpoint's (EMA) params as a :class:`unimm.inference.model.Model`, and its step."""
+    import jax   # jax and the model: not before the CLIs have checked their input
 
     from unimm import checkpoint, sharding
-    from unimm.eval import shapes_bench
+    from unimm.inference.model import Model
     from unimm.train.state import create_train_state
 
     tok = prepare(config) if tok is None else tok
@@ -116,7 +116,7 @@ def load_model(config: Any, workdir: str, use_ema: bool = True, tok: Any = None)
     manager = checkpoint.make_manager(workdir, keep=max(int(config.train.keep_checkpoints), 1))
     arrays, step = checkpoint.restore_arrays(manager, state)
     params = arrays["ema_params" if use_ema else "params"]
-    return shapes_bench.Model(config, tok, params, state.tokenizer_params), step
+    return Model(config, tok, params, state.tokenizer_params), step
 
 
 def apply_sample_overrides(config: Any, sample_overrides: dict | None) -> None:
