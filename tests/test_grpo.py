@@ -182,6 +182,43 @@ def test_grpo_loop_preempted_resumes_bit_exact_and_evaluates_on_cadence(tmp_path
 
 
 @pytest.mark.slow
+def test_a_policy_registered_outside_the_library_runs_through_the_loop(tmp_path, monkeypatch):
+    """Adding a policy touches no loop code: one defined here, registered by name, samples as
+    the captioner does and scores with its own rule; train_grpo runs it and logs its parts."""
+    from unimm import rl
+    from unimm.train import grpo_loop
+    scored = []
+
+    class Alternating(rl.Policy):
+        name = "alternating_test"
+        step = staticmethod(grpo.grpo_step)
+        frozen_decoder = True
+
+        def rollout(self, ctx, state, n, indices):
+            return rl.get("captioner").rollout(ctx, state, n, indices)
+
+        def score(self, ctx, drawn):
+            source, generated = drawn
+            scored.append(len(generated))
+            return (np.arange(len(generated)) % 2).astype(np.float32), {"reward_alternating": 0.5}
+
+    monkeypatch.setitem(rl.base._POLICIES, Alternating.name, Alternating)
+    assert "alternating_test" in rl.names()
+    config = loop_test_grpo_config()
+    config.grpo.policy = Alternating.name
+    config.train.steps, config.train.log_every = 1, 1
+    state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
+    assert int(state.step) == 1 and scored == [config.grpo.inputs_per_step * config.grpo.group_size]
+    events = b"".join(p.read_bytes() for p in tmp_path.glob("events.out.tfevents.*"))
+    assert b"reward_alternating" in events   # the policy's own reward parts reach the metric writer
+    bad = config.grpo.copy_and_resolve_references()
+    bad.policy = "painter"
+    with pytest.raises(ValueError, match=r"grpo.policy='painter': expected one of \('captioner', 'decoder', "
+                                         r"'alternating_test'\)"):
+        grpo_loop.validate_grpo(bad)
+
+
+@pytest.mark.slow
 def test_grpo_starts_from_a_supervised_workdir(tmp_path, monkeypatch, tiny_train_config):
     from unimm import inference
     from unimm.train import grpo_loop

@@ -9,6 +9,7 @@ import pytest
 from unimm import config_utils, resolve, sharding
 from unimm.data import text
 from unimm.models import harmon, layers
+from unimm.rl import decoder as rl_decoder
 from unimm.train import grpo, grpo_decoder
 from unimm.train.state import create_train_state, state_shardings
 
@@ -107,8 +108,8 @@ def test_supervised_anchor_adds_the_t2i_loss(setup, plain):
     tok = resolve.make_tokenizer(config)
     config = config.copy_and_resolve_references()
     config.grpo.sft_weight, config.grpo.sft_batch_size = 0.5, 4
-    from unimm.train import grpo_loop, step
-    batch = grpo_loop.anchor_batch(config, tok, None, 3)
+    from unimm.train import step
+    batch = rl_decoder.anchor_batch(config, tok, None, 3)
     assert batch["t2i_latents"].shape == (4, 9, cfg.mar.token_dim) and batch["t2i_tokens"].shape[0] == 4
     scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
     (anchored, m), grad = _jit_loss_and_grad(config)(params, {**scored, **batch})
@@ -225,7 +226,7 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path, monkeypatch):
     # test_decoder_step_moves_the_policy_towards_high_reward). Both runs have the same
     # batch shapes, so the resumed run finds its step in the compilation cache.
     config.grpo.prompts = "both"
-    assert grpo_loop.geneval_share(config.grpo) == 2
+    assert rl_decoder.geneval_share(config.grpo) == 2
     config.grpo.sft_weight, config.grpo.sft_batch_size = 1.0, 8
     config.grpo.retain_weight, config.grpo.retain_batch_size = 1.0, 8
     with monkeypatch.context() as m:   # preempted: SIGTERM after step 1 saves it and returns
@@ -236,7 +237,7 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path, monkeypatch):
     assert int(state.step) == 2
     # The resumed step: GenEval prompts only (no training image at all).
     config.train.steps, config.grpo.prompts = 3, "geneval"
-    assert grpo_loop.geneval_share(config.grpo) == 4
+    assert rl_decoder.geneval_share(config.grpo) == 4
     state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
     assert int(state.step) == 3
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == 3

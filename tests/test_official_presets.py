@@ -18,7 +18,8 @@ from unimm.data import pipeline, text
 from unimm.data.tokenizer import HFTokenizer
 from unimm.inference.model import Model
 from unimm.models import layers
-from unimm.train import grpo, grpo_decoder, grpo_loop
+from unimm.rl import decoder as rl_decoder
+from unimm.train import grpo, grpo_decoder
 from unimm.train.state import create_train_state, state_shardings
 from unimm.train.step import jit_train_step
 
@@ -145,7 +146,7 @@ def test_grpo_steps_at_stage3_resolution(variant, qwen_like):
                                            eos_id=tok.eos_id, pad_id=tok.pad_id)
             step_fn = grpo.grpo_step
         else:
-            rollout, images = grpo_loop.decoder_rollout(config, tok, state, state.params, CAPTIONS[:2],
+            rollout, images = rl_decoder.decoder_rollout(config, tok, state, state.params, CAPTIONS[:2],
                                                         jax.random.key(1))
             assert images.shape == (2, 512, 512, 3)
             step_fn = grpo_decoder.decoder_grpo_step

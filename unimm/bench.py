@@ -306,7 +306,8 @@ def run_grpo_decoder(variants: list[str], reps: int) -> list[dict]:
     every diffusion step against the noisiest half (``grpo.step_selection``), side by side."""
     from unimm import config_utils, resolve, sharding
     from unimm.data import shapes
-    from unimm.train import grpo, grpo_decoder, grpo_loop
+    from unimm.rl import decoder as rl_decoder
+    from unimm.train import grpo, grpo_decoder
     from unimm.train.state import create_train_state, state_shardings
 
     rows = []
@@ -325,7 +326,7 @@ def run_grpo_decoder(variants: list[str], reps: int) -> list[dict]:
         # Random rewards: every group informative, as in a run that is learning.
         reward = jnp.asarray(np.random.default_rng(0).random((g.inputs_per_step, g.group_size)), jnp.float32)
         with jax.set_mesh(mesh):
-            roll = lambda: grpo_loop.decoder_rollout(config, tok, state, ref, texts, jax.random.key(1))[0]
+            roll = lambda: rl_decoder.decoder_rollout(config, tok, state, ref, texts, jax.random.key(1))[0]
             t_roll = _time(roll, max(reps // 2, 1))
             scored = grpo.with_advantages(roll(), reward, g)
             holder, t_steps = [state], {}

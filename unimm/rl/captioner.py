@@ -1,0 +1,57 @@
+"""The captioner policy, *generation for understanding*: G captions per training image,
+sampled by the policy; the frozen decoder draws each caption; the reward compares each
+drawing with its source image. Trained by ``grpo.grpo_step`` (token-level PPO + k3 KL)."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimm.data import images as images_lib
+from unimm.data import text
+from unimm.models import layers
+from unimm.models import vae as vae_lib
+from unimm.rl.base import Policy, RLContext, register
+from unimm.train import grpo
+
+
+@register
+class Captioner(Policy):
+    name = "captioner"
+    step = staticmethod(grpo.grpo_step)
+    frozen_decoder = True
+
+    def validate(self, g: Any) -> None:
+        prompts = g.get("prompts", "captions")
+        if prompts != "captions":
+            raise ValueError(f"grpo.prompts={prompts!r} draws images for GenEval prompts: it needs grpo.policy='decoder'")
+        if g.get("encoder_from"):
+            raise ValueError("grpo.encoder_from sets the decoder policy's frozen captioner; the captioner policy "
+                             "is its own (leave grpo.encoder_from empty)")
+        for key, does in (("sft", "adds the supervised text-to-image loss"),
+                          ("retain", "holds the decoder's sampler to the reference")):
+            if g.get(f"{key}_weight", 0.0):
+                raise ValueError(f"grpo.{key}_weight {does}: it needs grpo.policy='decoder'")
+
+    def rollout(self, ctx: RLContext, state: Any, n: int, indices: range) -> tuple[dict, Any]:
+        """The policy's G captions of each training image; the frozen decoder's images of them."""
+        config, tok = ctx.config, ctx.tok
+        g, d, cfg = config.grpo, config.data, layers.freeze(config.model)
+        source = ctx.training_images(indices)
+        prompt, prompt_mask = text.left_pad(
+            [text.i2t_prompt_ids(tok, text.LONG_CAPTION_Q, d.num_image_tokens)] * len(source), tok.pad_id)
+        image_tokens = vae_lib.images_to_tokens(state.tokenizer_params, cfg.vae,
+                                                jnp.asarray(np.stack([images_lib.to_model(x) for x in source])))
+        rollout = grpo.caption_rollout(
+            state.params, ctx.ref, cfg, prompt, prompt_mask, image_tokens,
+            jax.random.fold_in(ctx.keys["rollout"], n), group_size=g.group_size, temperature=g.temperature,
+            max_new_tokens=g.max_new_tokens, image_id=d.image_token_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        captions = grpo.caption_texts(tok, rollout, prompt.shape[1])
+        generated = ctx.decoder.generate(captions, jax.random.fold_in(ctx.keys["generate"], n))
+        return rollout, (np.repeat(source, g.group_size, axis=0), generated)
+
+    def score(self, ctx: RLContext, drawn: Any) -> tuple[np.ndarray, dict]:
+        source, generated = drawn
+        return np.asarray(ctx.reward_fn(source, generated, **ctx.reward_context), np.float32), {}
