@@ -378,8 +378,8 @@ def _jsonl(lines, name="data.jsonl"):
         folder = os.path.join(f["tmp"], f"jsonl_{abs(hash(str(lines)))}")
         os.makedirs(folder, exist_ok=True)
         Image.new("RGB", (16, 16)).save(os.path.join(folder, "ok.png"))
-        raw = b"".join((l if isinstance(l, bytes) else (l if isinstance(l, str) else json.dumps(l)).encode())
-                       + b"\n" for l in lines)
+        raw = b"".join((x if isinstance(x, bytes) else (x if isinstance(x, str) else json.dumps(x)).encode())
+                       + b"\n" for x in lines)
         with open(os.path.join(folder, name), "wb") as fh:
             fh.write(raw)
         return pipeline.read_jsonl(os.path.join(folder, name))
@@ -437,7 +437,8 @@ API = {
     "config_token_dim": (_validate("model.mar.token_dim=17"), ValueError,
                          r"model.mar.token_dim=17 but model.vae \(patch\) produces 192-dim tokens"),
     "config_mask_ratio": (_validate("model.mar.mask_ratio_min=1.0"), ValueError,
-                          r"model.mar.mask_ratio_min=1.0 must lie in \[0, 1\) and model.mar.mask_ratio_std=0.25 be > 0"),
+                          r"model.mar.mask_ratio_min=1.0 must lie in \[0, 1\) and "
+                          r"model.mar.mask_ratio_std=0.25 be > 0"),
     "config_mask_ratio_dist": (_validate("model.mar.mask_ratio_dist=uniform"), ValueError,
                                r"model.mar.mask_ratio_dist='uniform': expected one of \('truncnorm', 'cosine'\)"),
     "config_mask_full_prob": (_validate("model.mar.mask_full_prob=1.5"), ValueError,

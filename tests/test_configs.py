@@ -36,7 +36,8 @@ def proj_count(c, h):
 # (variant, qwen2 dims, MAR width/depth, head depth x width) — the official architectures.
 OFFICIAL = {
     "0.5b": dict(llm=(151936, 896, 24, 14, 2, 64, 4864), mar=(768, 12, 12), head=(6, 1024), llm_total=494_032_768),
-    "1.5b": dict(llm=(151936, 1536, 28, 12, 2, 128, 8960), mar=(1280, 20, 20), head=(12, 1536), llm_total=1_543_714_304),
+    "1.5b": dict(llm=(151936, 1536, 28, 12, 2, 128, 8960), mar=(1280, 20, 20), head=(12, 1536),
+                 llm_total=1_543_714_304),
 }
 
 
@@ -55,7 +56,8 @@ def test_official_parameter_counts(variant):
     assert layers.param_count(abstract["mar"]) == mar_count(16, c, de, dd, 256, 64)
     depth, width = want["head"]
     assert layers.param_count(abstract["head"]) == head_count(16, width, depth, c)
-    assert layers.param_count(abstract["proj_in"]) + layers.param_count(abstract["proj_out"]) == proj_count(c, want["llm"][1])
+    projectors = layers.param_count(abstract["proj_in"]) + layers.param_count(abstract["proj_out"])
+    assert projectors == proj_count(c, want["llm"][1])
 
 
 def kl_vae_count(ch=128, mult=(1, 1, 2, 2, 4), n_res=2, e=16, attn_levels=(4,)):

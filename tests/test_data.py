@@ -120,7 +120,8 @@ def test_examples_with_hf_tokenizer(tmp_path):
 def test_shapes_vocabulary(tok):
     again = text.shapes_tokenizer()
     assert again.vocab == tok.vocab and tok.vocab[6:] == sorted(tok.vocab[6:])   # specials, then sorted
-    fixed = [chat_prompt(text.GEN_TEMPLATE.format(prompt="a photo")), text.UNCOND_PROMPT, text.SHORT_CAPTION_Q, text.LONG_CAPTION_Q,
+    fixed = [chat_prompt(text.GEN_TEMPLATE.format(prompt="a photo")), text.UNCOND_PROMPT, text.SHORT_CAPTION_Q,
+             text.LONG_CAPTION_Q,
              text.CAPTION_Q]
     for s in fixed + [t for i in range(2000) for t in text.shapes_texts(12345, i)]:
         assert tok.unk_id not in tok.encode(s), s
@@ -230,7 +231,7 @@ def test_eval_examples_held_out(tok):
 
 def _write_jsonl(folder, lines):
     path = folder / "data.jsonl"
-    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     return str(path)
 
 

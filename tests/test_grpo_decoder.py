@@ -75,7 +75,8 @@ def test_rollout_records_every_token_once(setup):
     for r in range(b):
         for i in range(ITERS):
             ok = np.asarray(rollout["pos_valid"][r, i])
-            np.testing.assert_allclose(last[r, i][ok], np.asarray(rollout["image_tokens"][r])[np.asarray(rollout["pos"][r, i])[ok]], atol=1e-6)
+            drawn = np.asarray(rollout["image_tokens"][r])[np.asarray(rollout["pos"][r, i])[ok]]
+            np.testing.assert_allclose(last[r, i][ok], drawn, atol=1e-6)
 
 
 def test_first_epoch_ratio_is_one_and_kl_zero(plain):

@@ -45,7 +45,7 @@ def _run_until_killed(workdir, kill_after, env):
     log = ""
     for line in proc.stdout:
         log += line
-        m = re.search(r"step (\d+)/%d loss" % STEPS, line)
+        m = re.search(rf"step (\d+)/{STEPS} loss", line)
         if m and int(m.group(1)) >= kill_after:
             proc.kill()
             break

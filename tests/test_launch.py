@@ -156,7 +156,7 @@ def split_srun(argv):
 def test_gpu_dry_run_per_host_without_slurm():
     proc = launch("gpu_multinode.sh", "--dry-run", *GPU_ARGS, OVERRIDE)
     assert proc.returncode == 0 and "FIRST_HOST" in proc.stderr
-    (line,) = [shlex.split(l) for l in proc.stdout.splitlines()]
+    (line,) = [shlex.split(row) for row in proc.stdout.splitlines()]
     env, srun, script, program = split_srun(line)
     assert env == {"JAX_COORDINATOR_ADDRESS": "FIRST_HOST:12345", "JAX_NUM_PROCESSES": "2",
                    "JAX_LOCAL_DEVICE_IDS": "0,1,2,3"}

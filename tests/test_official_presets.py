@@ -53,8 +53,8 @@ def qwen_like(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     folder = tmp_path_factory.mktemp("qwen_like")
-    words = sorted(set(re.findall(r"\w+|[^\w\s]", " ".join(CAPTIONS + list(text.DENSE_CAPTION_QS)
-                                                          + [text.GEN_TEMPLATE, text.UNCOND_PROMPT, "user assistant"]))))
+    texts = CAPTIONS + list(text.DENSE_CAPTION_QS) + [text.GEN_TEMPLATE, text.UNCOND_PROMPT, "user assistant"]
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", " ".join(texts))))
     vocab = {w: i for i, w in enumerate(["<unk>"] + words)}
     vocab.update({f"<unused_{i}>": i for i in range(len(vocab), min(QWEN_SPECIALS.values()))})
     vocab.update(QWEN_SPECIALS)

@@ -51,7 +51,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped)]
     # The same command resumes at the saved step (and compiles nothing new: the session's
     # cache holds the first run's programs); preempted again two steps on, it saves again.
-    again = _run_until(workdir, r"step %d/100000" % (stopped + 2))
+    again = _run_until(workdir, rf"step {stopped + 2}/100000")
     assert f"at step {stopped}" in again, again[-3000:]
     assert f"step {stopped + 1}/100000" in again and f"step {stopped + 2}/100000" in again
     second = int(re.search(r"preempted at step (\d+)", again).group(1))

@@ -111,7 +111,8 @@ def test_recon_loss_is_the_generation_loss_after_the_images_own_embeddings(setup
         z = harmon.decoder_condition(params, m, embeds, batch["recon_mask"], toks, idx, valid,
                                      dropout_rng=jax.random.fold_in(k_gen, 2))
         diff = gaussian_diffusion.diffusion_loss(params["head"], harmon.head_config(m), m.diffusion,
-                                                 toks.reshape(-1, dim), z.reshape(b * seq, -1), mask.reshape(-1), k_diff)
+                                                 toks.reshape(-1, dim), z.reshape(b * seq, -1), mask.reshape(-1),
+                                                 k_diff)
         return diff + m.readout_weight * harmon.readout_loss(params, z, toks, mask), diff
 
     want, want_diff = by_hand(params)
@@ -201,7 +202,8 @@ def test_reca_configs_change_the_task_mix_and_optimizer_only(variant):
     if variant != "tiny":   # RecA's code: 2 + 2 micro-batches of 48 (1.5B) / 96 (0.5B), lr 1e-5, no EMA
         assert d.recon_batch_size == {"1.5b": 96, "0.5b": 192}[variant]
         assert (t.recon_weight, t.i2t_weight, t.t2i_weight) == (0.5, 0.5, 0.0)
-        assert (config.optimizer.lr, config.optimizer.final_lr_fraction, t.ema_decay, t.steps) == (1e-5, 0.0, 0.0, 12500)
+        o = config.optimizer
+        assert (o.lr, o.final_lr_fraction, t.ema_decay, t.steps) == (1e-5, 0.0, 0.0, 12500)
         assert d.recon_square == "stretch"
 
 

@@ -90,16 +90,16 @@ def test_long_caption_round_trip():
 
 
 def test_captions_examples():
-    O = S.Obj
-    sc = S.canonical([O("circle", "red", "large", 0), O("square", "blue", "small", 4),
-                      O("circle", "red", "small", 8)])
+    obj = S.Obj
+    sc = S.canonical([obj("circle", "red", "large", 0), obj("square", "blue", "small", 4),
+                      obj("circle", "red", "small", 8)])
     assert S.short_caption(sc) == "two red circles and a blue square"
     assert S.long_caption(sc) == ("a large red circle at the top left, a small blue square "
                                   "at the center, a small red circle at the bottom right.")
-    sc2 = S.canonical([O("triangle", "orange", "large", 1), O("diamond", "green", "large", 3),
-                       O("diamond", "green", "small", 5), O("diamond", "green", "small", 6)])
+    sc2 = S.canonical([obj("triangle", "orange", "large", 1), obj("diamond", "green", "large", 3),
+                       obj("diamond", "green", "small", 5), obj("diamond", "green", "small", 6)])
     assert S.short_caption(sc2) == "an orange triangle and three green diamonds"
-    sc3 = sc2 + (O("circle", "white", "small", 7),)
+    sc3 = sc2 + (obj("circle", "white", "small", 7),)
     assert S.short_caption(sc3) == "an orange triangle, three green diamonds and a white circle"
 
 

@@ -164,8 +164,8 @@ def test_stage3_trains_and_samples_at_twice_the_resolution(mesh1):
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), start["llm"], state.params["llm"])
     assert any(jax.tree.leaves(moved))     # stage 3 trains the LLM too
     tokens = np.full((2, 6), 7, np.int32)
-    out = harmon_sample.generate_image_tokens(state.params, layers.freeze(m), tokens, np.ones_like(tokens), jax.random.key(0),
-                                              num_iter=4, guided=False, num_steps="5", grid=g)
+    out = harmon_sample.generate_image_tokens(state.params, layers.freeze(m), tokens, np.ones_like(tokens),
+                                              jax.random.key(0), num_iter=4, guided=False, num_steps="5", grid=g)
     assert out.shape == (2, g * g, m.mar.token_dim) and np.isfinite(np.asarray(out)).all()
 
 
@@ -181,7 +181,8 @@ def test_mixed_precision_keeps_float32_params_and_optimizer_state(mesh1, float32
     _, state, history = run_steps(config, mesh1, n=2)
     metrics = history[-1]
     for tree in (state.params, state.opt_state, state.ema_params):
-        assert {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)} == {np.dtype("float32")}
+        floats = {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
+        assert floats == {np.dtype("float32")}
     assert np.isfinite(metrics["loss"])
     np.testing.assert_allclose(metrics["i2t_loss"], ref["i2t_loss"], rtol=0.05)
     np.testing.assert_allclose(metrics["t2i_loss"], ref["t2i_loss"], rtol=0.1)

@@ -36,7 +36,8 @@ def process_env(devices: int, *, jax_cache_only: bool = False, **extra) -> dict:
     ``jax_cache_only`` drops every other ``JAX_*`` variable (a distributed run sets its own)."""
     keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
     env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "UNIMM_TRACEBACK") and not (jax_cache_only and k.startswith("JAX_") and k not in keep)}
+           if k not in ("XLA_FLAGS", "UNIMM_TRACEBACK")
+           and not (jax_cache_only and k.startswith("JAX_") and k not in keep)}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices), PYTHONPATH=ROOT,
                **{k: str(v) for k, v in extra.items()})
     return env

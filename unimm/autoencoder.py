@@ -13,7 +13,8 @@ the other; the default passes the text through unchanged (each side tokenizes it
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -42,7 +43,7 @@ class AutoEncoder:
         return self.decoder is self.encoder
 
     @classmethod
-    def from_workdirs(cls, encoder_dir: str, decoder_dir: str | None = None, **kwargs) -> "AutoEncoder":
+    def from_workdirs(cls, encoder_dir: str, decoder_dir: str | None = None, **kwargs) -> AutoEncoder:
         """Models from training workdirs (their ``config.json`` and newest checkpoint)."""
         from unimm import inference
         encoder, _ = inference.load_model(inference.load_config(encoder_dir), encoder_dir)

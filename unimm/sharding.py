@@ -8,7 +8,8 @@ that dimension, so tiny configs shard on any mesh without special cases.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np

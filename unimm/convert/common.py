@@ -9,7 +9,8 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 

@@ -7,7 +7,8 @@ embeddings are tied (torch state dicts list tied tensors twice) and must then eq
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import jax
 import numpy as np

@@ -6,7 +6,8 @@ attn.qkv.weight``, ``fake_latent``...) and ``mar.diffloss.net.`` for the head
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 

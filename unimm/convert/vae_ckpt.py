@@ -6,7 +6,8 @@ path is the PyTorch name (``encoder.down.0.block.1.conv2.weight``).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 IM_START, IM_END, ENDOFTEXT, IMAGE, PAD, UNK = (
     "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>", "<pad>", "<unk>")
@@ -41,7 +41,7 @@ class WordTokenizer:
         self.im_start_id = self._ids[IM_START]
 
     @classmethod
-    def from_words(cls, words: Iterable[str]) -> "WordTokenizer":
+    def from_words(cls, words: Iterable[str]) -> WordTokenizer:
         """Specials + chat-template words + every piece of ``words`` (sorted, deduplicated)."""
         pieces = set(_PIECES.findall(" ".join(words).lower())) | {"user", "assistant", "\n"}
         return cls(list(SPECIAL_TOKENS) + sorted(pieces - set(SPECIAL_TOKENS)))

@@ -17,7 +17,8 @@ function images -> ``[B, C]``). Register new ones with :func:`register_reward`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

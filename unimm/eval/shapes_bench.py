@@ -18,7 +18,8 @@ exactly through the shapes world's detector on held-out indices.
 from __future__ import annotations
 
 import collections
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import jax
 import numpy as np

@@ -4,7 +4,8 @@ the GRPO rollouts' frozen decoder and the auto-encoder view."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +103,8 @@ class Model:
                                        self._image_tokens(images_uint8), tok.image_id)
         if guided:
             uncond = text.t2i_example(tok, "", length, True)
-            embeds = jnp.concatenate([embeds, _embed(self.decoder_params, self.cfg, jnp.tile(uncond["tokens"], (n, 1)))])
+            uncond_embeds = _embed(self.decoder_params, self.cfg, jnp.tile(uncond["tokens"], (n, 1)))
+            embeds = jnp.concatenate([embeds, uncond_embeds])
             mask = np.concatenate([mask, np.tile(uncond["mask"], (n, 1))])
         return self._draw(embeds, jnp.asarray(mask), rng)
 

@@ -8,7 +8,8 @@ with :func:`bind` inside traced code. Every parameter carries logical axis names
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,8 @@ with ``transformers``' logits processors and a KV cache, compiled once per shape
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -26,7 +26,8 @@ class Captioner(Policy):
     def validate(self, g: Any) -> None:
         prompts = g.get("prompts", "captions")
         if prompts != "captions":
-            raise ValueError(f"grpo.prompts={prompts!r} draws images for GenEval prompts: it needs grpo.policy='decoder'")
+            raise ValueError(f"grpo.prompts={prompts!r} draws images for GenEval prompts: "
+                             "it needs grpo.policy='decoder'")
         if g.get("encoder_from"):
             raise ValueError("grpo.encoder_from sets the decoder policy's frozen captioner; the captioner policy "
                              "is its own (leave grpo.encoder_from empty)")

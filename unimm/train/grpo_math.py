@@ -8,7 +8,7 @@ Pure jax.numpy; no model code.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -36,7 +36,8 @@ def learning_rate(opt: Any, total_steps: int) -> optax.Schedule:
         0.0, opt.lr, warmup, max(total_steps, warmup + 1), end_value=opt.lr * opt.final_lr_fraction)
 
 
-def make_optimizer(opt: Any, total_steps: int, frozen: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(opt: Any, total_steps: int,
+                   frozen: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``opt`` = ``config.optimizer``; ``frozen`` = top-level param groups that get no update."""
     schedule = learning_rate(opt, total_steps)
     adamw = optax.chain(

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -49,7 +50,7 @@ class Preemption:
         from jax.experimental import multihost_utils
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         return self
 
     def __exit__(self, *exc) -> None:
