@@ -234,6 +234,7 @@ def data_config(variant: str, model) -> ml_collections.ConfigDict:
     # placeholders (the token grid + buffers) and the understanding sequence length.
     d.num_image_tokens = (d.image_size * model.mar.grid // model.image_size) ** 2 + model.mar.buffer_size
     d.i2t_seq_len = d.max_i2t_len or d.num_image_tokens + d.i2t_text_len
+    d.i2t_loss_start = 0                  # set at run time: the chat head + image slots carry no target
     d.recon_seq_len = d.num_image_tokens + d.recon_text_len   # the reconstruction prompt's length
     d.image_token_id = -1                 # set from the tokenizer at run time
     d.tokenizer = ""                      # "" = built-in shapes vocabulary, else tokenizer.json path

@@ -138,6 +138,31 @@ def test_understanding_gradient_into_mar_is_scaled(mesh1):
         np.testing.assert_allclose(a, ratio * b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
 
 
+def test_understanding_loss_projects_only_the_positions_after_the_image():
+    """``data.i2t_loss_start`` (derived): no target lies before it in real batches, and the loss
+    and its metrics from there on equal those over the whole sequence."""
+    from unimm.data import pipeline
+    config = one_block_each(config_utils.load_config("configs/harmon.py:tiny"))
+    config.data.i2t_batch_size, config.data.t2i_batch_size = 4, 0
+    tok = text.shapes_tokenizer()
+    resolve.set_derived_fields(config, tok)
+    d = config.data
+    batch = {k: jnp.asarray(v) for k, v in next(pipeline.make_train_iterator(
+        config, tok, process_index=0, process_count=1)).items()}
+    start = d.i2t_loss_start
+    first_image = int(np.argmax(np.asarray(batch["i2t_tokens"][0]) == d.image_token_id))
+    assert start == first_image + d.num_image_tokens and 0 < start < d.i2t_seq_len
+    assert (np.asarray(batch["i2t_targets"][:, :start]) == -1).all()
+    assert (np.asarray(batch["i2t_targets"][:, start:]) >= 0).any()
+    params = jax.jit(harmon.init, static_argnums=0)(layers.freeze(config.model), jax.random.key(0))
+    toks = step_lib.image_tokens({}, config.model, batch["i2t_images"])
+    loss = jax.jit(lambda p, first: step_lib.i2t_loss(p, config.model, batch, toks, d.image_token_id, 0.1,
+                                                      start=first), static_argnums=1)
+    (whole, m_whole), (cut, m_cut) = loss(params, 0), loss(params, start)
+    np.testing.assert_allclose(float(cut), float(whole), rtol=1e-6)
+    assert float(m_cut["i2t_token_acc"]) == float(m_whole["i2t_token_acc"])
+
+
 @pytest.mark.slow
 def test_sharded_step_matches_single_device(float32_two_steps):
     _, want, m_want = float32_two_steps

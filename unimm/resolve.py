@@ -37,6 +37,8 @@ def set_derived_fields(config: Any, tok: Any) -> None:
         d.num_image_tokens = h * w + config.model.mar.buffer_size
         # 0 follows the grid (stage 3, another data.image_size): image tokens + text budget.
         d.i2t_seq_len = int(d.max_i2t_len) or d.num_image_tokens + int(d.i2t_text_len)
+        # The understanding loss projects positions from here on only onto the vocabulary.
+        d.i2t_loss_start = text.i2t_loss_start(tok, d.num_image_tokens)
         if "recon_text_len" in d:   # older runs' config.json predate RecA
             d.recon_seq_len = d.num_image_tokens + int(d.recon_text_len)
     if d.i2t_seq_len <= d.num_image_tokens:

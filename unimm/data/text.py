@@ -168,6 +168,13 @@ def i2t_prompt_ids(tok, question: str, num_image_tokens: int) -> list[int]:
     return prompt[:k] + [tok.image_id] * num_image_tokens + prompt[k + 1:]
 
 
+def i2t_loss_start(tok, num_image_tokens: int) -> int:
+    """The first position of an understanding sequence that can carry a target: every prompt
+    starts with the chat template's head and the image slots, and answers follow the prompt."""
+    head = i2t_prompt_ids(tok, "", num_image_tokens)
+    return head.index(tok.image_id) + num_image_tokens
+
+
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded ``tokens, mask`` int32 [N, max len] for incremental decoding."""
     width = max(len(r) for r in rows)

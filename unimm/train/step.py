@@ -42,14 +42,17 @@ def batch_image_tokens(tokenizer_params: Any, model_cfg: Any, batch: dict, task:
 
 
 def i2t_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array, image_id: int,
-             grad_scale: float, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """``rng``: MAR dropout (``model.mar.dropout``) in the understanding path."""
+             grad_scale: float, rng: jax.Array | None = None, start: int = 0) -> tuple[jax.Array, dict]:
+    """``rng``: MAR dropout (``model.mar.dropout``) in the understanding path. ``start``: no
+    target lies before this position (``data.i2t_loss_start``: the chat head and the image
+    slots), so only the positions after it are projected onto the vocabulary; at 512 px the
+    1088 image slots are most of the sequence."""
     tokens, mask = batch["i2t_tokens"], batch["i2t_mask"].astype(bool)
     embeds = harmon.understanding_embeds(params, model_cfg, tokens, img_tokens, image_id, grad_scale,
                                          dropout_rng=rng)
     hidden, _ = qwen2.forward(params["llm"], model_cfg.llm, embeds, qwen2.positions_from_mask(mask), mask)
-    logits = qwen2.lm_logits(params["llm"], model_cfg.llm, hidden)
-    targets = batch["i2t_targets"]
+    logits = qwen2.lm_logits(params["llm"], model_cfg.llm, hidden[:, start:])
+    targets = batch["i2t_targets"][:, start:]
     valid = targets >= 0
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
     n = jnp.maximum(valid.sum(), 1)
@@ -106,7 +109,7 @@ def loss_fn(params: Any, tokenizer_params: Any, batch: dict, rng: jax.Array, *, 
     if "i2t_tokens" in batch:
         toks = batch_image_tokens(tokenizer_params, m, batch, "i2t")
         loss, mets = i2t_loss(params, m, batch, toks, config.data.image_token_id, m.understanding_grad_scale,
-                              jax.random.fold_in(rng, 1))
+                              jax.random.fold_in(rng, 1), config.data.get("i2t_loss_start", 0))
         total, metrics = total + t.i2t_weight * loss, {**metrics, **mets}
     if "t2i_tokens" in batch:
         toks = batch_image_tokens(tokenizer_params, m, batch, "t2i")
