@@ -41,7 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         o.lr, o.warmup_fraction, o.final_lr_fraction = 1e-5, 0.01, 0.0
     else:
         # The shapes world, from the README's main command's workdir (init_from): RecA's
-        # 2 : 2 : 0 mix at the tiny batch sizes. Its effect there is not measured yet.
+        # 2 : 2 : 0 mix at the tiny batch sizes. Measured in results/reca.md: without generation
+        # batches the generator overfills its images; beside them it does not beat a control.
         d.recon_batch_size, d.i2t_batch_size, d.t2i_batch_size = 8, 8, 0
         t.steps = 3000
         o.lr = 1e-4
