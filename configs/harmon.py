@@ -285,6 +285,7 @@ def optimizer_config(variant: str) -> ml_collections.ConfigDict:
     o.eps = 1e-8
     o.weight_decay = 0.02                 # not on 1-D params, biases or the diffusion head
     o.grad_clip = 1.0                     # global-norm clip (0 = off)
+    o.head_lr_scale = 1.0                 # the diffusion head's lr as a multiple of lr (Harmon, MAR: 1)
     return o
 
 

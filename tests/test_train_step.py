@@ -272,3 +272,23 @@ def test_readout_loss_by_hand():
     got = harmon.readout_loss({"readout": {"kernel": kernel, "bias": bias}}, jnp.asarray(z), jnp.asarray(tokens),
                               jnp.asarray(mask))
     assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_head_lr_scale_multiplies_only_the_heads_updates():
+    from unimm.train.optimizer import make_optimizer
+    params = {"head": {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}, "mar": {"w": jnp.ones((3, 4))}}
+    grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
+    opt = config_utils.load_config("configs/harmon.py:tiny").optimizer
+    opt.warmup_fraction = 0.0
+    updates = {}
+    for scale in (1.0, 3.0):
+        opt.head_lr_scale = scale
+        tx, _ = make_optimizer(opt, total_steps=10)
+        updates[scale], _ = tx.update(grads, tx.init(params), params)
+    for key in ("w", "b"):
+        np.testing.assert_allclose(updates[3.0]["head"][key], 3.0 * updates[1.0]["head"][key], rtol=1e-6)
+    np.testing.assert_array_equal(updates[3.0]["mar"]["w"], updates[1.0]["mar"]["w"])
+    assert float(jnp.abs(updates[1.0]["head"]["w"]).max()) > 0
+    tx, _ = make_optimizer(opt, total_steps=10, frozen=("head",))   # a frozen head stays frozen
+    frozen, _ = tx.update(grads, tx.init(params), params)
+    assert not any(float(jnp.abs(u).max()) for u in jax.tree.leaves(frozen["head"]))

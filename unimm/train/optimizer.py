@@ -25,6 +25,13 @@ def trainable_labels(params: Any, frozen: tuple[str, ...]) -> Any:
         lambda path, _: "frozen" if _top_key(path) in frozen else "train", params)
 
 
+def scale_group(group: str, factor: float) -> optax.GradientTransformation:
+    """Multiplies the updates of one top-level param group by ``factor``: that group's
+    learning rate (weight decay included) is ``factor`` times the schedule's."""
+    return optax.stateless(lambda updates, params=None: jax.tree_util.tree_map_with_path(
+        lambda path, u: u * factor if _top_key(path) == group else u, updates))
+
+
 def learning_rate(opt: Any, total_steps: int) -> optax.Schedule:
     warmup = max(int(opt.warmup_fraction * total_steps), 1) if opt.warmup_fraction else 0
     if opt.schedule == "constant":
@@ -40,10 +47,12 @@ def make_optimizer(opt: Any, total_steps: int,
                    frozen: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``opt`` = ``config.optimizer``; ``frozen`` = top-level param groups that get no update."""
     schedule = learning_rate(opt, total_steps)
+    head_scale = float(opt.get("head_lr_scale", 1.0))   # .get: older runs' config.json lack it
     adamw = optax.chain(
         optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip else optax.identity(),
         optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                    mask=decay_mask))
+                    mask=decay_mask),
+        scale_group("head", head_scale) if head_scale != 1.0 else optax.identity())
     if not frozen:
         return adamw, schedule
     tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
