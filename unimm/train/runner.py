@@ -104,8 +104,10 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, state: TrainState, d
         label: str = "") -> TrainState:
     """Trains ``state`` to ``config.train.steps``, resuming from ``workdir`` when it holds a
     checkpoint; ``data_state`` (a grain iterator, a rollout position: anything with
-    ``get_state`` / ``set_state``) is saved and restored with it. ``describe(scalars)`` gives
-    the log line of an interval's mean metrics after ``"{label}step N/M "``."""
+    ``get_state`` / ``set_state``) is saved and restored with it. ``eval_fn`` runs every
+    ``train.eval_every`` steps and at the end, unless a preemption stopped the run (never
+    when ``train.eval_every`` is 0). ``describe(scalars)`` gives the log line of an
+    interval's mean metrics after ``"{label}step N/M "``."""
     # Here, not at the top: clu's writers import TensorFlow (~6 s), which the inference CLIs
     # (unimm.sample, caption, evaluate) reach through the loops' helpers but do not need.
     from clu import metric_writers, periodic_actions
