@@ -20,7 +20,8 @@ def set_derived_fields(config: Any, tok: Any) -> None:
     """Fields that follow from the tokenizer and the data resolution: ``data.image_token_id``,
     ``data.num_image_tokens`` (the token grid of ``data.image_size`` plus the buffers; a
     ``data.image_size`` above ``model.image_size`` is stage 3's higher resolution) and
-    ``data.i2t_seq_len`` (the understanding sequence length)."""
+    ``data.i2t_seq_len`` (the understanding sequence length), ``data.i2t_loss_start`` (no
+    understanding target before it) and ``data.recon_seq_len`` (the reconstruction prompt's)."""
     if tok.vocab_size > config.model.llm.vocab_size:
         raise ValueError(f"tokenizer {config.data.tokenizer or '(built-in shapes)'} has "
                          f"{tok.vocab_size} tokens but model.llm.vocab_size is "

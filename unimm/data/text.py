@@ -243,8 +243,7 @@ def load_instructions(path: str) -> tuple[str, ...]:
 def check_instructions_fit(tok, instructions: tuple[str, ...], num_image_tokens: int, max_len: int) -> None:
     """One error naming the ``data.recon_text_len`` (``max_len`` less the image tokens) that
     the longest instruction's prompt needs."""
-    longest = max((UNCOND_PROMPT, *instructions), key=lambda s: len(i2t_prompt_ids(tok, s, num_image_tokens)))
-    need = len(i2t_prompt_ids(tok, longest, num_image_tokens))
+    need, longest = max((len(i2t_prompt_ids(tok, s, num_image_tokens)), s) for s in (UNCOND_PROMPT, *instructions))
     if need > max_len:
         raise ValueError(f"data.recon_text_len={max_len - num_image_tokens} is too short: the reconstruction prompt of "
                          f"{longest[:60]!r} takes {need - num_image_tokens} tokens beside the "

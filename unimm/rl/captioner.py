@@ -41,8 +41,10 @@ class Captioner(Policy):
         config, tok = ctx.config, ctx.tok
         g, d, cfg = config.grpo, config.data, layers.freeze(config.model)
         source = ctx.training_images(indices)
-        prompt, prompt_mask = text.left_pad(
-            [text.i2t_prompt_ids(tok, text.LONG_CAPTION_Q, d.num_image_tokens)] * len(source), tok.pad_id)
+        if getattr(self, "_prompt", None) is None or len(self._prompt[0]) != len(source):   # built once a run
+            self._prompt = text.left_pad(
+                [text.i2t_prompt_ids(tok, text.LONG_CAPTION_Q, d.num_image_tokens)] * len(source), tok.pad_id)
+        prompt, prompt_mask = self._prompt
         image_tokens = vae_lib.images_to_tokens(state.tokenizer_params, cfg.vae,
                                                 jnp.asarray(np.stack([images_lib.to_model(x) for x in source])))
         rollout = grpo.caption_rollout(
