@@ -8,7 +8,7 @@ import pytest
 
 from unimm import config_utils, resolve, sharding
 from unimm.data import text
-from unimm.models import harmon, layers
+from unimm.models import harmon, harmon_sample, layers
 from unimm.rl import decoder as rl_decoder
 from unimm.train import grpo, grpo_decoder
 from unimm.train.state import create_train_state, state_shardings
@@ -18,12 +18,15 @@ from tiny import one_block_each, sigterm_after_step   # tests/tiny.py
 STEPS, ITERS = "5", 3
 
 
-@pytest.fixture(scope="module")
-def setup():
+def _rollout(dtype="float32", cfg_schedule="constant"):
+    """The fixture config (compute ``dtype``, CFG 3 on ``cfg_schedule``), params with a non-zero
+    head, and a rollout of 4 prompts drawn by them, the policy also being the reference."""
     config = one_block_each(config_utils.load_config("configs/grpo.py:tiny"))
     config.grpo.policy, config.grpo.trainable = "decoder", ("mar", "head")
     config.grpo.rollout_steps, config.grpo.step_fraction = STEPS, 1.0
-    config.sample.cfg, config.sample.temperature = 3.0, 1.0
+    config.sample.cfg, config.sample.temperature, config.sample.cfg_schedule = 3.0, 1.0, cfg_schedule
+    for part in ("llm", "mar", "diffusion"):
+        config.model[part].dtype = dtype
     tok = resolve.make_tokenizer(config)
     resolve.set_derived_fields(config, tok)
     cfg = layers.freeze(config.model)
@@ -33,9 +36,14 @@ def setup():
     prompts = ["a photo of a red circle", "a photo of two squares"] * 2
     tokens, mask = (jnp.asarray(a) for a in text.t2i_rows(tok, prompts, config.data.max_t2i_len, True))
     rollout = grpo_decoder.image_rollout(params, params, cfg, tokens[:4], mask[:4], tokens[4:], mask[4:],
-                                         jax.random.key(2), num_iter=ITERS,
-                                         guided=True, cfg_scale=3.0, num_steps=STEPS)
+                                         jax.random.key(2), num_iter=ITERS, guided=True, cfg_scale=3.0,
+                                         cfg_schedule=cfg_schedule, num_steps=STEPS)
     return config, cfg, params, rollout
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return _rollout()
 
 
 def _scored(rollout, adv):
@@ -79,10 +87,39 @@ def test_rollout_records_every_token_once(setup):
             np.testing.assert_allclose(last[r, i][ok], drawn, atol=1e-6)
 
 
-def test_first_epoch_ratio_is_one_and_kl_zero(plain):
-    loss, m = plain
-    assert abs(float(m["ratio_max"]) - 1.0) < 1e-3, m
-    assert float(m["kl"]) < 1e-6 and float(m["clip_fraction"]) == 0.0
+def _assert_first_ratio_is_one(m, rollout):
+    """The update's ratio to the rollout's old log-probs: 1 within 2 ulps of the largest
+    log-prob (a sum over channels, ~300 here), as both come from ``step_log_probs``."""
+    ulp = float(np.spacing(np.float32(np.abs(np.asarray(rollout["old_log_probs"])).max())))
+    assert abs(float(m["ratio_max"]) - 1.0) <= 2 * ulp, (float(m["ratio_max"]) - 1.0, ulp)
+    assert abs(float(m["kl"])) < 1e-5 and float(m["clip_fraction"]) == 0.0
+
+
+def test_first_epoch_ratio_is_one_and_kl_zero(setup, plain):
+    _assert_first_ratio_is_one(plain[1], setup[3])
+
+
+def test_rollout_draws_the_samplers_images(setup):
+    """A rollout is ``generate_image_tokens`` itself: the same key gives the same images."""
+    config, cfg, params, rollout = setup
+    rows = (jnp.concatenate([rollout[k], rollout["uncond_" + k]]) for k in ("tokens", "mask"))
+    img = harmon_sample.generate_image_tokens(params, cfg, *rows, jax.random.key(2), num_iter=ITERS, guided=True,
+                                              cfg_scale=3.0, num_steps=STEPS)
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(rollout["image_tokens"]))
+    np.testing.assert_array_equal(np.asarray(rollout["scale"]), 3.0)
+
+
+@pytest.mark.slow
+def test_first_epoch_ratio_is_one_in_bfloat16_with_linear_cfg():
+    """bf16 compute and Muse's linear CFG schedule: each iteration's scale is recorded and
+    re-used by the update, and the first ratio is still 1."""
+    config, cfg, params, rollout = _rollout("bfloat16", "linear")
+    seq = cfg.mar.grid ** 2
+    _, cfg_len = harmon_sample.mask_schedule(ITERS, seq)
+    np.testing.assert_allclose(np.asarray(rollout["scale"]), np.broadcast_to(
+        1.0 + 2.0 * (seq - cfg_len) / seq, (4, ITERS)), rtol=1e-6)
+    _, m = jax.device_get(_jit_loss(config)(params, _scored(rollout, [1.0, -1.0, 0.5, -0.5])))
+    _assert_first_ratio_is_one(m, rollout)
 
 
 def test_noisiest_step_selection_trains_only_the_first_steps(setup):
@@ -138,7 +175,7 @@ def test_retain_rollouts_hold_every_step_to_the_reference(setup):
     moved = {**params, "head": {**params["head"], "final_layer": {**params["head"]["final_layer"], "linear": {
         **final, "kernel": final["kernel"] + 0.02 * jax.random.normal(jax.random.key(3), final["kernel"].shape)}}}}
     (total, m), grad = loss_and_grad(moved, {**dropped, **retain})
-    mean, log_var = jax.jit(lambda p, r: grpo_decoder.step_means(p, cfg, r, guided=True, cfg_scale=3.0,
+    mean, log_var = jax.jit(lambda p, r: grpo_decoder.step_means(p, cfg, r, guided=True,
                                                                  num_steps=STEPS))(moved, rollout)
     mean, log_var, ref_mean, ref_log_var = (np.asarray(x, np.float64) for x in (
         mean, log_var, rollout["ref_mean"], rollout["ref_log_var"]))

@@ -4,7 +4,7 @@
   (cosine schedule, random orders, CFG with the unconditional prompt, per-token diffusion
   sampling). The schedule depends only on ``(num_iter, seq_len)``, so it is precomputed;
   each iteration samples a fixed-size window of the order (the largest number of tokens
-  any step predicts), not all ``L`` tokens. One ``lax.fori_loop``: no Python dispatch or
+  any step predicts), not all ``L`` tokens. One ``lax.scan``: no Python dispatch or
   recompilation per iteration.
 * :func:`caption` — image -> text by greedy / sampled decoding with the KV cache.
 """
@@ -42,11 +42,17 @@ def _fill(tokens: jax.Array, pos: jax.Array, valid: jax.Array, values: jax.Array
     return jnp.where(hit.any(axis=1)[..., None], new.astype(tokens.dtype), tokens)
 
 
+def rows_to_batch(x: jax.Array, b: int, w: int) -> jax.Array:
+    """A recorded step's sampler layout ``[S, b*W, ...]`` -> batch-leading ``[b, S, W, ...]``."""
+    return jnp.moveaxis(x.reshape(x.shape[0], b, w, *x.shape[2:]), 1, 0)
+
+
 @functools.partial(jax.jit, static_argnums=1, static_argnames=(
-    "num_iter", "guided", "cfg_schedule", "num_steps", "grid"))
+    "num_iter", "guided", "cfg_schedule", "num_steps", "grid", "record"))
 def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array, rng: jax.Array,
                           *, num_iter: int, guided: bool, cfg_scale=1.0, cfg_schedule: str = "constant",
-                          temperature=1.0, num_steps: str | None = None, grid: int | None = None) -> jax.Array:
+                          temperature=1.0, num_steps: str | None = None, grid: int | None = None,
+                          record: bool = False):
     """Image tokens ``[B, L, D]`` for prompts ``tokens/mask [B', T]`` (1 = real token);
     ``tokens`` may be prompt embeddings ``[B', T, H]`` instead (RecA's image prompts).
 
@@ -54,6 +60,12 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     noise; ε is guided with ``cfg_scale`` (constant or Muse's linear schedule). Otherwise
     B' = B and ``cfg_scale`` is unused. ``grid``: tokens per side (default ``cfg.mar.grid``;
     larger for stage-3 resolutions, with interpolated position embeddings).
+
+    ``record``: returns ``(tokens, trajectory)``, the trajectory batch-leading (one row per
+    image, for GRPO): per iteration ``masked [B, I, L]`` (before it), ``pos / pos_valid
+    [B, I, W]`` (the tokens it draws), ``scale [B, I]`` (its CFG scale), and per diffusion
+    step (first = noisiest) ``t [B, I, S]`` and ``x / x_next [B, I, S, W, D]`` in the head's
+    space (before any readout offset).
     """
     if cfg_schedule not in ("constant", "linear"):
         raise ValueError(f"cfg_schedule={cfg_schedule!r}: expected 'constant' or 'linear'")
@@ -76,7 +88,7 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     head_cfg = harmon.head_config(cfg)
     both = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
 
-    def body(s, carry):
+    def body(carry, s):
         img, masked, key = carry
         key, k_diff = jax.random.split(key)
         z = cached_condition(params, cfg, cache, text_mask, both(img), both(masked))
@@ -87,16 +99,26 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
         scale = cfg_scale if cfg_schedule == "constant" else \
             1.0 + (cfg_scale - 1.0) * (seq - cfg_len_j[s]) / seq
         z_rows = z_win.reshape(-1, z_win.shape[-1])
-        x0, _ = gaussian_diffusion.sample(
+        x0, _, *traj = gaussian_diffusion.sample(
             params["head"], head_cfg, cfg.diffusion, z_rows, k_diff,
-            temperature=temperature, cfg_scale=scale, guided=guided, num_steps=num_steps)
+            temperature=temperature, cfg_scale=scale, guided=guided, num_steps=num_steps,
+            return_trajectory=record)
         x0 = x0 + harmon.head_offset(params, cfg, z_rows, guided, scale)
         img = _fill(img, pos, pos_valid, x0.reshape(b, -1, dim))
-        return img, ranks < after_j[s], key
+        step = None
+        if record:
+            traj = traj[0]
+            step = {"masked": masked, "pos": pos, "pos_valid": jnp.broadcast_to(pos_valid, pos.shape),
+                    "scale": jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (b,)),
+                    "t": jnp.broadcast_to(traj["t"], (b, traj["t"].shape[0])),
+                    "x": rows_to_batch(traj["x"], b, window), "x_next": rows_to_batch(traj["x_next"], b, window)}
+        return (img, ranks < after_j[s], key), step
 
     init = (jnp.zeros((b, seq, dim), jnp.float32), jnp.ones((b, seq), bool), k_loop)
-    img, _, _ = jax.lax.fori_loop(0, num_iter, body, init)
-    return img
+    (img, _, _), steps = jax.lax.scan(body, init, jnp.arange(num_iter))
+    if not record:
+        return img
+    return img, jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), steps)      # [B, I, ...]
 
 
 def prefill(params: dict, cfg: Any, tokens: jax.Array, text_mask: jax.Array, seq: int) -> list:

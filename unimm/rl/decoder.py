@@ -38,7 +38,7 @@ def decoder_rollout(config: Any, tok: Any, state: Any, ref: Any, captions: list[
     grid = vae_lib.grid(cfg.vae, d.image_size)   # data.image_size: stage 3 may exceed the model's
     rollout = grpo_decoder.image_rollout(
         state.params, ref, cfg, tokens[:n], mask[:n], tokens[n:], mask[n:], rng, num_iter=s.num_iter,
-        guided=float(s.cfg) != 1.0, cfg_scale=s.cfg, temperature=s.temperature,
+        guided=float(s.cfg) != 1.0, cfg_scale=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
         num_steps=grpo_decoder.rollout_steps(config), grid=grid[0])
     images = vae_lib.to_uint8(vae_lib.tokens_to_images(state.tokenizer_params, cfg.vae, rollout["image_tokens"], grid))
     return rollout, np.asarray(images)

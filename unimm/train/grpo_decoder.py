@@ -4,12 +4,13 @@ image with its source.
 
 Every MAR iteration draws its tokens with the Gaussian ancestral sampler, so an image's
 probability factorises over (iteration, diffusion step, token) into Gaussians whose means
-the policy computes. :func:`image_rollout` samples ``G`` images per caption and records
-each step (``x_t``, ``x_{t-1}``, its log-prob under the sampling policy and the reference's
-mean); :func:`decoder_grpo_loss` recomputes the means under the current params, and
-combines the PPO-clipped per-step ratio with the closed-form Gaussian KL to the reference
-(Flow-GRPO). Rollout arrays are batch-leading (one row per image) so ``grpo_step`` shards
-them over the data axes like the captioner's.
+the policy computes. :func:`image_rollout` samples ``G`` images per caption with the
+evaluation's sampler (``generate_image_tokens(record=True)``), which records each step
+(``x_t``, ``x_{t-1}``, the CFG scale); :func:`step_log_probs` scores the steps, for the old
+log-probs at rollout time and for the update alike, so the first ratio is 1.
+:func:`decoder_grpo_loss` combines the PPO-clipped per-step ratio with the closed-form
+Gaussian KL to the reference (Flow-GRPO). Rollout arrays are batch-leading (one row per
+image) so ``grpo_step`` shards them over the data axes like the captioner's.
 """
 from __future__ import annotations
 
@@ -27,12 +28,6 @@ from unimm.train.state import TrainState
 from unimm.train.step import apply_gradients, batch_image_tokens, t2i_loss
 
 
-def _to_rows(x: jax.Array, b: int, w: int) -> jax.Array:
-    """Sampler layout ``[S, b*W, ...]`` -> batch-leading ``[b, S, W, ...]``."""
-    x = x.reshape(x.shape[0], b, w, *x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-
 def _to_sampler(x: jax.Array) -> jax.Array:
     """Batch-leading ``[b, S, W, ...]`` -> sampler layout ``[S, b*W, ...]``."""
     x = jnp.moveaxis(x, 0, 1)
@@ -46,70 +41,39 @@ def _window(z: jax.Array, pos: jax.Array, guided: bool) -> jax.Array:
     return z_win.reshape(-1, z_win.shape[-1])
 
 
-@functools.partial(jax.jit, static_argnums=(2,), static_argnames=("num_iter", "guided", "num_steps", "grid"))
+@functools.partial(jax.jit, static_argnums=(2,), static_argnames=(
+    "num_iter", "guided", "cfg_schedule", "num_steps", "grid"))
 def image_rollout(policy_params: dict, ref_params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array,
                   uncond_tokens: jax.Array, uncond_mask: jax.Array, rng: jax.Array, *, num_iter: int,
-                  guided: bool, cfg_scale=1.0, temperature=1.0, num_steps: str | None = None,
-                  grid: int | None = None) -> dict:
+                  guided: bool, cfg_scale=1.0, cfg_schedule: str = "constant", temperature=1.0,
+                  num_steps: str | None = None, grid: int | None = None) -> dict:
     """One image per prompt row (repeat prompts ``G`` times for groups), with its trajectory.
 
-    ``tokens / mask [b, T]`` are the (cond) prompts, ``uncond_*`` the unconditional prompt
-    rows used for CFG when ``guided``. Returns batch-leading arrays: ``image_tokens [b, L, D]``,
-    per iteration ``masked [b, I, L]``, ``pos / pos_valid [b, I, W]``, per diffusion step
-    ``t [b, I, S]``, ``x / x_next [b, I, S, W, D]``, ``old_log_probs [b, I, S, W]``,
-    ``ref_mean / ref_log_var [b, I, S, W, D]``, and the prompts. ``grid``: tokens per side
-    (default ``cfg.mar.grid``; larger at stage-3 resolutions, as the sampler's).
+    The images are :func:`harmon_sample.generate_image_tokens`'s own (``record=True``; the
+    sampling options are the evaluation's). ``tokens / mask [b, T]`` are the (cond) prompts,
+    ``uncond_*`` the unconditional prompt rows used for CFG when ``guided``. Returns
+    batch-leading arrays: ``image_tokens [b, L, D]``, the recorded trajectory (``masked``,
+    ``pos``, ``pos_valid``, ``scale``, ``t``, ``x``, ``x_next``), ``old_log_probs [b, I, S, W]``
+    scored by :func:`step_log_probs` (what the update scores, so the first ratio is 1),
+    ``ref_mean / ref_log_var [b, I, S, W, D]`` under ``ref_params``, and the prompts.
     """
-    m = cfg.mar
-    seq, dim = (grid or m.grid) ** 2, m.token_dim
-    b = tokens.shape[0]
-    after, _ = harmon_sample.mask_schedule(num_iter, seq)
-    before = np.concatenate([[seq], after[:-1]])
-    window = int((before - after).max())
-    k_order, k_loop = jax.random.split(rng)
-    orders = mar.random_orders(k_order, b, seq)
-    ranks = jnp.argsort(orders, axis=-1)
-    orders_padded = jnp.concatenate([orders, orders[:, :window]], axis=1)
     rows_tok = jnp.concatenate([tokens, uncond_tokens]) if guided else tokens
-    rows_mask = (jnp.concatenate([mask, uncond_mask]) if guided else mask).astype(bool)
-    both = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
-    cache = harmon_sample.prefill(policy_params, cfg, rows_tok, rows_mask, seq)
-    head_cfg = harmon.head_config(cfg)
-
-    def body(carry, s):
-        img, masked, key = carry
-        key, k_diff = jax.random.split(key)
-        z = harmon_sample.cached_condition(policy_params, cfg, cache, rows_mask, both(img), both(masked))
-        pos = jax.lax.dynamic_slice_in_dim(orders_padded, jnp.asarray(after)[s], window, axis=1)
-        pos_valid = jnp.arange(window)[None, :] < (jnp.asarray(before)[s] - jnp.asarray(after)[s])
-        z_rows = _window(z, pos, guided)
-        x0, log_probs, traj = gaussian_diffusion.sample(
-            policy_params["head"], head_cfg, cfg.diffusion, z_rows, k_diff,
-            temperature=temperature, cfg_scale=cfg_scale, guided=guided, num_steps=num_steps,
-            return_trajectory=True)
-        # The trajectory and its log-probs live in the head's space; the (deterministic)
-        # readout offset of readout_residual models moves only the finished tokens.
-        x0 = x0 + harmon.head_offset(policy_params, cfg, z_rows, guided, cfg_scale)
-        record = {"masked": masked, "pos": pos, "pos_valid": jnp.broadcast_to(pos_valid, pos.shape),
-                  "t": jnp.broadcast_to(traj["t"], (b, traj["t"].shape[0])),
-                  "x": _to_rows(traj["x"], b, window), "x_next": _to_rows(traj["x_next"], b, window),
-                  "old_log_probs": _to_rows(log_probs, b, window)}
-        img = harmon_sample._fill(img, pos, pos_valid, x0.reshape(b, window, dim))
-        return (img, ranks < jnp.asarray(after)[s], key), record
-
-    init = (jnp.zeros((b, seq, dim), jnp.float32), jnp.ones((b, seq), bool), k_loop)
-    (img, _, _), rec = jax.lax.scan(body, init, jnp.arange(num_iter))
-    rec = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), rec)          # [b, I, ...]
-    rollout = {**rec, "image_tokens": img, "tokens": tokens, "mask": mask,
+    rows_mask = jnp.concatenate([mask, uncond_mask]) if guided else mask
+    img, trajectory = harmon_sample.generate_image_tokens(
+        policy_params, cfg, rows_tok, rows_mask, rng, num_iter=num_iter, guided=guided, cfg_scale=cfg_scale,
+        cfg_schedule=cfg_schedule, temperature=temperature, num_steps=num_steps, grid=grid, record=True)
+    rollout = {**trajectory, "image_tokens": img, "tokens": tokens, "mask": mask,
                "uncond_tokens": uncond_tokens, "uncond_mask": uncond_mask}
-    ref_mean, ref_log_var = step_means(ref_params, cfg, rollout, guided=guided, cfg_scale=cfg_scale,
-                                       num_steps=num_steps)
-    return {**rollout, "ref_mean": ref_mean, "ref_log_var": ref_log_var}
+    old_log_probs, _, _ = step_log_probs(policy_params, cfg, rollout, guided=guided, num_steps=num_steps,
+                                         temperature=temperature)
+    ref_mean, ref_log_var = step_means(ref_params, cfg, rollout, guided=guided, num_steps=num_steps)
+    return {**rollout, "old_log_probs": old_log_probs, "ref_mean": ref_mean, "ref_log_var": ref_log_var}
 
 
-def step_means(params: dict, cfg: Any, rollout: dict, *, guided: bool, cfg_scale, num_steps) -> tuple:
+def step_means(params: dict, cfg: Any, rollout: dict, *, guided: bool, num_steps) -> tuple:
     """``(mean, log_var) [b, I, S, W, D]`` of every recorded step under ``params``: each
-    iteration's condition recomputed in one LLM pass over prompt + visible tokens."""
+    iteration's condition recomputed in one LLM pass over prompt + visible tokens, guided
+    with the iteration's recorded CFG scale."""
     b, n_iter, seq = rollout["masked"].shape
     img = rollout["image_tokens"]
     rows_tok = jnp.concatenate([rollout["tokens"], rollout["uncond_tokens"]]) if guided else rollout["tokens"]
@@ -117,22 +81,34 @@ def step_means(params: dict, cfg: Any, rollout: dict, *, guided: bool, cfg_scale
     text = qwen2.embed(params["llm"], cfg.llm, rows_tok)
     both = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
     head_cfg = harmon.head_config(cfg)
+    w = rollout["pos"].shape[-1]
 
-    def one_iteration(masked, pos, traj):
+    def one_iteration(masked, pos, scale, traj):
         idx, valid = mar.gather_visible(both(masked), seq)
-        z = harmon.decoder_condition(params, cfg, text, rows_mask, both(img), idx, valid)
+        z = harmon.decoder_condition(params, cfg, text, rows_mask.astype(bool), both(img), idx, valid)
         return gaussian_diffusion.trajectory_mean_logvar(
             params["head"], head_cfg, cfg.diffusion, _window(z, pos, guided),
-            {"t": traj["t"][0], "x": _to_sampler(traj["x"])}, cfg_scale=cfg_scale, guided=guided,
-            num_steps=num_steps)
+            {"t": traj["t"][0], "x": _to_sampler(traj["x"])}, cfg_scale=jnp.repeat(scale, w)[:, None],
+            guided=guided, num_steps=num_steps)
 
     per_iter = {"t": jnp.moveaxis(rollout["t"], 1, 0), "x": jnp.moveaxis(rollout["x"], 1, 0)}
-    mean, log_var = jax.lax.map(lambda a: one_iteration(*a), (
-        jnp.moveaxis(rollout["masked"], 1, 0), jnp.moveaxis(rollout["pos"], 1, 0), per_iter))
-    w = rollout["pos"].shape[-1]
+    mean, log_var = jax.lax.map(lambda a: one_iteration(*a), tuple(jnp.moveaxis(rollout[k], 1, 0) for k in (
+        "masked", "pos", "scale")) + (per_iter,))
     # [I, S, b*W, D] -> [b, I, S, W, D]
     mean, log_var = (jnp.moveaxis(x.reshape(n_iter, x.shape[1], b, w, -1), 2, 0) for x in (mean, log_var))
     return mean, log_var
+
+
+def step_log_probs(params: dict, cfg: Any, rollout: dict, *, guided: bool, num_steps, temperature,
+                   train_variance: bool = True) -> tuple:
+    """``(log_probs [b, I, S, W], mean, log_var)`` of every recorded step under ``params``; the
+    noiseless last step scores 0. The rollout's old log-probs and the update's come from here.
+    ``train_variance=False``: the log-variances carry no gradient (same values)."""
+    mean, log_var = step_means(params, cfg, rollout, guided=guided, num_steps=num_steps)
+    if not train_variance:
+        log_var = jax.lax.stop_gradient(log_var)
+    logp = gaussian_diffusion.step_log_prob(mean, log_var, rollout["x_next"], temperature)
+    return jnp.where(rollout["t"][..., None] > 0, logp, 0.0), mean, log_var
 
 
 def rollout_steps(config: Any) -> str | None:
@@ -150,7 +126,7 @@ SFT_KEYS = ("t2i_latents", "t2i_tokens", "t2i_mask")
 # :func:`step_means` and the KL read of an :func:`image_rollout`.
 RETAIN_PREFIX = "retain_"
 RETAIN_KEYS = ("image_tokens", "tokens", "mask", "uncond_tokens", "uncond_mask", "masked", "pos", "pos_valid",
-               "t", "x", "ref_mean", "ref_log_var")
+               "scale", "t", "x", "ref_mean", "ref_log_var")
 
 
 def as_retain(rollout: dict) -> dict:
@@ -172,7 +148,7 @@ def retain_kl(params: dict, config: Any, rollout: dict) -> jax.Array:
     never asks for; unlike the supervised anchor it constrains the guided sampler itself."""
     s = config.sample
     r = {k[len(RETAIN_PREFIX):]: v for k, v in rollout.items() if k.startswith(RETAIN_PREFIX)}
-    mean, log_var = step_means(params, config.model, r, guided=float(s.cfg) != 1.0, cfg_scale=s.cfg,
+    mean, log_var = step_means(params, config.model, r, guided=float(s.cfg) != 1.0,
                                num_steps=rollout_steps(config))
     if not config.grpo.get("train_variance", True):
         log_var = jax.lax.stop_gradient(log_var)
@@ -197,11 +173,9 @@ def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: An
     noisiest = g.get("step_selection", "random") == "noisiest"
     if noisiest:
         rollout = noisiest_steps(rollout, fraction)
-    mean, log_var = step_means(params, config.model, rollout, guided=guided, cfg_scale=s.cfg,
-                               num_steps=rollout_steps(config))
-    if not g.get("train_variance", True):   # only the step means move (DDPO / Flow-GRPO: fixed variances)
-        log_var = jax.lax.stop_gradient(log_var)
-    logp = gaussian_diffusion.step_log_prob(mean, log_var, rollout["x_next"], s.temperature)
+    # train_variance False: only the step means move (DDPO / Flow-GRPO: fixed variances).
+    logp, mean, log_var = step_log_probs(params, config.model, rollout, guided=guided, num_steps=rollout_steps(config),
+                                         temperature=s.temperature, train_variance=g.get("train_variance", True))
     kl = _sampling_kl(mean, log_var, rollout, s.temperature)
     adv = rollout["advantages"][:, None, None, None]
     # Which (iteration, diffusion step) pairs train: the noisiest ones (already cut) or a random
