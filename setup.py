@@ -34,7 +34,7 @@ setup(
         "test": [
             "pytest>=8.0",
             "pytest-xdist>=3.5",   # the suite runs on two workers (most tests are compile-bound)
-            "ruff==0.17.6",          # tests/test_lint.py (settings in pyproject.toml); pinned: new rules land in releases
+            "ruff==0.17.6",          # tests/test_lint.py, settings in pyproject.toml; pinned: rules change
             "torch==2.13.0",
             "transformers>=4.45",
             "scipy>=1.11",

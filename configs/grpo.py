@@ -1,21 +1,18 @@
 """Unified-GRPO on top of a supervised Harmon checkpoint.
 
-Usage: ``--config=configs/grpo.py:tiny --config.init_from=<supervised workdir or
-converter output>``. Variants are the Harmon ones; ``grpo`` holds the RL settings.
+Usage: ``--config=configs/grpo.py:SIZE[,RECIPE...] --config.init_from=<supervised workdir or
+converter output>``. Sizes and the supervised recipes are configs/harmon.py's; ``grpo``
+holds the RL settings, and :data:`RECIPES` the measured GRPO recipes
+(results/unified_grpo.md), e.g. ``configs/grpo.py:tiny,decoder,retain``.
 """
-import os
-
 import ml_collections
 
+from unimm import config_utils
 
-def _harmon_config(arg):
-    """configs/harmon.py's config, found beside this file (works from any working directory)."""
-    from unimm import config_utils
-    here = os.path.dirname(os.path.abspath(__file__))
-    return config_utils.load_config(os.path.join(here, "harmon.py") + (f":{arg}" if arg else ""))
+harmon = config_utils.sibling(__file__, "harmon.py")
 
 
-def grpo_config(variant: str) -> ml_collections.ConfigDict:
+def grpo_config() -> ml_collections.ConfigDict:
     g = ml_collections.ConfigDict()
     g.policy = "captioner"                # "captioner" (generation for understanding) or "decoder"
                                           # (understanding for generation; set trainable to e.g.
@@ -58,14 +55,36 @@ def grpo_config(variant: str) -> ml_collections.ConfigDict:
     return g
 
 
+RECIPES = {
+    # The decoder policy on GenEval prompts of the training split, MAR + head trained, for the
+    # shapes world's default run (results/unified_grpo.md): fixed variances, the supervised
+    # anchor, the noisiest half of each rollout's steps, an EMA of the policy (what evaluation
+    # uses); 150 steps.
+    "decoder": {
+        "grpo.policy": "decoder", "grpo.prompts": "geneval", "grpo.trainable": ("mar", "head"),
+        "grpo.train_variance": False, "grpo.sft_weight": 100.0,
+        "grpo.step_selection": "noisiest", "grpo.step_fraction": 0.5,
+        "optimizer.lr": 3e-5, "train.ema_decay": 0.95, "train.steps": 150,
+    },
+    # Retain rollouts at weight 10 (with `decoder`): reconstruction held at its ceiling, less
+    # GenEval gained (results/unified_grpo.md).
+    "retain": {"grpo.retain_weight": 10.0},
+}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = _harmon_config(arg)
-    config.grpo = grpo_config((arg or "tiny").lower())
-    config.train.steps = 200 if (arg or "tiny").lower() == "tiny" else 1000
+    size, names = config_utils.parse_variant(arg, "configs/grpo.py", harmon.SIZES,
+                                             {**harmon.RECIPES, **RECIPES}, default="tiny")
+    config = harmon.get_config(",".join([size, *(n for n in names if n in harmon.RECIPES)]))
+    config.grpo = grpo_config()
+    config.train.steps = 200 if size == "tiny" else 1000
     config.optimizer.lr = 1e-5
     config.optimizer.warmup_fraction = 0.0
     config.optimizer.schedule = "constant"
     config.train.ema_decay = 0.0          # evaluate the policy itself
     config.train.log_every = 10
     config.train.checkpoint_every = 50
+    for name in names:
+        if name in RECIPES:
+            config_utils.apply_table(config, RECIPES[name], f"configs/grpo.py recipe {name!r}")
     return config

@@ -14,36 +14,33 @@ says), each loss averaged over the four (weights 0.5 / 0.5), no text-to-image ba
 AdamW lr 1e-5, betas (0.9, 0.95), weight decay 0.02, clip 1.0; 50000 micro-batches =
 12500 steps, 1 % warmup, cosine to 0; no EMA; images stretched to 512 px.
 """
-import os
-
 import ml_collections
 
-OFFICIAL = ("0.5b", "1.5b")
+from unimm import config_utils
+
+harmon = config_utils.sibling(__file__, "harmon.py")
 
 
-def _harmon_config(arg):
-    """configs/harmon.py's config, found beside this file (works from any working directory)."""
-    from unimm import config_utils
-    here = os.path.dirname(os.path.abspath(__file__))
-    return config_utils.load_config(os.path.join(here, "harmon.py") + (f":{arg}" if arg else ""))
+def _official(micro: int) -> dict:
+    """Two reconstruction and two understanding micro-batches of ``micro`` per step."""
+    return {
+        "data.recon_batch_size": 2 * micro, "data.i2t_batch_size": 2 * micro, "data.t2i_batch_size": 0,
+        "train.recon_weight": 0.5, "train.i2t_weight": 0.5, "train.t2i_weight": 0.0,
+        "data.recon_square": "stretch", "train.steps": 12_500, "train.ema_decay": 0.0,
+        "optimizer.lr": 1e-5, "optimizer.warmup_fraction": 0.01, "optimizer.final_lr_fraction": 0.0,
+    }
+
+
+# The shapes world, from the README's main command's workdir (init_from): RecA's 2 : 2 : 0 mix
+# at the tiny batch sizes. Measured in results/reca.md: without generation batches the
+# generator overfills its images; beside them it does not beat a control.
+SHAPES = {"data.recon_batch_size": 8, "data.i2t_batch_size": 8, "data.t2i_batch_size": 0,
+          "train.steps": 3000, "optimizer.lr": 1e-4}
+TABLES = {"0.5b": _official(96), "1.5b": _official(48), "tiny": SHAPES, "small": SHAPES}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = (arg or "tiny").lower()
-    config = _harmon_config(variant)
-    d, t, o = config.data, config.train, config.optimizer
-    if variant in OFFICIAL:
-        micro = 48 if variant == "1.5b" else 96
-        d.recon_batch_size, d.i2t_batch_size, d.t2i_batch_size = 2 * micro, 2 * micro, 0
-        t.recon_weight, t.i2t_weight, t.t2i_weight = 0.5, 0.5, 0.0
-        d.recon_square = "stretch"
-        t.steps, t.ema_decay = 12_500, 0.0
-        o.lr, o.warmup_fraction, o.final_lr_fraction = 1e-5, 0.01, 0.0
-    else:
-        # The shapes world, from the README's main command's workdir (init_from): RecA's
-        # 2 : 2 : 0 mix at the tiny batch sizes. Measured in results/reca.md: without generation
-        # batches the generator overfills its images; beside them it does not beat a control.
-        d.recon_batch_size, d.i2t_batch_size, d.t2i_batch_size = 8, 8, 0
-        t.steps = 3000
-        o.lr = 1e-4
+    size, _ = config_utils.parse_variant(arg, "configs/reca.py", harmon.SIZES, {}, default="tiny")
+    config = harmon.get_config(size)
+    config_utils.apply_table(config, TABLES[size], f"configs/reca.py {size!r}")
     return config

@@ -5,18 +5,13 @@ Usage: ``python -m unimm.main --config=configs/uae_decoder.py:tiny --workdir=DIR
 result is a decoder for the auto-encoder view (``unimm.autoencoder``) and the starting point
 of Unified-GRPO's decoder side. Variants are the Harmon ones.
 """
-import os
+from unimm import config_utils
 
-
-def _harmon_config(arg):
-    """configs/harmon.py's config, found beside this file (works from any working directory)."""
-    from unimm import config_utils
-    here = os.path.dirname(os.path.abspath(__file__))
-    return config_utils.load_config(os.path.join(here, "harmon.py") + (f":{arg}" if arg else ""))
+harmon = config_utils.sibling(__file__, "harmon.py")
 
 
 def get_config(arg: str | None = None):
-    config = _harmon_config(arg)
+    config = harmon.get_config(arg)
     d = config.data
     d.i2t_batch_size = 0                  # generation only
     d.t2i_batch_size = 16

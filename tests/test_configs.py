@@ -91,3 +91,24 @@ def test_kl16_parameter_count():
 def test_variants_validate(variant):
     cfg = config_utils.load_config(f"configs/harmon.py:{variant}").model
     harmon.validate(cfg)
+
+
+def test_recipes_are_tables_on_a_size():
+    """``SIZE,RECIPE...``: each recipe sets exactly its table's fields on the size's config,
+    in order; unknown names, and a table naming a field that does not exist, are errors."""
+    from configs import grpo
+    plain = config_utils.load_config("configs/grpo.py:tiny")
+    both = config_utils.load_config("configs/grpo.py:tiny,decoder,retain")
+    table = {**grpo.RECIPES["decoder"], **grpo.RECIPES["retain"]}
+    flat = lambda c, prefix="": {k2: v2 for k, v in c.items() for k2, v2 in (
+        flat(v, f"{prefix}{k}.").items() if hasattr(v, "items") else [(f"{prefix}{k}", v)])}
+    before, after = flat(plain), flat(both)
+    assert {k for k in after if after[k] != before[k]} == {k for k in table if table[k] != before[k]}
+    assert all(after[k] == v for k, v in table.items()) and after["grpo.policy"] == "decoder"
+    with pytest.raises(ValueError, match=r"configs/grpo.py: unknown recipe 'decodr'; choose one of"):
+        config_utils.load_config("configs/grpo.py:tiny,decodr")
+    with pytest.raises(ValueError, match=r"recipe 'x' sets grpo.retain_wieght, which is not a config field"):
+        config_utils.apply_table(plain, {"grpo.retain_wieght": 1.0}, "recipe 'x'")
+    # The official sizes bring Harmon's recipe; tiny brings the shapes world's.
+    assert config_utils.load_config("configs/harmon.py:0.5b").data.image_size == 512
+    assert config_utils.load_config("configs/harmon.py:tiny").model.diffusion.prediction == "x0"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from configs.harmon import diffusion_config, sharding_config
+from configs.harmon import get_config, sharding_config
 from unimm.convert import mar_torch
 from unimm.convert.common import CheckpointMismatchError
 from unimm.models import diffusion_head as dh
@@ -19,7 +19,7 @@ from unimm.models import layers
 
 D, C = 6, 12                               # token channels, condition width
 HEAD = ml_collections.ConfigDict(dict(width=32, depth=2, token_dim=D, cond_dim=C))
-DIFF = diffusion_config("tiny")            # 1000 steps, cosine, x0 clamp 1.0
+DIFF = get_config("tiny").model.diffusion            # 1000 steps, cosine, x0 clamp 1.0
 DIFF.num_sampling_steps, DIFF.batch_mul = "10", 4   # fixed here: the tests' figures assume them
 DIFF.prediction, DIFF.clip_log_variance = "epsilon", False   # MAR's sampler (tiny's own: below)
 
@@ -332,8 +332,8 @@ def test_clip_log_variance_keeps_the_learned_range():
     np.testing.assert_allclose(kept["log_var"], np.broadcast_to(s.log_betas[::-1, None, None], (10, 4, D)), rtol=1e-5)
     assert float(jnp.max(free["log_var"][-2])) > float(s.log_betas[1]) + 10   # the step noise MAR would draw
     # The config flag reaches the sampler.
-    cfg = diffusion_config("tiny")
-    assert cfg.clip_log_variance and cfg.prediction == "x0" and not diffusion_config("1.5b").clip_log_variance
+    cfg = get_config("tiny").model.diffusion
+    assert cfg.clip_log_variance and cfg.prediction == "x0" and not get_config("1.5b").model.diffusion.clip_log_variance
 
 
 def test_temperature_scales_step_noise_only(head):

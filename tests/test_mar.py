@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from configs.harmon import mar_config, sharding_config
+from configs.harmon import get_config, sharding_config
 from unimm.convert import mar_torch
 from unimm.convert.common import CheckpointMismatchError
 from unimm.models import layers, mar
 
-CFG = mar_config("tiny")            # 2 + 2 blocks, buffer 4, 4 heads
+CFG = get_config("tiny").model.mar            # 2 + 2 blocks, buffer 4, 4 heads
 CFG.grid, CFG.width, CFG.decoder_width = 4, 64, 64   # L = 16: the figures below assume it
 L, BUF = CFG.grid ** 2, CFG.buffer_size
 ENCODE = jax.jit(lambda p, t, i, v, buffer_embed=None, grid=None:
@@ -340,7 +340,7 @@ def test_dropout_only_in_training_and_explicit_attention_matches(params):
     a, b = run(jax.random.key(1)), run(jax.random.key(2))
     assert not np.allclose(a, plain, atol=1e-3) and not np.allclose(a, b, atol=1e-3)
     np.testing.assert_array_equal(a, run(jax.random.key(1)))
-    assert mar_config("tiny").dropout == 0.0 and mar_config("1.5b").dropout == 0.1
+    assert get_config("tiny").model.mar.dropout == 0.0 and get_config("1.5b").model.mar.dropout == 0.1
     block = layers.bind(mar.MAR, CFG, params).encoder_blocks[0]
     x = jax.random.normal(jax.random.key(3), (2, 7, CFG.width))
     key_mask = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2], bool)

@@ -233,8 +233,8 @@ def test_config_validation():
 
 def test_cached_forward_matches_full():
     """Chunked prefill through the cache equals one full pass (the path Harmon reuses)."""
-    from configs.harmon import llm_config
-    cfg = llm_config("tiny")
+    from configs.harmon import get_config
+    cfg = get_config("tiny").model.llm
     params = qwen2.init(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
@@ -252,8 +252,8 @@ def test_cached_forward_matches_full():
 @pytest.mark.parametrize("scan,remat", [(True, "none"), (False, "full"), (True, "dots")])
 def test_scan_and_remat_match_unrolled(scan, remat):
     """Layer scanning and rematerialisation change the program, not the function or its gradient."""
-    from configs.harmon import llm_config
-    cfg = llm_config("tiny")
+    from configs.harmon import get_config
+    cfg = get_config("tiny").model.llm
     params = qwen2.init(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
@@ -262,7 +262,7 @@ def test_scan_and_remat_match_unrolled(scan, remat):
     def loss(p, c):
         return jnp.mean(qwen2.forward(p, c, tokens, pos, mask)[0] ** 2)
 
-    other = llm_config("tiny")
+    other = get_config("tiny").model.llm
     other.scan_layers, other.remat = scan, remat
     value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     ref_val, ref_grad = value_and_grad(params, layers.freeze(cfg))

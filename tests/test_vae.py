@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from configs.harmon import model_config, vae_config
+from configs.harmon import get_config
 from unimm.convert.common import CheckpointMismatchError
 from unimm.convert.vae_ckpt import vae_from_ckpt, vae_from_torch, vae_to_torch
 from unimm.models import layers, vae
 
 
 def tiny_cfg():
-    c = vae_config("1.5b")
+    c = get_config("1.5b").model.vae
     # Two levels (stride 2), channel change 32 -> 64 (nin_shortcut), encoder attention at level 1.
     c.embed_dim, c.ch, c.ch_mult, c.num_res_blocks, c.attn_resolutions, c.resolution = 4, 32, (1, 2), 2, (8,), 16
     return c
@@ -161,7 +161,7 @@ def test_kl16_tokens_match_harmon_layout(setup):
 
 
 def test_patch_tokenizer_roundtrip_exact():
-    cfg = vae_config("tiny")
+    cfg = get_config("tiny").model.vae
     cfg.patch_size = 4
     assert vae.init(cfg, jax.random.key(0)) == {} and vae.token_dim(cfg) == 48
     x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 16, 8, 3)).astype(np.float32))
@@ -178,7 +178,7 @@ def test_uint8_conversions():
 
 
 def test_shape_errors_are_clear():
-    cfg = vae_config("tiny")
+    cfg = get_config("tiny").model.vae
     cfg.patch_size = 4
     with pytest.raises(ValueError, match=re.escape("expected images [B, H, W, 3], got shape (2, 16, 16)")):
         vae.images_to_tokens({}, cfg, jnp.zeros((2, 16, 16)))
@@ -196,7 +196,7 @@ def test_shape_errors_are_clear():
 
 
 def test_kl16_abstract_shapes_and_count():
-    cfg, size = vae_config("1.5b"), model_config("1.5b").image_size
+    cfg, size = get_config("1.5b").model.vae, get_config("1.5b").model.image_size
     abstract = layers.abstract_params(vae.KLVAE, cfg)
     # Matches the reference AutoencoderKL(16, (1, 1, 2, 2, 4)) parameter count.
     assert layers.param_count(abstract) == 66_456_019

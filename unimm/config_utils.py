@@ -33,11 +33,49 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         path = os.path.join(REPO_ROOT, path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {spec.partition(':')[0]}")
+    return load_module(path).get_config(arg or None)
+
+
+def load_module(path: str) -> Any:
+    """The config file ``path`` as a module (its tables and ``get_config``)."""
     module_spec = importlib.util.spec_from_file_location(
         "unimm_config_" + os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return module
+
+
+def parse_variant(arg: str | None, where: str, sizes, recipes, default: str) -> tuple[str, list[str]]:
+    """``"tiny,decoder"`` -> ``("tiny", ["decoder"])``: a config file's argument is a size
+    (one of ``sizes``), then any recipes (of ``recipes``), comma-separated; ``None`` or ``""``
+    is ``default``. Unknown names are one ValueError listing the choices."""
+    size, *names = [part.strip().lower() for part in (arg or default).split(",")]
+    if size not in sizes:
+        raise ValueError(f"{where}: unknown variant {size!r}; choose one of {tuple(sizes)}")
+    for name in names:
+        if name not in recipes:
+            raise ValueError(f"{where}: unknown recipe {name!r}; choose one of {tuple(recipes)}")
+    return size, names
+
+
+def apply_table(config: ml_collections.ConfigDict, table: dict[str, Any], what: str) -> None:
+    """Sets each ``"section.field": value`` of a size or recipe table; every field must exist
+    already (a table cannot add fields, so a misspelt name fails here)."""
+    for path, value in table.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for name in parents:
+            node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ValueError(f"{what} sets {path}, which is not a config field")
+        with config.unlocked():
+            node[leaf] = value
+
+
+def sibling(config_file: str, name: str) -> Any:
+    """``sibling(__file__, "harmon.py")``: another config file in the same folder as
+    ``config_file``, as a module (config files extend each other from any working directory)."""
+    return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:

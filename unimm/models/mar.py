@@ -96,7 +96,7 @@ def _blocks(blocks, x, key_mask, cfg, dropout_rng):
 
 
 class MAR(nnx.Module):
-    """Parameters of the MAR encoder/decoder; ``cfg`` = ``configs/harmon.py:mar_config``."""
+    """Parameters of the MAR encoder/decoder; ``cfg`` = a config's ``model.mar`` (configs/harmon.py)."""
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
         c, cd, eps = cfg.width, cfg.decoder_width, cfg.layer_norm_eps
