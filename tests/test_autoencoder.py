@@ -15,7 +15,7 @@ def models():
     config = config_utils.load_config("configs/harmon.py:tiny")
     config.sample.num_sampling_steps, config.sample.max_new_tokens = "5", 12
     tok = resolve.make_tokenizer(config)
-    resolve.set_derived_fields(config, tok)
+    config = resolve.resolve(config, tok)
     init = jax.jit(harmon.init, static_argnums=0)
     cfg = layers.freeze(config.model)
     params = [init(cfg, jax.random.key(seed)) for seed in (0, 1)]

@@ -112,3 +112,22 @@ def test_recipes_are_tables_on_a_size():
     # The official sizes bring Harmon's recipe; tiny brings the shapes world's.
     assert config_utils.load_config("configs/harmon.py:0.5b").data.image_size == 512
     assert config_utils.load_config("configs/harmon.py:tiny").model.diffusion.prediction == "x0"
+
+
+def test_resolve_returns_a_frozen_copy_and_leaves_its_argument():
+    from ml_collections import FrozenConfigDict
+
+    from unimm import resolve
+    config = config_utils.load_config("configs/harmon.py:tiny")
+    before = config.to_dict()
+    resolved = resolve.resolve(config)
+    assert config.to_dict() == before and config.data.image_token_id == -1
+    d = resolved.data
+    assert isinstance(resolved, FrozenConfigDict) and d.image_token_id >= 0
+    assert d.num_image_tokens == 3 * 3 + 4 and d.i2t_seq_len == d.num_image_tokens + d.i2t_text_len
+    with pytest.raises(AttributeError):
+        resolved.data.image_size = 48
+    assert resolve.resolve(resolved).to_dict() == resolved.to_dict()   # idempotent
+    config.model.diffusion.prediction = "noise"
+    with pytest.raises(ValueError, match="model.diffusion.prediction"):   # checked first
+        resolve.resolve(config)

@@ -26,7 +26,7 @@ def grpo_config(**grpo_fields):
 def setup():
     config = grpo_config(group_size=4, max_new_tokens=10)
     tok = text.shapes_tokenizer()
-    resolve.set_derived_fields(config, tok)
+    config = resolve.resolve(config, tok)
     return config, tok
 
 
@@ -119,7 +119,7 @@ def test_tiny_grpo_raises_a_simple_reward(setup):
     config = grpo_config(group_size=8, max_new_tokens=8, temperature=1.0, beta=0.0)
     config.optimizer.lr = 3e-3
     tok = text.shapes_tokenizer()
-    resolve.set_derived_fields(config, tok)
+    config = resolve.resolve(config, tok)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     state = make_state(config, mesh)
     ref = jax.tree.map(jnp.copy, state.params)
@@ -215,7 +215,7 @@ def test_a_policy_registered_outside_the_library_runs_through_the_loop(tmp_path,
     bad.policy = "painter"
     with pytest.raises(ValueError, match=r"grpo.policy='painter': expected one of \('captioner', 'decoder', "
                                          r"'alternating_test'\)"):
-        grpo_loop.validate_grpo(bad)
+        resolve.validate_grpo(bad)
 
 
 @pytest.mark.slow

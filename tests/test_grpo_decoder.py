@@ -28,7 +28,7 @@ def _rollout(dtype="float32", cfg_schedule="constant"):
     for part in ("llm", "mar", "diffusion"):
         config.model[part].dtype = dtype
     tok = resolve.make_tokenizer(config)
-    resolve.set_derived_fields(config, tok)
+    config = resolve.resolve(config, tok)
     cfg = layers.freeze(config.model)
     params = jax.jit(harmon.init, static_argnums=0)(cfg, jax.random.key(0))
     final = params["head"]["final_layer"]["linear"]   # non-zero output layer: a real policy
@@ -126,7 +126,7 @@ def test_noisiest_step_selection_trains_only_the_first_steps(setup):
     """grpo.step_selection='noisiest': the loss sees the first ceil(fraction x S) diffusion steps
     of every iteration (first = noisiest) and nothing of the later ones."""
     config, cfg, params, rollout = setup
-    config = config.copy_and_resolve_references()
+    config = config.as_configdict()
     config.grpo.step_selection, config.grpo.step_fraction = "noisiest", 0.5
     scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
     assert grpo_decoder.noisiest_steps(scored, 0.5)["x"].shape[2] == 3 == int(np.ceil(0.5 * int(STEPS)))
@@ -144,7 +144,7 @@ def test_supervised_anchor_adds_the_t2i_loss(setup, plain):
     the batch riding in the rollout; its gradient reaches the LLM, which GRPO alone leaves."""
     config, cfg, params, rollout = setup
     tok = resolve.make_tokenizer(config)
-    config = config.copy_and_resolve_references()
+    config = config.as_configdict()
     config.grpo.sft_weight, config.grpo.sft_batch_size = 0.5, 4
     from unimm.train import step
     batch = rl_decoder.anchor_batch(config, tok, None, 3)
@@ -164,7 +164,7 @@ def test_retain_rollouts_hold_every_step_to_the_reference(setup):
     every diffusion step of the retain rollouts, whatever the groups and the step selection
     (here the noisiest half, every group dropped); 0 where the policy is the reference."""
     config, cfg, params, rollout = setup
-    config = config.copy_and_resolve_references()
+    config = config.as_configdict()
     config.grpo.retain_weight, config.grpo.step_selection, config.grpo.step_fraction = 2.0, "noisiest", 0.5
     retain = grpo_decoder.as_retain(rollout)   # drawn by params, the reference too
     dropped = {**_scored(rollout, [1.0, -1.0, 0.5, -0.5]), "group_valid": jnp.zeros(4, bool)}
@@ -205,7 +205,7 @@ def test_decoder_step_moves_the_policy_towards_high_reward(setup):
     assert float(loss_and_grad(moved, scored)[0][0]) < float(loss)
     # grpo.train_variance=False: the head's variance channels (its output's second half) get no
     # gradient; the mean channels get the same one.
-    fixed_config = config.copy_and_resolve_references()
+    fixed_config = config.as_configdict()
     fixed_config.grpo.train_variance = False
     fixed = jax.jit(jax.grad(lambda p: grpo_decoder.decoder_grpo_loss(p, scored, jax.random.key(0),
                                                                       config=fixed_config)[0]))(params)
@@ -286,11 +286,10 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path, monkeypatch):
 
 
 def test_grpo_settings_that_cannot_run_together_are_clear_errors():
-    from unimm.train import grpo_loop
     base = config_utils.load_config("configs/grpo.py:tiny").grpo
     base.update(dict(policy="decoder", trainable=("mar", "head"), prompts="geneval", sft_weight=1.0,
                      sft_batch_size=8, retain_weight=1.0, retain_batch_size=8))
-    grpo_loop.validate_grpo(base)
+    resolve.validate_grpo(base)
     for fields, match in [
         (dict(policy="painter"), r"grpo.policy='painter': expected one of \('captioner', 'decoder'\)"),
         (dict(prompts="poems"), r"grpo.prompts='poems': expected one of \('captions', 'geneval', 'both'\)"),
@@ -313,4 +312,4 @@ def test_grpo_settings_that_cannot_run_together_are_clear_errors():
         bad = base.copy_and_resolve_references()
         bad.update(fields)
         with pytest.raises(ValueError, match=match):
-            grpo_loop.validate_grpo(bad)
+            resolve.validate_grpo(bad)

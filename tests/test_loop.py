@@ -86,7 +86,9 @@ def test_init_from_converter_output(tmp_path, tiny_train_config):
     dst, saved = _converted(tmp_path, config)
     config.init_from = dst
     inference.save_config(config, str(tmp_path / "work"))
+    handed = config.to_dict()
     state = loop.train_and_evaluate(config, str(tmp_path / "work"))
+    assert config.to_dict() == handed   # the loop resolves a copy; the caller's config is left as it was
     # Six AdamW steps (lr 3e-4) move each parameter by far less than a different init would.
     final = jax.tree.map(np.asarray, state.params)
     drift = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(saved)))

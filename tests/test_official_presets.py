@@ -87,7 +87,7 @@ def test_preset_trains_samples_and_captions_at_its_geometry(variant, image_size,
     config = preset(f"configs/harmon.py:{variant}", qwen_like, image_size, stage)
     assert config.model.mar.dropout == 0.1 and config.train.ema_decay == 0.0   # Harmon's training
     tok = HFTokenizer(qwen_like)
-    resolve.set_derived_fields(config, tok)
+    config = resolve.resolve(config, tok)
     d = config.data
     grid = image_size // 16
     assert d.num_image_tokens == grid * grid + 64 and d.i2t_seq_len == d.num_image_tokens + 512
@@ -127,7 +127,7 @@ def test_grpo_steps_at_stage3_resolution(variant, qwen_like):
     config.grpo.group_size, config.grpo.inputs_per_step, config.grpo.max_new_tokens = 2, 1, 4
     config.grpo.rollout_steps = "2"
     tok = HFTokenizer(qwen_like)
-    resolve.set_derived_fields(config, tok)
+    config = resolve.resolve(config, tok).as_configdict()   # thawed: each policy in turn
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     cfg, d, g = layers.freeze(config.model), config.data, config.grpo
     rewards = jnp.asarray([[0.0, 1.0]])

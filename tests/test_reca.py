@@ -11,7 +11,6 @@ import pytest
 from unimm import config_utils, resolve, sharding
 from unimm.data import pipeline, text
 from unimm.models import gaussian_diffusion, harmon, mar, qwen2
-from unimm.train import loop
 from unimm.train import step as step_lib
 from unimm.train.state import create_train_state, state_shardings
 
@@ -25,7 +24,7 @@ def setup():
     config = one_block_each(config_utils.load_config("configs/harmon.py:tiny"))
     config.data.i2t_batch_size, config.data.t2i_batch_size, config.data.recon_batch_size = 0, 0, 4
     tok = text.shapes_tokenizer()
-    resolve.set_derived_fields(config, tok)
+    config = resolve.resolve(config, tok)
     batch = next(pipeline.make_train_iterator(config, tok, process_index=0, process_count=1))
     params = harmon.init(config.model, jax.random.key(0))
     return config, tok, {k: jnp.asarray(v) for k, v in batch.items()}, params
@@ -53,7 +52,7 @@ def test_recon_batches_hold_the_image_and_its_understanding_prompt(setup):
 
 def test_instructions_come_from_a_file_one_drawn_per_example(setup, tmp_path):
     config, tok, _, _ = setup
-    d = config.copy_and_resolve_references().data
+    d = config.as_configdict().data
     instructions = [text.LONG_CAPTION_Q, text.SHORT_CAPTION_Q, text.CAPTION_Q]
     lines, as_json = tmp_path / "instructions.txt", tmp_path / "instructions.json"
     lines.write_text("\n".join(instructions) + "\n\n")
@@ -179,16 +178,16 @@ def test_task_mix_that_trains_nothing_is_one_clear_error():
     config.train.i2t_weight = config.train.t2i_weight = 0.0
     with pytest.raises(ValueError, match=r"no task trains \(i2t: batch 8 x weight 0, t2i: batch 16 x weight 0, "
                                          r"recon: batch 0 x weight 1\)"):
-        loop.check_batch_sizes(config, mesh)
+        resolve.check_batch_sizes(config, mesh)
     config.data.recon_batch_size = 2        # reconstruction alone trains
-    loop.check_batch_sizes(config, mesh)
+    resolve.check_batch_sizes(config, mesh)
     config.train.recon_weight = -1.0
     with pytest.raises(ValueError, match=r"train.recon_weight=-1.0: expected >= 0"):
-        loop.check_batch_sizes(config, mesh)
+        resolve.check_batch_sizes(config, mesh)
     config.train.recon_weight = 1.0
     config.data.recon_batch_size = 3
     with pytest.raises(ValueError, match=r"data.recon_batch_size=3 is not divisible by the data-parallel size 2"):
-        loop.check_batch_sizes(config, sharding.make_mesh({"data": 2}, devices=jax.devices()[:2]))
+        resolve.check_batch_sizes(config, sharding.make_mesh({"data": 2}, devices=jax.devices()[:2]))
 
 
 @pytest.mark.parametrize("variant", ["tiny", "0.5b", "1.5b"])
@@ -198,7 +197,7 @@ def test_reca_configs_change_the_task_mix_and_optimizer_only(variant):
     assert config.model == harmon_config.model
     d, t = config.data, config.train
     assert d.t2i_batch_size == 0 and d.recon_batch_size == d.i2t_batch_size > 0
-    loop.check_batch_sizes(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    resolve.check_batch_sizes(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
     if variant != "tiny":   # RecA's code: 2 + 2 micro-batches of 48 (1.5B) / 96 (0.5B), lr 1e-5, no EMA
         assert d.recon_batch_size == {"1.5b": 96, "0.5b": 192}[variant]
         assert (t.recon_weight, t.i2t_weight, t.t2i_weight) == (0.5, 0.5, 0.0)
@@ -221,7 +220,7 @@ def test_image_variation_draws_from_the_images_own_embeddings(setup):
     from unimm.data import shapes
     from unimm.inference.model import Model
     config, tok, _, params = setup
-    config = config.copy_and_resolve_references()
+    config = config.as_configdict()
     config.sample.num_iter, config.sample.num_sampling_steps = 2, "3"
     # Fresh params draw gray (zero-initialised adaLN and output layers): perturb every one.
     leaves, treedef = jax.tree.flatten(params)

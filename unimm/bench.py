@@ -265,7 +265,7 @@ def run_grpo(variants: list[str], reps: int) -> list[dict]:
     for variant in variants:
         config = config_utils.load_config(f"configs/grpo.py:{variant}")
         tok = resolve.make_tokenizer(config)
-        resolve.set_derived_fields(config, tok)
+        config = resolve.resolve(config, tok)
         g, d, cfg = config.grpo, config.data, layers.freeze(config.model)
         state = create_train_state(config, mesh, jax.random.key(0))
         ref = jax.tree.map(jnp.copy, state.params)
@@ -324,7 +324,7 @@ def run_grpo_decoder(variants: list[str], reps: int) -> list[dict]:
         config.grpo.update(dict(policy="decoder", prompts="geneval", trainable=("mar", "head"),
                                 train_variance=False))
         tok = resolve.make_tokenizer(config)
-        resolve.set_derived_fields(config, tok)
+        config = resolve.resolve(config, tok)
         g = config.grpo
         state = create_train_state(config, mesh, jax.random.key(0))
         ref = jax.tree.map(jnp.copy, state.params)

@@ -40,7 +40,7 @@ def main(argv):
         question = text.check_text(FLAGS.question, "--question")
         pictures = [images_lib.load_image(p) for p in FLAGS.image]
         config = inference.load_config(FLAGS.workdir, FLAGS.config)
-        tok = inference.prepare(config)
+        config, tok = inference.prepare(config)
         question = fit_question(question, tok, config)
         model, _ = inference.load_model(config, FLAGS.workdir, tok=tok)
     for path, answer in zip(FLAGS.image, model.answer(pictures, [question] * len(pictures))):

@@ -88,17 +88,7 @@ def check_positive(**values: int | float | None) -> None:
 
 def validate_config(config) -> None:
     """Checks that are cheap and otherwise happen only deep inside a run (some only when the
-    first train step is traced): enum fields, cross-field consistency, the sharding rules."""
-    from unimm import sharding
-    from unimm.data import pipeline
-    from unimm.models import decoding, gaussian_diffusion, harmon, qwen2
-    from unimm.train import state
+    first train step is traced): ``unimm.resolve.validate``, imported only now (jax)."""
+    from unimm import resolve
 
-    state.frozen_groups(config)                          # train.stage / grpo.trainable
-    pipeline.check_data_modes(config.data)               # data.*_square, data.caption_questions
-    s = config.sample
-    decoding.check_settings(s.repetition_penalty, s.caption_temperature, s.top_k, s.top_p, "config.sample")
-    qwen2.check_remat(config.model.llm.remat)
-    gaussian_diffusion.check_prediction(config.model.diffusion.prediction)
-    harmon.validate(config.model)
-    sharding.rules_dict(config.sharding.logical_axis_rules)
+    resolve.validate(config)

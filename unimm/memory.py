@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+import ml_collections
+
 GIB = 1024 ** 3
 
 
@@ -103,18 +105,17 @@ def compile_step(config: Any, mesh: Any, batch: int, latents: bool = False) -> d
     """Lowers and compiles the config's train step (GRPO's when it has a ``grpo`` section)."""
     import jax
 
+    from unimm import resolve
     from unimm.models import vae as vae_lib
-    from unimm.train import loop
     from unimm.train.state import state_shardings
 
-    with config.unlocked():
-        config.data.image_token_id = 5
-        if "grpo" not in config:
-            config.data.i2t_batch_size = config.data.t2i_batch_size = batch // 2
-    loop.check_batch_sizes(config, mesh)
+    config = ml_collections.ConfigDict(config.to_dict())   # a copy: the caller's stays as it is
+    config.data.image_token_id = 5
+    if "grpo" not in config:
+        config.data.i2t_batch_size = config.data.t2i_batch_size = batch // 2
+    resolve.check_batch_sizes(config, mesh)
     h, w = vae_lib.grid(config.model.vae, config.data.image_size)
-    with config.unlocked():
-        config.data.num_image_tokens = h * w + config.model.mar.buffer_size
+    config.data.num_image_tokens = h * w + config.model.mar.buffer_size
     state = abstract_train_state(config, mesh)
     if "grpo" in config:
         from unimm.train.grpo import jit_grpo_step

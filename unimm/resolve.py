@@ -1,14 +1,21 @@
-"""What a config leaves to run time: the tokenizer it names, and the fields that follow from
-that tokenizer and the data resolution. Shared by training, RL and the inference CLIs."""
+"""One resolved config per run: every check in :func:`validate`, then :func:`resolve` returns
+a frozen copy with the fields that follow from the tokenizer and the data resolution set.
+The config a caller hands in is never changed. Shared by training, RL, the inference CLIs and
+the tools (bench, memory)."""
 from __future__ import annotations
 
 from typing import Any
 
+import jax
+import ml_collections
 from absl import logging
 
-from unimm.data import text
+from unimm import rl, sharding
+from unimm.data import pipeline, text
 from unimm.data.tokenizer import HFTokenizer
+from unimm.models import decoding, gaussian_diffusion, harmon, qwen2
 from unimm.models import vae as vae_lib
+from unimm.train import state
 
 
 def make_tokenizer(config: Any):
@@ -16,33 +23,111 @@ def make_tokenizer(config: Any):
     return text.shapes_tokenizer() if path == "" else HFTokenizer(path)
 
 
-def set_derived_fields(config: Any, tok: Any) -> None:
-    """Fields that follow from the tokenizer and the data resolution: ``data.image_token_id``,
-    ``data.num_image_tokens`` (the token grid of ``data.image_size`` plus the buffers; a
-    ``data.image_size`` above ``model.image_size`` is stage 3's higher resolution) and
-    ``data.i2t_seq_len`` (the understanding sequence length), ``data.i2t_loss_start`` (no
-    understanding target before it) and ``data.recon_seq_len`` (the reconstruction prompt's)."""
+def validate(config: Any, mesh: jax.sharding.Mesh | None = None) -> None:
+    """Every check of a config that can fail before anything is built, each one ValueError
+    line: enum fields, cross-field consistency, the sharding rules, the GRPO settings (the
+    generic ones, then the policy's own), and with ``mesh`` the batches against its
+    data-parallel size."""
+    state.frozen_groups(config)                          # train.stage / grpo.trainable
+    pipeline.check_data_modes(config.data)               # data.*_square, data.caption_questions
+    s = config.sample
+    decoding.check_settings(s.repetition_penalty, s.caption_temperature, s.top_k, s.top_p, "config.sample")
+    qwen2.check_remat(config.model.llm.remat)
+    gaussian_diffusion.check_prediction(config.model.diffusion.prediction)
+    harmon.validate(config.model)
+    sharding.rules_dict(config.sharding.logical_axis_rules)
+    if "grpo" in config:
+        validate_grpo(config.grpo)
+        if config.data.source != "shapes":
+            raise ValueError("grpo: rollouts draw images from the shapes world (data.source='shapes')")
+    if mesh is not None:
+        check_batch_sizes(config, mesh)
+
+
+def validate_grpo(g: Any) -> None:
+    """Clear errors for ``config.grpo`` settings that cannot run: the generic ones, then the
+    policy's own (``Policy.validate``)."""
+    policy = rl.get(g.policy)
+    if g.reward == "geneval":
+        raise ValueError("grpo.reward='geneval': grpo.reward scores images against their source image; "
+                         "GenEval prompts (grpo.prompts='geneval' or 'both') are always scored by the GenEval check")
+    policy.validate(g)
+
+
+def mesh_shape(config: Any) -> dict:
+    mesh = config.sharding.mesh
+    return mesh.to_dict() if hasattr(mesh, "to_dict") else dict(mesh)
+
+
+def check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
+    """Each task's global batch is split over the data-parallel axes (data x fsdp), and the
+    mix of tasks trains something: weights >= 0, one task with examples and weight > 0.
+    GRPO: its rollout rows and the decoder policy's extra batches split the same way."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if "grpo" in config:
+        g = config.grpo
+        rows = g.inputs_per_step * g.group_size
+        if rows % dp:
+            raise ValueError(f"grpo.inputs_per_step x grpo.group_size = {rows} is not divisible by the "
+                             f"data-parallel size {dp}")
+        for key in ("sft", "retain"):
+            if g.get(f"{key}_weight", 0.0) and g[f"{key}_batch_size"] % dp:
+                raise ValueError(f"grpo.{key}_batch_size = {g[f'{key}_batch_size']} is not divisible by the "
+                                 f"data-parallel size {dp}")
+        return
+    weights = {task: float(config.train.get(f"{task}_weight", 1.0)) for task in pipeline.TASKS}
+    for task, w in weights.items():
+        if w < 0:
+            raise ValueError(f"train.{task}_weight={w}: expected >= 0")
+    if not any(pipeline.batch_size(config.data, t) > 0 and weights[t] > 0 for t in pipeline.TASKS):
+        mix = ", ".join(f"{t}: batch {pipeline.batch_size(config.data, t)} x weight {weights[t]:g}"
+                        for t in pipeline.TASKS)
+        raise ValueError(f"no task trains ({mix}); give one task data.<task>_batch_size > 0 and "
+                         "train.<task>_weight > 0")
+    for task in pipeline.TASKS:
+        size = pipeline.batch_size(config.data, task)
+        if size % dp:
+            raise ValueError(
+                f"data.{task}_batch_size={size} is not divisible by the data-parallel size {dp} "
+                f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} from "
+                f"sharding.mesh={mesh_shape(config)}); change the batch size or the mesh")
+
+
+def resolve(config: Any, tok: Any = None, mesh: jax.sharding.Mesh | None = None,
+            check: bool = True) -> ml_collections.FrozenConfigDict:
+    """The config a run uses: ``config`` validated (:func:`validate`, with ``mesh`` if given;
+    ``check=False`` skips it, for a saved run's config), copied, its derived fields set, and
+    frozen. ``tok`` defaults to the config's own tokenizer.
+
+    Derived: ``data.image_token_id``, ``data.num_image_tokens`` (the token grid of
+    ``data.image_size`` plus the buffers; a ``data.image_size`` above ``model.image_size`` is
+    stage 3's higher resolution), ``data.i2t_seq_len`` (the understanding sequence length),
+    ``data.i2t_loss_start`` (no understanding target before it) and ``data.recon_seq_len``
+    (the reconstruction prompt's)."""
+    if check:
+        validate(config, mesh)
+    tok = make_tokenizer(config) if tok is None else tok
     if tok.vocab_size > config.model.llm.vocab_size:
         raise ValueError(f"tokenizer {config.data.tokenizer or '(built-in shapes)'} has "
                          f"{tok.vocab_size} tokens but model.llm.vocab_size is "
                          f"{config.model.llm.vocab_size}")
-    with config.unlocked():
-        if int(config.train.stage) == 3 and config.data.image_size == config.model.image_size:
-            # Stage 3's preset: twice the model's native resolution (Harmon: 256 -> 512 px).
-            config.data.image_size = 2 * config.model.image_size
-            logging.info("train.stage=3: data.image_size set to %d", config.data.image_size)
-    h, w = vae_lib.grid(config.model.vae, config.data.image_size)
-    d = config.data
-    with config.unlocked():   # config_flags hands out a locked ConfigDict
-        d.image_token_id = int(tok.image_id)
-        d.num_image_tokens = h * w + config.model.mar.buffer_size
-        # 0 follows the grid (stage 3, another data.image_size): image tokens + text budget.
-        d.i2t_seq_len = int(d.max_i2t_len) or d.num_image_tokens + int(d.i2t_text_len)
-        # The understanding loss projects positions from here on only onto the vocabulary.
-        d.i2t_loss_start = text.i2t_loss_start(tok, d.num_image_tokens)
-        if "recon_text_len" in d:   # older runs' config.json predate RecA
-            d.recon_seq_len = d.num_image_tokens + int(d.recon_text_len)
+    out = ml_collections.ConfigDict(config.to_dict())   # a copy, unlocked
+    d = out.data
+    if int(out.train.stage) == 3 and d.image_size == out.model.image_size:
+        # Stage 3's preset: twice the model's native resolution (Harmon: 256 -> 512 px).
+        d.image_size = 2 * out.model.image_size
+        logging.info("train.stage=3: data.image_size set to %d", d.image_size)
+    h, w = vae_lib.grid(out.model.vae, d.image_size)
+    d.image_token_id = int(tok.image_id)
+    d.num_image_tokens = h * w + out.model.mar.buffer_size
+    # 0 follows the grid (stage 3, another data.image_size): image tokens + text budget.
+    d.i2t_seq_len = int(d.max_i2t_len) or d.num_image_tokens + int(d.i2t_text_len)
+    # The understanding loss projects positions from here on only onto the vocabulary.
+    d.i2t_loss_start = text.i2t_loss_start(tok, d.num_image_tokens)
+    if "recon_text_len" in d:   # older runs' config.json predate RecA
+        d.recon_seq_len = d.num_image_tokens + int(d.recon_text_len)
     if d.i2t_seq_len <= d.num_image_tokens:
         raise ValueError(f"data.max_i2t_len={d.max_i2t_len} leaves no room for text beside the "
                          f"{d.num_image_tokens} image tokens of data.image_size={d.image_size}; set it "
                          "to 0 (image tokens + data.i2t_text_len)")
+    return ml_collections.FrozenConfigDict(out)

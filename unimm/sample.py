@@ -89,7 +89,7 @@ def main(argv):
         config = inference.load_config(FLAGS.workdir, FLAGS.config)
         inference.apply_sample_overrides(config, {
             name: getattr(FLAGS, name) for name in ("cfg", "num_iter", "temperature")})
-        tok = inference.prepare(config)
+        config, tok = inference.prepare(config)
         if prompts:
             warn_long_prompts(prompts, tok, config)
         model, step = inference.load_model(config, FLAGS.workdir, tok=tok)

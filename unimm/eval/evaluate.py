@@ -14,6 +14,7 @@ import jax
 from absl import logging
 from PIL import Image
 
+from unimm import resolve
 from unimm.eval import shapes_bench
 from unimm.inference.model import Model
 
@@ -60,9 +61,8 @@ def make_eval_fn(config: Any, workdir: str, tok: Any = None, num_examples: int |
         logging.info("%d processes: evaluation during training is skipped; run "
                      "python -m unimm.evaluate --workdir=%s afterwards", jax.process_count(), workdir)
         return None
-    if tok is None:
-        from unimm.data.text import shapes_tokenizer
-        tok = shapes_tokenizer()
+    tok = resolve.make_tokenizer(config) if tok is None else tok
+    config = resolve.resolve(config, tok, check=False)
     n = num_examples or config.eval.num_examples
 
     def eval_fn(state: Any, step: int, writer: Any = None) -> dict:

@@ -75,12 +75,12 @@ def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def prepare(config: Any):
-    """The tokenizer, with the fields derived from it and the resolution set on ``config``."""
+    """``(resolved config, tokenizer)``: a frozen copy of ``config`` with the fields that
+    follow from its tokenizer and resolution set (``unimm.resolve.resolve``)."""
     from unimm import resolve   # jax: not before the CLIs have checked their input
 
     tok = resolve.make_tokenizer(config)
-    resolve.set_derived_fields(config, tok)
-    return tok
+    return resolve.resolve(config, tok, check=False), tok
 
 
 def latest_step(config: Any, workdir: str, flag: str = "--workdir") -> int:
@@ -105,11 +105,12 @@ def load_model(config: Any, workdir: str, use_ema: bool = True, tok: Any = None)
     """The newest checkpoint's (EMA) params as a :class:`unimm.inference.model.Model`, and its step."""
     import jax   # jax and the model: not before the CLIs have checked their input
 
-    from unimm import checkpoint, sharding
+    from unimm import checkpoint, resolve, sharding
     from unimm.inference.model import Model
     from unimm.train.state import create_train_state
 
-    tok = prepare(config) if tok is None else tok
+    tok = resolve.make_tokenizer(config) if tok is None else tok
+    config = resolve.resolve(config, tok, check=False)
     latest_step(config, workdir)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     state = create_train_state(config, mesh, jax.random.key(config.seed))
@@ -131,4 +132,4 @@ def load_or_exit(workdir: str, spec: str | None = None, sample_overrides: dict |
         config = load_config(workdir, spec)
         apply_sample_overrides(config, sample_overrides)
         model, step = load_model(config, workdir)
-    return config, model, step
+    return model.config, model, step

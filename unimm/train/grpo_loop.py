@@ -24,7 +24,7 @@ from unimm.eval import rewards, shapes_bench
 from unimm.eval.evaluate import make_eval_fn
 from unimm.inference.model import Model
 from unimm.train import grpo, loop, runner
-from unimm.train.state import create_train_state, frozen_groups, state_shardings
+from unimm.train.state import create_train_state, state_shardings
 
 
 class RolloutPosition:
@@ -45,16 +45,6 @@ class RolloutPosition:
         self.position = int(state["position"])
 
 
-def validate_grpo(g: Any) -> None:
-    """Clear errors for ``config.grpo`` settings that cannot run: the generic ones, then the
-    policy's own (``Policy.validate``)."""
-    policy = rl.get(g.policy)
-    if g.reward == "geneval":
-        raise ValueError("grpo.reward='geneval': grpo.reward scores images against their source image; "
-                         "GenEval prompts (grpo.prompts='geneval' or 'both') are always scored by the GenEval check")
-    policy.validate(g)
-
-
 def starting_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = None,
                     key: str = "init_from") -> Any:
     """Params of ``path`` (default ``config.init_from``): a supervised workdir (its newest EMA
@@ -69,23 +59,11 @@ def starting_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = Non
 
 
 def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
-    g, d = config.grpo, config.data
-    frozen_groups(config)   # validates grpo.trainable before anything is built
-    validate_grpo(g)
-    if d.source != "shapes":
-        raise ValueError("grpo: rollouts draw images from the shapes world (data.source='shapes')")
-    mesh = sharding.make_mesh(loop.mesh_shape(config))
-    rows = g.inputs_per_step * g.group_size
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if rows % dp:
-        raise ValueError(f"grpo.inputs_per_step x grpo.group_size = {rows} is not divisible by the "
-                         f"data-parallel size {dp}")
-    for key in ("sft", "retain"):
-        if g.get(f"{key}_weight", 0.0) and g[f"{key}_batch_size"] % dp:
-            raise ValueError(f"grpo.{key}_batch_size = {g[f'{key}_batch_size']} is not divisible by the "
-                             f"data-parallel size {dp}")
+    resolve.validate(config)   # before the mesh is built
+    mesh = sharding.make_mesh(resolve.mesh_shape(config))
     tok = resolve.make_tokenizer(config)
-    resolve.set_derived_fields(config, tok)
+    config = resolve.resolve(config, tok, mesh)
+    g = config.grpo
 
     rng = jax.random.key(config.seed)
     state = create_train_state(config, mesh, rng, params=starting_params(config, mesh))

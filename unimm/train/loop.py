@@ -24,33 +24,6 @@ from unimm.train.step import jit_train_step
 
 
 
-def mesh_shape(config: Any) -> dict:
-    mesh = config.sharding.mesh
-    return mesh.to_dict() if hasattr(mesh, "to_dict") else dict(mesh)
-
-
-def check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
-    """Each task's global batch is split over the data-parallel axes (data x fsdp), and the
-    mix of tasks trains something: weights >= 0, one task with examples and weight > 0."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    weights = {task: float(config.train.get(f"{task}_weight", 1.0)) for task in pipeline.TASKS}
-    for task, w in weights.items():
-        if w < 0:
-            raise ValueError(f"train.{task}_weight={w}: expected >= 0")
-    if not any(pipeline.batch_size(config.data, t) > 0 and weights[t] > 0 for t in pipeline.TASKS):
-        mix = ", ".join(f"{t}: batch {pipeline.batch_size(config.data, t)} x weight {weights[t]:g}"
-                        for t in pipeline.TASKS)
-        raise ValueError(f"no task trains ({mix}); give one task data.<task>_batch_size > 0 and "
-                         "train.<task>_weight > 0")
-    for task in pipeline.TASKS:
-        size = pipeline.batch_size(config.data, task)
-        if size % dp:
-            raise ValueError(
-                f"data.{task}_batch_size={size} is not divisible by the data-parallel size {dp} "
-                f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} from "
-                f"sharding.mesh={mesh_shape(config)}); change the batch size or the mesh")
-
-
 def initial_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = None,
                    key: str = "init_from") -> Any:
     """Params of ``path`` (default ``config.init_from``), born sharded; None = random. ``path``
@@ -89,10 +62,9 @@ def run_params(config: Any, mesh: jax.sharding.Mesh, workdir: str, key: str = "i
 def train_and_evaluate(config: Any, workdir: str, *, eval_fn: EvalFn | None = None) -> TrainState:
     """Supervised training to ``config.train.steps`` (``runner.run`` owns the run's life);
     ``eval_fn`` scores the state every ``train.eval_every`` steps and at the end."""
-    mesh = sharding.make_mesh(mesh_shape(config))
-    check_batch_sizes(config, mesh)
+    mesh = sharding.make_mesh(resolve.mesh_shape(config))
     tok = resolve.make_tokenizer(config)
-    resolve.set_derived_fields(config, tok)
+    config = resolve.resolve(config, tok, mesh)
 
     rng = jax.random.key(config.seed)
     state = create_train_state(config, mesh, rng, params=initial_params(config, mesh))
