@@ -128,6 +128,9 @@ def test_resolve_returns_a_frozen_copy_and_leaves_its_argument():
     with pytest.raises(AttributeError):
         resolved.data.image_size = 48
     assert resolve.resolve(resolved).to_dict() == resolved.to_dict()   # idempotent
+    thawed = resolve.thaw(resolved)
+    thawed.data.image_size = 48   # a copy of its own: the next thaw does not see it
+    assert resolve.thaw(resolved).data.image_size == 24 == resolved.data.image_size
     config.model.diffusion.prediction = "noise"
     with pytest.raises(ValueError, match="model.diffusion.prediction"):   # checked first
         resolve.resolve(config)

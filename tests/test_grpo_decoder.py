@@ -126,7 +126,7 @@ def test_noisiest_step_selection_trains_only_the_first_steps(setup):
     """grpo.step_selection='noisiest': the loss sees the first ceil(fraction x S) diffusion steps
     of every iteration (first = noisiest) and nothing of the later ones."""
     config, cfg, params, rollout = setup
-    config = config.as_configdict()
+    config = resolve.thaw(config)
     config.grpo.step_selection, config.grpo.step_fraction = "noisiest", 0.5
     scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
     assert grpo_decoder.noisiest_steps(scored, 0.5)["x"].shape[2] == 3 == int(np.ceil(0.5 * int(STEPS)))
@@ -144,7 +144,7 @@ def test_supervised_anchor_adds_the_t2i_loss(setup, plain):
     the batch riding in the rollout; its gradient reaches the LLM, which GRPO alone leaves."""
     config, cfg, params, rollout = setup
     tok = resolve.make_tokenizer(config)
-    config = config.as_configdict()
+    config = resolve.thaw(config)
     config.grpo.sft_weight, config.grpo.sft_batch_size = 0.5, 4
     from unimm.train import step
     batch = rl_decoder.anchor_batch(config, tok, None, 3)
@@ -164,7 +164,7 @@ def test_retain_rollouts_hold_every_step_to_the_reference(setup):
     every diffusion step of the retain rollouts, whatever the groups and the step selection
     (here the noisiest half, every group dropped); 0 where the policy is the reference."""
     config, cfg, params, rollout = setup
-    config = config.as_configdict()
+    config = resolve.thaw(config)
     config.grpo.retain_weight, config.grpo.step_selection, config.grpo.step_fraction = 2.0, "noisiest", 0.5
     retain = grpo_decoder.as_retain(rollout)   # drawn by params, the reference too
     dropped = {**_scored(rollout, [1.0, -1.0, 0.5, -0.5]), "group_valid": jnp.zeros(4, bool)}
@@ -205,7 +205,7 @@ def test_decoder_step_moves_the_policy_towards_high_reward(setup):
     assert float(loss_and_grad(moved, scored)[0][0]) < float(loss)
     # grpo.train_variance=False: the head's variance channels (its output's second half) get no
     # gradient; the mean channels get the same one.
-    fixed_config = config.as_configdict()
+    fixed_config = resolve.thaw(config)
     fixed_config.grpo.train_variance = False
     fixed = jax.jit(jax.grad(lambda p: grpo_decoder.decoder_grpo_loss(p, scored, jax.random.key(0),
                                                                       config=fixed_config)[0]))(params)

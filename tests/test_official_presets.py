@@ -127,7 +127,9 @@ def test_grpo_steps_at_stage3_resolution(variant, qwen_like):
     config.grpo.group_size, config.grpo.inputs_per_step, config.grpo.max_new_tokens = 2, 1, 4
     config.grpo.rollout_steps = "2"
     tok = HFTokenizer(qwen_like)
-    config = resolve.resolve(config, tok).as_configdict()   # thawed: each policy in turn
+    # Unchecked: the steps run on their own here, not the loop (whose rollouts need the shapes
+    # world); thawed: each policy in turn.
+    config = resolve.thaw(resolve.resolve(config, tok, check=False))
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     cfg, d, g = layers.freeze(config.model), config.data, config.grpo
     rewards = jnp.asarray([[0.0, 1.0]])

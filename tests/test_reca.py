@@ -52,7 +52,7 @@ def test_recon_batches_hold_the_image_and_its_understanding_prompt(setup):
 
 def test_instructions_come_from_a_file_one_drawn_per_example(setup, tmp_path):
     config, tok, _, _ = setup
-    d = config.as_configdict().data
+    d = resolve.thaw(config).data
     instructions = [text.LONG_CAPTION_Q, text.SHORT_CAPTION_Q, text.CAPTION_Q]
     lines, as_json = tmp_path / "instructions.txt", tmp_path / "instructions.json"
     lines.write_text("\n".join(instructions) + "\n\n")
@@ -220,7 +220,7 @@ def test_image_variation_draws_from_the_images_own_embeddings(setup):
     from unimm.data import shapes
     from unimm.inference.model import Model
     config, tok, _, params = setup
-    config = config.as_configdict()
+    config = resolve.thaw(config)
     config.sample.num_iter, config.sample.num_sampling_steps = 2, "3"
     # Fresh params draw gray (zero-initialised adaLN and output layers): perturb every one.
     leaves, treedef = jax.tree.flatten(params)

@@ -93,6 +93,13 @@ def check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
                 f"sharding.mesh={mesh_shape(config)}); change the batch size or the mesh")
 
 
+def thaw(config: Any) -> ml_collections.ConfigDict:
+    """A mutable deep copy of ``config`` (e.g. a resolved one, to vary). Not
+    ``FrozenConfigDict.as_configdict()``: that returns one cached object, shared by every
+    caller, so a change to it would reach the next."""
+    return ml_collections.ConfigDict(config.to_dict())
+
+
 def resolve(config: Any, tok: Any = None, mesh: jax.sharding.Mesh | None = None,
             check: bool = True) -> ml_collections.FrozenConfigDict:
     """The config a run uses: ``config`` validated (:func:`validate`, with ``mesh`` if given;
@@ -111,7 +118,7 @@ def resolve(config: Any, tok: Any = None, mesh: jax.sharding.Mesh | None = None,
         raise ValueError(f"tokenizer {config.data.tokenizer or '(built-in shapes)'} has "
                          f"{tok.vocab_size} tokens but model.llm.vocab_size is "
                          f"{config.model.llm.vocab_size}")
-    out = ml_collections.ConfigDict(config.to_dict())   # a copy, unlocked
+    out = thaw(config)
     d = out.data
     if int(out.train.stage) == 3 and d.image_size == out.model.image_size:
         # Stage 3's preset: twice the model's native resolution (Harmon: 256 -> 512 px).
