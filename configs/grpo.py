@@ -7,52 +7,9 @@ holds the RL settings, and :data:`RECIPES` the measured GRPO recipes
 """
 import ml_collections
 
-from unimm import config_utils
+from unimm import config_utils, schema
 
 harmon = config_utils.sibling(__file__, "harmon.py")
-
-
-def grpo_config() -> ml_collections.ConfigDict:
-    g = ml_collections.ConfigDict()
-    g.policy = "captioner"                # "captioner" (generation for understanding) or "decoder"
-                                          # (understanding for generation; set trainable to e.g.
-                                          # ("mar", "head"), or add "llm")
-    g.decoder_from = ""                   # captioner policy: the frozen decoder's supervised workdir
-                                          # (UAE's separate decoder); "" = init_from's model
-    g.encoder_from = ""                   # decoder policy: the frozen captioner's supervised workdir
-                                          # (UAE's separate encoder); "" = init_from's model
-    g.trainable = ("llm",)                # param groups the policy update may change
-    g.prompts = "captions"                # decoder policy: "captions" (the frozen encoder's caption of
-                                          # each training image, scored by `reward`), "geneval" (GenEval
-                                          # prompts of the training split, scored by the GenEval check)
-                                          # or "both" (half of the inputs each)
-    g.group_size = 8                      # G samples per input
-    g.inputs_per_step = 8                 # images (captioner) per rollout
-    g.temperature = 0.7                   # caption sampling temperature (UAE: 0.7)
-    g.max_new_tokens = 48                 # caption length limit during rollouts
-    g.beta = 0.04                         # KL weight (k3 estimator for tokens)
-    g.epsilon = 0.2                       # PPO clip below 1
-    g.epsilon_high = 0.28                 # PPO clip above 1 (DAPO's clip-higher)
-    g.advantage = "grpo"                  # grpo | drgrpo | rloo (unimm.train.grpo_math.ADVANTAGES)
-    g.advantage_clip = 5.0                # |advantage| cap (Flow-GRPO); 0 = off
-    g.loss_aggregation = "seq-mean-token-mean"   # or "token-mean" (DAPO / Dr. GRPO)
-    g.ppo_epochs = 1                      # optimizer steps per rollout
-    g.drop_constant_groups = True         # DAPO: skip groups whose rewards are all equal
-    g.reward = "shapes_match"             # unimm.eval.rewards.REWARDS: image vs its source image
-    g.rollout_steps = "10"                # decoder policy: diffusion steps per rollout (sampling: 100)
-    g.train_variance = True               # decoder policy: False = only the steps' means move (the
-                                          # head's learned variances get no policy gradient)
-    g.step_fraction = 1.0                 # decoder policy: fraction of (iteration, step) pairs trained
-    g.step_selection = "random"           # decoder policy: which ones: "random" (a new draw each step) or
-                                          # "noisiest" (the first steps of each iteration; Flow-GRPO)
-    g.sft_weight = 0.0                    # decoder policy: weight of the supervised T2I loss on a batch of
-                                          # training long captions added to each step (PPO-ptx); 0 = off
-    g.sft_batch_size = 16                 # decoder policy: examples in that supervised batch
-    g.retain_weight = 0.0                 # decoder policy: weight of the KL to the reference on every
-                                          # diffusion step of the policy's own (unscored) images of
-                                          # training long captions, drawn each step; 0 = off
-    g.retain_batch_size = 16              # decoder policy: images in that retain rollout
-    return g
 
 
 RECIPES = {
@@ -76,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     size, names = config_utils.parse_variant(arg, "configs/grpo.py", harmon.SIZES,
                                              {**harmon.RECIPES, **RECIPES}, default="tiny")
     config = harmon.get_config(",".join([size, *(n for n in names if n in harmon.RECIPES)]))
-    config.grpo = grpo_config()
+    config.grpo = schema.grpo()
     config.train.steps = 200 if size == "tiny" else 1000
     config.optimizer.lr = 1e-5
     config.optimizer.warmup_fraction = 0.0

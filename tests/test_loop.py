@@ -101,6 +101,14 @@ def test_init_from_converter_output(tmp_path, tiny_train_config):
     from_run = loop.initial_params(config, mesh)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, from_run),
                  jax.tree.map(np.asarray, state.ema_params))
+    # Only params and EMA are read: a run whose optimizer state has another structure (its
+    # config now scales the head's lr, one more optax transform) still loads.
+    saved_config = tmp_path / "work" / "config.json"
+    raw = json.loads(saved_config.read_text())
+    raw["optimizer"]["head_lr_scale"] = 3.0
+    saved_config.write_text(json.dumps(raw))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loop.initial_params(config, mesh)),
+                 jax.tree.map(np.asarray, state.ema_params))
     config.model.llm.hidden_size = 64
     with pytest.raises(ValueError, match=r"init_from=.*work: its model .* does not match"):
         loop.initial_params(config, mesh)

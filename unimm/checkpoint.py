@@ -229,15 +229,20 @@ def check_params_fit(manager: ocp.CheckpointManager, step: int, abstract_params:
 
 
 def restore_arrays(manager: ocp.CheckpointManager, state: Any) -> tuple[dict, int]:
-    """The newest checkpoint's ``{"step", "params", "opt_state", "ema_params"}`` (no data
-    iterator: inference), restored into ``state``'s shardings, and its step. A checkpoint
-    whose arrays do not fit ``state`` is a ValueError naming the differing arrays."""
+    """The newest checkpoint's ``{"step", "params", "ema_params"}`` (inference and init_from
+    need no optimizer state or data iterator), restored into ``state``'s shardings, and its
+    step. The optimizer state is left on disk, so a checkpoint whose optax chain had another
+    structure (another optimizer setting, an older version) still loads. A checkpoint whose
+    params do not fit ``state`` is a ValueError naming the differing arrays."""
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    _check_fits(manager, step, saved_shapes(manager, step), _leaf_shapes(_arrays(state)))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=_restore_args(state)))
+    arrays = {k: v for k, v in _arrays(state).items() if k != "opt_state"}
+    saved = {k: v for k, v in saved_shapes(manager, step).items() if not k.startswith("opt_state/")}
+    _check_fits(manager, step, saved, _leaf_shapes(arrays))
+    target = _abstract(arrays)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
     return restored["state"], int(step)
 
 

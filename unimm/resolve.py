@@ -10,7 +10,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from unimm import rl, sharding
+from unimm import rl, schema, sharding
 from unimm.data import pipeline, text
 from unimm.data.tokenizer import HFTokenizer
 from unimm.models import decoding, gaussian_diffusion, harmon, qwen2
@@ -71,11 +71,11 @@ def check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
             raise ValueError(f"grpo.inputs_per_step x grpo.group_size = {rows} is not divisible by the "
                              f"data-parallel size {dp}")
         for key in ("sft", "retain"):
-            if g.get(f"{key}_weight", 0.0) and g[f"{key}_batch_size"] % dp:
+            if g[f"{key}_weight"] and g[f"{key}_batch_size"] % dp:
                 raise ValueError(f"grpo.{key}_batch_size = {g[f'{key}_batch_size']} is not divisible by the "
                                  f"data-parallel size {dp}")
         return
-    weights = {task: float(config.train.get(f"{task}_weight", 1.0)) for task in pipeline.TASKS}
+    weights = {task: float(config.train[f"{task}_weight"]) for task in pipeline.TASKS}
     for task, w in weights.items():
         if w < 0:
             raise ValueError(f"train.{task}_weight={w}: expected >= 0")
@@ -111,14 +111,14 @@ def resolve(config: Any, tok: Any = None, mesh: jax.sharding.Mesh | None = None,
     stage 3's higher resolution), ``data.i2t_seq_len`` (the understanding sequence length),
     ``data.i2t_loss_start`` (no understanding target before it) and ``data.recon_seq_len``
     (the reconstruction prompt's)."""
+    out = schema.backfill(thaw(config))   # a copy with every field: defaults come from the schema only
     if check:
-        validate(config, mesh)
-    tok = make_tokenizer(config) if tok is None else tok
+        validate(out, mesh)
+    tok = make_tokenizer(out) if tok is None else tok
     if tok.vocab_size > config.model.llm.vocab_size:
         raise ValueError(f"tokenizer {config.data.tokenizer or '(built-in shapes)'} has "
                          f"{tok.vocab_size} tokens but model.llm.vocab_size is "
                          f"{config.model.llm.vocab_size}")
-    out = thaw(config)
     d = out.data
     if int(out.train.stage) == 3 and d.image_size == out.model.image_size:
         # Stage 3's preset: twice the model's native resolution (Harmon: 256 -> 512 px).

@@ -192,7 +192,7 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
             return SHAPES_RANGE, lambda i: shapes_i2t_item(d.seed, offset + int(i), size)
         if task == "recon":
             return SHAPES_RANGE, lambda i: {"image": shapes.render(shapes.sample_scene(d.seed, offset + int(i)), size)}
-        kinds = tuple(d.get("t2i_prompt_kinds", GEN_KINDS))
+        kinds = tuple(d.t2i_prompt_kinds)
         if not kinds or set(kinds) - set(GEN_KINDS):
             raise ValueError(f"data.t2i_prompt_kinds={kinds}: choose one or more of {GEN_KINDS}")
         return SHAPES_RANGE, lambda i: shapes_t2i_item(d.seed, offset + int(i), size, kinds)
@@ -266,7 +266,7 @@ def example_encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
     """(stream position, item index) -> model-ready example with task-prefixed keys."""
     check_data_modes(d)
     if task == "recon":
-        instructions = text.load_instructions(d.get("recon_instructions", ""))
+        instructions = text.load_instructions(d.recon_instructions)
         text.check_instructions_fit(tok, instructions, d.num_image_tokens, d.recon_seq_len)
 
     def encode(pos_and_index):

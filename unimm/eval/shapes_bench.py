@@ -98,7 +98,7 @@ def evaluate(model: Model, num_examples: int = 60, batch_size: int = 12, seed: i
     recon_imgs = np.concatenate(recon_imgs)
     recon_ok = [shapes.detect(im) == it["scene"] for im, it in zip(recon_imgs, items)]
     metrics["reconstruction"] = float(np.mean(recon_ok))
-    encoders = builtin_encoders(model, config.eval.get("unified_bench", UNIFIED_BENCH_ENCODERS))
+    encoders = builtin_encoders(model, config.eval.unified_bench)
     encoders.update(feature_encoders or {})
     metrics["unified_bench"] = unified_bench(np.stack([it["image"] for it in items]), recon_imgs, encoders)
 

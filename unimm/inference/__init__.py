@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from unimm import cli, config_utils
+from unimm import cli, config_utils, schema
 
 CONFIG_FILE = "config.json"
 
@@ -49,16 +49,10 @@ def load_config(workdir: str, spec: str | None = None, flag: str = "--workdir") 
     try:
         return _tuples(ml_collections.ConfigDict(raw))
     except (AttributeError, KeyError) as e:
-        named = re.search(r"'(\w+)'", str(e))
+        named = re.search(r"'([\w.]+)'", str(e))
         field = named.group(1) if named else cli.one_line(e)
         raise ValueError(f"{path}: a required config field is missing ({field}); expected the "
                          "config.json written by python -m unimm.main") from None
-
-
-# Fields added since older runs wrote their config.json, with the behaviour those runs had.
-ADDED_FIELDS = {"data": {"i2t_square": "pad", "t2i_square": "pad", "caption_questions": "fixed"},
-                "sample": {"caption_sampling": False, "caption_temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                           "repetition_penalty": 1.0, "generation_config": ""}}
 
 
 def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -67,11 +61,9 @@ def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         (k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding.logical_axis_rules)
     for key in ("ch_mult", "attn_resolutions"):
         config.model.vae[key] = tuple(config.model.vae[key])
-    for section, fields in ADDED_FIELDS.items():
-        for key, value in fields.items():
-            if key not in config[section]:
-                config[section][key] = value
-    return config
+    # Fields added since older runs wrote their config.json get the schema's defaults: the
+    # behaviour those runs had.
+    return schema.backfill(config)
 
 
 def prepare(config: Any):

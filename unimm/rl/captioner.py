@@ -24,11 +24,11 @@ class Captioner(Policy):
     frozen_decoder = True
 
     def validate(self, g: Any) -> None:
-        prompts = g.get("prompts", "captions")
+        prompts = g.prompts
         if prompts != "captions":
             raise ValueError(f"grpo.prompts={prompts!r} draws images for GenEval prompts: "
                              "it needs grpo.policy='decoder'")
-        if g.get("encoder_from"):
+        if g.encoder_from:
             raise ValueError("grpo.encoder_from sets the decoder policy's frozen captioner; the captioner policy "
                              "is its own (leave grpo.encoder_from empty)")
         for key, does in (("sft", "adds the supervised text-to-image loss"),

@@ -25,7 +25,7 @@ PROMPTS = ("captions", "geneval", "both")
 def geneval_share(g: Any) -> int:
     """How many of a rollout's ``inputs_per_step`` inputs are GenEval prompts (the rest are
     training images, captioned by the frozen encoder)."""
-    prompts, n = g.get("prompts", "captions"), g.inputs_per_step
+    prompts, n = g.prompts, g.inputs_per_step
     return {"captions": 0, "geneval": n, "both": n // 2}[prompts]
 
 
@@ -70,26 +70,26 @@ class Decoder(Policy):
     step = staticmethod(grpo_decoder.decoder_grpo_step)
 
     def validate(self, g: Any) -> None:
-        prompts = g.get("prompts", "captions")
+        prompts = g.prompts
         if prompts not in PROMPTS:
             raise ValueError(f"grpo.prompts={prompts!r}: expected one of {PROMPTS}")
-        if g.get("decoder_from"):
+        if g.decoder_from:
             raise ValueError("grpo.decoder_from sets the captioner policy's frozen decoder; the decoder policy "
                              "trains its own (leave grpo.decoder_from empty)")
-        if g.get("encoder_from") and prompts == "geneval":
+        if g.encoder_from and prompts == "geneval":
             raise ValueError("grpo.encoder_from captions training images, but grpo.prompts='geneval' uses none: "
                              "set grpo.prompts to 'captions' or 'both'")
         for key, none in (("sft", "no supervised anchor"), ("retain", "no retain rollouts")):
-            weight = g.get(f"{key}_weight", 0.0)
+            weight = g[f"{key}_weight"]
             if weight < 0:
                 raise ValueError(f"grpo.{key}_weight={weight}: expected >= 0 (0 = {none})")
-            if weight and g.get(f"{key}_batch_size", 0) <= 0:
+            if weight and g[f"{key}_batch_size"] <= 0:
                 raise ValueError(f"grpo.{key}_weight={weight} needs grpo.{key}_batch_size > 0 "
-                                 f"(got {g.get(f'{key}_batch_size', 0)})")
-        if g.get("step_selection", "random") not in grpo_decoder.STEP_SELECTIONS:
+                                 f"(got {g[f'{key}_batch_size']})")
+        if g.step_selection not in grpo_decoder.STEP_SELECTIONS:
             raise ValueError(f"grpo.step_selection={g.step_selection!r}: expected one of "
                              f"{grpo_decoder.STEP_SELECTIONS}")
-        if not 0.0 < g.get("step_fraction", 1.0) <= 1.0:
+        if not 0.0 < g.step_fraction <= 1.0:
             raise ValueError(f"grpo.step_fraction={g.step_fraction}: expected a fraction in (0, 1]")
 
     def rollout(self, ctx: RLContext, state: Any, n: int, indices: range) -> tuple[dict, Any]:
@@ -104,9 +104,9 @@ class Decoder(Policy):
                                              jax.random.fold_in(ctx.keys["rollout"], n))
         drawn = {"source": np.repeat(source, repeat, axis=0), "generated": generated,
                  "specs": [spec for *_, spec in items for _ in range(repeat)]}
-        if g.get("sft_weight", 0.0):
+        if g.sft_weight:
             rollout = {**rollout, **anchor_batch(config, tok, state.tokenizer_params, n)}
-        if g.get("retain_weight", 0.0):   # the policy's own images of training long captions
+        if g.retain_weight:   # the policy's own images of training long captions
             scenes = retain_scenes(config, n)
             kept, retained = decoder_rollout(config, tok, state, ctx.ref, [shapes.long_caption(x) for x in scenes],
                                              jax.random.fold_in(ctx.keys["retain"], n))

@@ -114,7 +114,7 @@ def step_log_probs(params: dict, cfg: Any, rollout: dict, *, guided: bool, num_s
 def rollout_steps(config: Any) -> str | None:
     """Diffusion steps of the decoder rollouts: ``grpo.rollout_steps`` (fewer than sampling's,
     as Flow-GRPO) or the sampling default."""
-    return config.grpo.get("rollout_steps") or config.sample.num_sampling_steps or None
+    return config.grpo.rollout_steps or config.sample.num_sampling_steps or None
 
 
 # Rollout arrays with a diffusion-step axis (axis 2, first = noisiest).
@@ -150,7 +150,7 @@ def retain_kl(params: dict, config: Any, rollout: dict) -> jax.Array:
     r = {k[len(RETAIN_PREFIX):]: v for k, v in rollout.items() if k.startswith(RETAIN_PREFIX)}
     mean, log_var = step_means(params, config.model, r, guided=float(s.cfg) != 1.0,
                                num_steps=rollout_steps(config))
-    if not config.grpo.get("train_variance", True):
+    if not config.grpo.train_variance:
         log_var = jax.lax.stop_gradient(log_var)
     kl = _sampling_kl(mean, log_var, r, s.temperature)
     counts = r["pos_valid"][:, :, None, :] & (r["t"] > 0)[..., None]
@@ -169,13 +169,13 @@ def noisiest_steps(rollout: dict, fraction: float) -> dict:
 def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: Any) -> tuple[jax.Array, dict]:
     g, s = config.grpo, config.sample
     guided = float(s.cfg) != 1.0
-    fraction = g.get("step_fraction", 1.0)
-    noisiest = g.get("step_selection", "random") == "noisiest"
+    fraction = g.step_fraction
+    noisiest = g.step_selection == "noisiest"
     if noisiest:
         rollout = noisiest_steps(rollout, fraction)
     # train_variance False: only the step means move (DDPO / Flow-GRPO: fixed variances).
     logp, mean, log_var = step_log_probs(params, config.model, rollout, guided=guided, num_steps=rollout_steps(config),
-                                         temperature=s.temperature, train_variance=g.get("train_variance", True))
+                                         temperature=s.temperature, train_variance=g.train_variance)
     kl = _sampling_kl(mean, log_var, rollout, s.temperature)
     adv = rollout["advantages"][:, None, None, None]
     # Which (iteration, diffusion step) pairs train: the noisiest ones (already cut) or a random

@@ -70,14 +70,14 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     ref = jax.tree.map(jnp.copy, state.params)        # π_ref (and the frozen decoder by default)
     # UAE's two-model setup: the captioner policy's images may come from another run's decoder.
     decoder_params = (starting_params(config, mesh, g.decoder_from, "grpo.decoder_from")
-                      if g.get("decoder_from") else ref)
+                      if g.decoder_from else ref)
     decoder = Model(config, tok, decoder_params, state.tokenizer_params)
     # The decoder policy's captions: the frozen starting point's, or another run's captioner
     # (``grpo.encoder_from``: UAE's two models, the understanding side fixed).
     encoder_params = (starting_params(config, mesh, g.encoder_from, "grpo.encoder_from")
-                      if g.get("encoder_from") else None)
+                      if g.encoder_from else None)
     encoder = (Model(config, tok, encoder_params, state.tokenizer_params)
-               if g.get("encoder_from") else decoder)
+               if g.encoder_from else decoder)
     judges = shapes_bench.builtin_encoders(decoder, ("mar", "latent"))    # frozen: the reference's
     positions = RolloutPosition(g.inputs_per_step)
     policy = rl.get(g.policy)

@@ -47,12 +47,13 @@ def make_optimizer(opt: Any, total_steps: int,
                    frozen: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``opt`` = ``config.optimizer``; ``frozen`` = top-level param groups that get no update."""
     schedule = learning_rate(opt, total_steps)
-    head_scale = float(opt.get("head_lr_scale", 1.0))   # .get: older runs' config.json lack it
-    adamw = optax.chain(
-        optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip else optax.identity(),
-        optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                    mask=decay_mask),
-        scale_group("head", head_scale) if head_scale != 1.0 else optax.identity())
+    head_scale = float(opt.head_lr_scale)
+    parts = [optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip else optax.identity(),
+             optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                         mask=decay_mask)]
+    if head_scale != 1.0:   # appended only when used: the optimizer state keeps its structure otherwise
+        parts.append(scale_group("head", head_scale))
+    adamw = optax.chain(*parts)
     if not frozen:
         return adamw, schedule
     tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},

@@ -124,7 +124,7 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, state: TrainState, d
         writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
     report = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer,
                                              every_steps=t.log_every, every_secs=None)
-    guard = NonFiniteGuard(t.get("max_nonfinite_steps", 10))
+    guard = NonFiniteGuard(t.max_nonfinite_steps)
     evaluate = eval_fn is not None and t.eval_every > 0
     history: list[dict] = []
     last_time, last_step = time.perf_counter(), step
@@ -152,7 +152,7 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, state: TrainState, d
                 took = time.monotonic() - preemption.received_at
                 logging.warning("preempted: step %d saved in %s %.1f s after SIGTERM; re-run the same "
                                 "command to resume", step, manager.directory, took)
-                if took > t.get("preemption_grace_secs", 30):
+                if took > t.preemption_grace_secs:
                     logging.warning("the save took longer than train.preemption_grace_secs=%s",
                                     t.preemption_grace_secs)
                 print(f"preempted at step {step}: checkpoint saved; re-run the same command to resume", flush=True)

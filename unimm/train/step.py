@@ -87,9 +87,9 @@ def masked_diffusion_loss(params: Any, model_cfg: Any, text: jax.Array, text_mas
     k_drop = jax.random.fold_in(rng, 2)
     m = model_cfg.mar
     mask, idx, valid, ratio = mar.training_mask(   # .get: fields absent from older runs' config.json
-        k_mask, b, seq, m.mask_ratio_min, std=m.get("mask_ratio_std", mar.MASK_RATIO_STD),
+        k_mask, b, seq, m.mask_ratio_min, std=m.mask_ratio_std,
         per_example=m.get("mask_ratio_per_example", False), dist=m.get("mask_ratio_dist", "truncnorm"),
-        full_prob=m.get("mask_full_prob", 0.0))
+        full_prob=m.mask_full_prob)
     z = harmon.decoder_condition(params, model_cfg, text, text_mask, img_tokens, idx, valid,
                                  dropout_rng=k_drop)
     loss = gaussian_diffusion.diffusion_loss(
@@ -109,7 +109,7 @@ def loss_fn(params: Any, tokenizer_params: Any, batch: dict, rng: jax.Array, *, 
     if "i2t_tokens" in batch:
         toks = batch_image_tokens(tokenizer_params, m, batch, "i2t")
         loss, mets = i2t_loss(params, m, batch, toks, config.data.image_token_id, m.understanding_grad_scale,
-                              jax.random.fold_in(rng, 1), config.data.get("i2t_loss_start", 0))
+                              jax.random.fold_in(rng, 1), config.data.i2t_loss_start)
         total, metrics = total + t.i2t_weight * loss, {**metrics, **mets}
     if "t2i_tokens" in batch:
         toks = batch_image_tokens(tokenizer_params, m, batch, "t2i")
