@@ -102,9 +102,10 @@ def thaw(config: Any) -> ml_collections.ConfigDict:
 
 def resolve(config: Any, tok: Any = None, mesh: jax.sharding.Mesh | None = None,
             check: bool = True) -> ml_collections.FrozenConfigDict:
-    """The config a run uses: ``config`` validated (:func:`validate`, with ``mesh`` if given;
-    ``check=False`` skips it, for a saved run's config), copied, its derived fields set, and
-    frozen. ``tok`` defaults to the config's own tokenizer.
+    """The config a run uses: a copy of ``config`` with the fields it lacks from the schema
+    (``schema.backfill``), validated (:func:`validate`, with ``mesh`` if given; ``check=False``
+    skips it, for a saved run's config), its derived fields set, frozen. ``tok`` defaults to
+    the config's own tokenizer.
 
     Derived: ``data.image_token_id``, ``data.num_image_tokens`` (the token grid of
     ``data.image_size`` plus the buffers; a ``data.image_size`` above ``model.image_size`` is
@@ -131,8 +132,7 @@ def resolve(config: Any, tok: Any = None, mesh: jax.sharding.Mesh | None = None,
     d.i2t_seq_len = int(d.max_i2t_len) or d.num_image_tokens + int(d.i2t_text_len)
     # The understanding loss projects positions from here on only onto the vocabulary.
     d.i2t_loss_start = text.i2t_loss_start(tok, d.num_image_tokens)
-    if "recon_text_len" in d:   # older runs' config.json predate RecA
-        d.recon_seq_len = d.num_image_tokens + int(d.recon_text_len)
+    d.recon_seq_len = d.num_image_tokens + int(d.recon_text_len)
     if d.i2t_seq_len <= d.num_image_tokens:
         raise ValueError(f"data.max_i2t_len={d.max_i2t_len} leaves no room for text beside the "
                          f"{d.num_image_tokens} image tokens of data.image_size={d.image_size}; set it "
