@@ -272,3 +272,36 @@ def test_scan_and_remat_match_unrolled(scan, remat):
     with pytest.raises(ValueError, match="model.llm.remat='some'"):
         other.remat = "some"
         qwen2.init(other, jax.random.key(0))
+
+
+def test_attention_implementation_switch():
+    """model.llm.attention / model.mar.attention pick jax.nn.dot_product_attention's
+    implementation: "auto" (XLA on CPU) equals the default "xla"; "cudnn" needs a GPU (not
+    run here); an unknown name is one error naming the field."""
+    from configs.harmon import get_config
+    from unimm import resolve
+    from unimm.models import harmon, mar
+    config = get_config("tiny")
+    auto = get_config("tiny")
+    auto.model.llm.attention = auto.model.mar.attention = "auto"
+    params = harmon.init(layers.freeze(config.model), jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, config.model.llm.vocab_size)
+    pos, mask = jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.ones((2, 10), bool)
+    seq = config.model.mar.grid ** 2
+    image = jax.random.normal(jax.random.key(2), (2, seq, config.model.mar.token_dim))
+    idx, valid = mar.gather_visible(jnp.arange(seq)[None, :].repeat(2, 0) % 2 == 0, seq)
+
+    def run(c):
+        hidden, _ = qwen2.forward(params["llm"], c.llm, tokens, pos, mask)
+        return hidden, mar.encode(params["mar"], c.mar, image, idx, valid)
+
+    bound = {name: (layers.bind(qwen2.Qwen2, c.model.llm, params["llm"]).layers[0].self_attn.implementation,
+                    layers.bind(mar.MAR, c.model.mar, params["mar"]).encoder_blocks[0].attn.implementation)
+             for name, c in (("xla", config), ("auto", auto))}
+    assert bound == {"xla": ("xla", "xla"), "auto": (None, None)}   # what reaches dot_product_attention
+    ref = jax.tree.leaves(run(layers.freeze(config.model)))
+    for got, want in zip(jax.tree.leaves(run(layers.freeze(auto.model))), ref):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    config.model.mar.attention = "flash"
+    with pytest.raises(ValueError, match=r"model.mar.attention='flash': expected one of \('xla', 'cudnn', 'auto'\)"):
+        resolve.validate(config)

@@ -13,7 +13,7 @@ from absl import logging
 from unimm import rl, schema, sharding
 from unimm.data import pipeline, text
 from unimm.data.tokenizer import HFTokenizer
-from unimm.models import decoding, gaussian_diffusion, harmon, qwen2
+from unimm.models import decoding, gaussian_diffusion, harmon, layers, qwen2
 from unimm.models import vae as vae_lib
 from unimm.train import state
 
@@ -33,6 +33,8 @@ def validate(config: Any, mesh: jax.sharding.Mesh | None = None) -> None:
     s = config.sample
     decoding.check_settings(s.repetition_penalty, s.caption_temperature, s.top_k, s.top_p, "config.sample")
     qwen2.check_remat(config.model.llm.remat)
+    for part in ("llm", "mar"):
+        layers.attention_impl(config.model[part].attention, f"model.{part}.attention")
     gaussian_diffusion.check_prediction(config.model.diffusion.prediction)
     harmon.validate(config.model)
     sharding.rules_dict(config.sharding.logical_axis_rules)

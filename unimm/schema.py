@@ -32,6 +32,8 @@ def base() -> ml_collections.ConfigDict:
     c.initializer_range = 0.02            # std of the normal init of every weight (HF)
     c.scan_layers = False                 # one lax.scan over the layers (fast compiles at depth)
     c.remat = "none"                      # "none", "full" (recompute layers) or "dots" (keep matmuls)
+    c.attention = "xla"                   # jax.nn.dot_product_attention implementation: "xla",
+                                          # "cudnn" (GPU) or "auto" (JAX picks per backend)
 
     c = m.mar = ml_collections.ConfigDict()
     c.token_dim = 16                      # latent channels per token (vae embed_dim * patch**2)
@@ -58,6 +60,7 @@ def base() -> ml_collections.ConfigDict:
     c.dropout = 0.0
     c.pos_embed_init_std = 0.02           # std of the encoder / decoder position embeddings' init
     c.dtype = "float32"                   # compute dtype
+    c.attention = "xla"                   # attention implementation, as model.llm.attention
 
     c = m.diffusion = ml_collections.ConfigDict()
     c.width = 1024                        # SimpleMLPAdaLN model_channels

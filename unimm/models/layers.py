@@ -25,6 +25,19 @@ zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
 
 
+# jax.nn.dot_product_attention's implementations by config name ("auto": JAX picks per
+# backend, e.g. cuDNN's fused kernel on GPUs that support the shapes, XLA elsewhere).
+ATTENTION = {"xla": "xla", "cudnn": "cudnn", "auto": None}
+
+
+def attention_impl(name: str, field: str) -> str | None:
+    """The ``implementation=`` argument for an attention config value; ValueError naming
+    ``field`` otherwise."""
+    if name not in ATTENTION:
+        raise ValueError(f"{field}={name!r}: expected one of {tuple(ATTENTION)}")
+    return ATTENTION[name]
+
+
 def normal(std: float = 0.02):
     return nnx.initializers.normal(std)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimm.models.layers import bind, layer_norm, linear, normal, param, shard_batch
+from unimm.models.layers import attention_impl, bind, layer_norm, linear, normal, param, shard_batch
 
 # --------------------------------------------------------------------------- modules
 
@@ -35,8 +35,8 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 class Attention(nnx.Module):
     """timm ``Attention``: fused qkv with bias, softmax(q k^T / sqrt(d)) v, output proj."""
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None):
-        self.num_heads = num_heads
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None, implementation=None):
+        self.num_heads, self.implementation = num_heads, implementation
         self.qkv = linear(dim, 3 * dim, ("embed", "qkv"), rngs=rngs, dtype=dtype)
         self.proj = linear(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
 
@@ -47,7 +47,7 @@ class Attention(nnx.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).transpose(2, 0, 1, 3, 4)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         if rng is None or rate == 0.0:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         else:   # timm's attn_drop on the probabilities: the explicit form
             k_attn, rng = jax.random.split(rng)
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1])).astype(q.dtype)
@@ -74,9 +74,9 @@ class Block(nnx.Module):
     proj_drop; Harmon trains with 0.1) applies only when an ``rng`` is given: training."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, *, rngs: nnx.Rngs,
-                 dtype=None):
+                 dtype=None, implementation=None):
         self.norm1 = layer_norm(dim, rngs=rngs, eps=eps, dtype=dtype)
-        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype)
+        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype, implementation=implementation)
         self.norm2 = layer_norm(dim, rngs=rngs, eps=eps, dtype=dtype)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
 
@@ -102,19 +102,22 @@ class MAR(nnx.Module):
         c, cd, eps = cfg.width, cfg.decoder_width, cfg.layer_norm_eps
         seq, buf = cfg.grid * cfg.grid, cfg.buffer_size
         dt = jnp.dtype(cfg.get("dtype", "float32"))
+        impl = attention_impl(cfg.get("attention", "xla"), "model.mar.attention")
         emb = normal(0.02)
         pos = normal(cfg.get("pos_embed_init_std", 0.02))
         self.fake_latent = param(rngs, emb, (1, c), (None, "embed"))
         self.z_proj = linear(cfg.token_dim, c, ("token", "embed"), rngs=rngs, dtype=dt)
         self.z_proj_ln = layer_norm(c, rngs=rngs, eps=eps, dtype=dt)
         self.encoder_pos_embed_learned = param(rngs, pos, (1, seq + buf, c), (None, "seq", "embed"))
-        self.encoder_blocks = nnx.List([Block(c, cfg.num_heads, cfg.mlp_ratio, eps, rngs=rngs, dtype=dt)
+        self.encoder_blocks = nnx.List([Block(c, cfg.num_heads, cfg.mlp_ratio, eps, rngs=rngs, dtype=dt,
+                                              implementation=impl)
                                         for _ in range(cfg.encoder_depth)])
         self.encoder_norm = layer_norm(c, rngs=rngs, eps=eps, dtype=dt)
         self.decoder_embed = linear(c, cd, ("embed", "mlp"), rngs=rngs, dtype=dt)
         self.mask_token = param(rngs, emb, (1, 1, cd), (None, None, "embed"))
         self.decoder_pos_embed_learned = param(rngs, pos, (1, seq + buf, cd), (None, "seq", "embed"))
-        self.decoder_blocks = nnx.List([Block(cd, cfg.num_heads, cfg.mlp_ratio, eps, rngs=rngs, dtype=dt)
+        self.decoder_blocks = nnx.List([Block(cd, cfg.num_heads, cfg.mlp_ratio, eps, rngs=rngs, dtype=dt,
+                                              implementation=impl)
                                         for _ in range(cfg.decoder_depth)])
         self.decoder_norm = layer_norm(cd, rngs=rngs, eps=eps, dtype=dt)
         self.diffusion_pos_embed_learned = param(rngs, emb, (1, seq, cd), (None, "seq", "embed"))

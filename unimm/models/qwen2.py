@@ -57,6 +57,7 @@ class Attention(nnx.Module):
         self.o_proj = lin(cfg.num_heads * d, h, ("heads", "embed"), use_bias=False)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.theta = cfg.rope_theta
+        self.implementation = layers.attention_impl(cfg.get("attention", "xla"), "model.llm.attention")
 
     def __call__(self, x, positions, mask, cache=None, cache_offset=0):
         b, t, _ = x.shape
@@ -71,7 +72,7 @@ class Attention(nnx.Module):
             cache = {"k": k, "v": v}
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         # Fewer KV heads than query heads (GQA) is handled by dot_product_attention itself.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=self.implementation)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
