@@ -18,7 +18,7 @@ from unimm.models import gaussian_diffusion as gd
 from unimm.models import layers
 
 D, C = 6, 12                               # token channels, condition width
-HEAD = ml_collections.ConfigDict(dict(width=32, depth=2, token_dim=D, cond_dim=C))
+HEAD = ml_collections.ConfigDict(dict(width=32, depth=2, token_dim=D, cond_dim=C, dtype="float32"))
 DIFF = get_config("tiny").model.diffusion            # 1000 steps, cosine, x0 clamp 1.0
 DIFF.num_sampling_steps, DIFF.batch_mul = "10", 4   # fixed here: the tests' figures assume them
 DIFF.prediction, DIFF.clip_log_variance = "epsilon", False   # MAR's sampler (tiny's own: below)

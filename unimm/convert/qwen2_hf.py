@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from unimm import schema
 from unimm.convert import common
 from unimm.models import layers
 from unimm.models.qwen2 import Qwen2
 
 
 def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """The unimm LLM config (fields of ``configs/harmon.py: llm_config``) of an HF config."""
+    """The unimm LLM config (``model.llm`` of unimm/schema.py, architecture from the HF config)."""
     if hf_config.get("model_type") != "qwen2":
         raise ValueError(f"config.json: model_type {hf_config.get('model_type')!r} is not 'qwen2'")
     if hf_config.get("hidden_act", "silu") != "silu":
@@ -34,7 +35,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
         raise ValueError("config.json: sliding-window attention is not supported")
     try:
         hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-        c = ml_collections.ConfigDict()
+        c = schema.base().model.llm   # the settings HF does not hold (remat, attention, ...)
         c.vocab_size = hf_config["vocab_size"]
         c.hidden_size = hidden
         c.num_layers = hf_config["num_hidden_layers"]

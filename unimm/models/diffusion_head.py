@@ -73,7 +73,7 @@ class FinalLayer(nnx.Module):
 class DiffusionHead(nnx.Module):
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
         w = cfg.width
-        dt = jnp.dtype(cfg.get("dtype", "float32"))
+        dt = jnp.dtype(cfg.dtype)
         self.time_embed = TimestepEmbedder(w, rngs=rngs, dtype=dt)
         self.cond_embed = linear(cfg.cond_dim, w, ("embed", "mlp"), rngs=rngs, dtype=dt)
         self.input_proj = linear(cfg.token_dim, w, ("token", "mlp"), rngs=rngs, dtype=dt)

@@ -281,13 +281,13 @@ def head_model_fn(head_params: Any, head_cfg: Any, z: jax.Array, cfg_scale=1.0,
 
 
 def _prediction(diff_cfg: Any) -> str:
-    return check_prediction(diff_cfg.get("prediction", "epsilon"))
+    return check_prediction(diff_cfg.prediction)
 
 
 def _step_options(diff_cfg: Any) -> dict:
     """How the config turns a network output into a step: x0 clamp, target, variance clip."""
-    return dict(clip=diff_cfg.get("clip_denoised", 0.0), prediction=_prediction(diff_cfg),
-                clip_var=diff_cfg.get("clip_log_variance", False))
+    return dict(clip=diff_cfg.clip_denoised, prediction=_prediction(diff_cfg),
+                clip_var=diff_cfg.clip_log_variance)
 
 
 def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array, clip: float = 0.0,

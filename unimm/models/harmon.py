@@ -46,15 +46,15 @@ def validate(model_cfg: Any) -> None:
     for name, width, heads in (("width", m.width, m.num_heads), ("decoder_width", m.decoder_width, m.num_heads)):
         if width % heads:
             raise ValueError(f"model.mar.{name}={width} is not divisible by model.mar.num_heads={heads}")
-    std = m.get("mask_ratio_std", mar.MASK_RATIO_STD)   # absent from older runs' config.json
+    std = m.mask_ratio_std
     if not (0.0 <= m.mask_ratio_min < 1.0 and std > 0):
         raise ValueError(f"model.mar.mask_ratio_min={m.mask_ratio_min} must lie in [0, 1) and "
                          f"model.mar.mask_ratio_std={std} be > 0")
-    if m.get("mask_ratio_dist", "truncnorm") not in mar.MASK_RATIO_DISTS:
+    if m.mask_ratio_dist not in mar.MASK_RATIO_DISTS:
         raise ValueError(f"model.mar.mask_ratio_dist={m.mask_ratio_dist!r}: expected one of {mar.MASK_RATIO_DISTS}")
-    if not 0.0 <= m.get("mask_full_prob", 0.0) <= 1.0:
+    if not 0.0 <= m.mask_full_prob <= 1.0:
         raise ValueError(f"model.mar.mask_full_prob={m.mask_full_prob} must lie in [0, 1]")
-    if model_cfg.get("readout_residual", False) and not has_readout(model_cfg):
+    if model_cfg.readout_residual and not has_readout(model_cfg):
         raise ValueError(f"model.readout_residual=True needs the readout: model.readout_weight > 0 "
                          f"(got {model_cfg.get('readout_weight', 0.0)})")
 
@@ -100,7 +100,7 @@ TRAINING_AIDS = ("readout",)   # param groups of ours that Harmon's checkpoints 
 
 
 def has_readout(cfg: Any) -> bool:
-    return cfg.get("readout_weight", 0.0) > 0
+    return cfg.readout_weight > 0
 
 
 def init_readout(cfg: Any, rng: jax.Array) -> dict:
@@ -122,7 +122,7 @@ def diffuses_residual(cfg: Any) -> bool:
     has to model what is left around it. (On tiny that mean alone rebuilds 0.75-0.84 of
     held-out scenes from their captions, the head's samples 0.32; but the head sampling
     the residual did not do better: results/generation.md.)"""
-    return bool(cfg.get("readout_residual", False))
+    return bool(cfg.readout_residual)
 
 
 def head_target(params: dict, cfg: Any, z: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -88,7 +88,7 @@ class Block(nnx.Module):
 
 
 def _blocks(blocks, x, key_mask, cfg, dropout_rng):
-    rate = float(cfg.get("dropout", 0.0))
+    rate = float(cfg.dropout)
     for i, block in enumerate(blocks):
         rng = None if dropout_rng is None or rate == 0.0 else jax.random.fold_in(dropout_rng, i)
         x = block(x, key_mask, rate, rng)
@@ -101,10 +101,10 @@ class MAR(nnx.Module):
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
         c, cd, eps = cfg.width, cfg.decoder_width, cfg.layer_norm_eps
         seq, buf = cfg.grid * cfg.grid, cfg.buffer_size
-        dt = jnp.dtype(cfg.get("dtype", "float32"))
-        impl = attention_impl(cfg.get("attention", "xla"), "model.mar.attention")
+        dt = jnp.dtype(cfg.dtype)
+        impl = attention_impl(cfg.attention, "model.mar.attention")
         emb = normal(0.02)
-        pos = normal(cfg.get("pos_embed_init_std", 0.02))
+        pos = normal(cfg.pos_embed_init_std)
         self.fake_latent = param(rngs, emb, (1, c), (None, "embed"))
         self.z_proj = linear(cfg.token_dim, c, ("token", "embed"), rngs=rngs, dtype=dt)
         self.z_proj_ln = layer_norm(c, rngs=rngs, eps=eps, dtype=dt)

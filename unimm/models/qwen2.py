@@ -21,7 +21,7 @@ from unimm.models import decoding, layers
 def _init(cfg):
     """HF's ``initializer_range`` (0.02 in Qwen2.5); configs saved before the field existed
     have none."""
-    return layers.normal(cfg.get("initializer_range", 0.02))
+    return layers.normal(cfg.initializer_range)
 
 
 class RMSNorm(nnx.Module):
@@ -57,7 +57,7 @@ class Attention(nnx.Module):
         self.o_proj = lin(cfg.num_heads * d, h, ("heads", "embed"), use_bias=False)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.theta = cfg.rope_theta
-        self.implementation = layers.attention_impl(cfg.get("attention", "xla"), "model.llm.attention")
+        self.implementation = layers.attention_impl(cfg.attention, "model.llm.attention")
 
     def __call__(self, x, positions, mask, cache=None, cache_offset=0):
         b, t, _ = x.shape
@@ -123,8 +123,8 @@ class Qwen2(nnx.Module):
             embedding_init=nnx.with_partitioning(_init(cfg), ("vocab", "embed")), rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
-        self.scan_layers = bool(cfg.get("scan_layers", False))
-        self.remat = check_remat(cfg.get("remat", "none"))
+        self.scan_layers = bool(cfg.scan_layers)
+        self.remat = check_remat(cfg.remat)
         if not cfg.tie_word_embeddings:
             self.lm_head = layers.linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
                                          rngs=rngs, use_bias=False, kernel_init=_init(cfg))
