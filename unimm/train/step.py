@@ -86,9 +86,9 @@ def masked_diffusion_loss(params: Any, model_cfg: Any, text: jax.Array, text_mas
     k_mask, k_diff = jax.random.split(rng)
     k_drop = jax.random.fold_in(rng, 2)
     m = model_cfg.mar
-    mask, idx, valid, ratio = mar.training_mask(   # .get: fields absent from older runs' config.json
+    mask, idx, valid, ratio = mar.training_mask(
         k_mask, b, seq, m.mask_ratio_min, std=m.mask_ratio_std,
-        per_example=m.get("mask_ratio_per_example", False), dist=m.get("mask_ratio_dist", "truncnorm"),
+        per_example=m.mask_ratio_per_example, dist=m.mask_ratio_dist,
         full_prob=m.mask_full_prob)
     z = harmon.decoder_condition(params, model_cfg, text, text_mask, img_tokens, idx, valid,
                                  dropout_rng=k_drop)
@@ -119,7 +119,7 @@ def loss_fn(params: Any, tokenizer_params: Any, batch: dict, rng: jax.Array, *, 
         toks = batch_image_tokens(tokenizer_params, m, batch, "recon")
         loss, mets = recon_loss(params, m, batch, toks, config.data.image_token_id, m.understanding_grad_scale,
                                 jax.random.fold_in(rng, 3))
-        total, metrics = total + t.get("recon_weight", 1.0) * loss, {**metrics, **mets}
+        total, metrics = total + t.recon_weight * loss, {**metrics, **mets}
     return total, metrics
 
 
