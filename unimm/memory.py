@@ -17,8 +17,6 @@ import sys
 import time
 from typing import Any
 
-import ml_collections
-
 GIB = 1024 ** 3
 
 
@@ -109,7 +107,7 @@ def compile_step(config: Any, mesh: Any, batch: int, latents: bool = False) -> d
     from unimm.models import vae as vae_lib
     from unimm.train.state import state_shardings
 
-    config = ml_collections.ConfigDict(config.to_dict())   # a copy: the caller's stays as it is
+    config = resolve.thaw(config)   # a copy: the caller's stays as it is
     config.data.image_token_id = 5
     if "grpo" not in config:
         config.data.i2t_batch_size = config.data.t2i_batch_size = batch // 2

@@ -173,8 +173,8 @@ def _as_rgb(img: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- sources
 
 def batch_size(d, task: str) -> int:
-    """``data.{task}_batch_size``; 0 where an older run's config lacks the field."""
-    return int(d.get(f"{task}_batch_size", 0))
+    """``data.{task}_batch_size`` (an older config.json without recon gets the schema's 0)."""
+    return int(d[f"{task}_batch_size"])
 
 
 def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int], dict]]:
@@ -244,7 +244,7 @@ def check_data_modes(d) -> None:
 def square_image(d, task: str, image: np.ndarray, pos: int | None) -> np.ndarray:
     """A raw item's image as the task's ``data.image_size`` square (``data.{task}_square``);
     a random crop is keyed by the stream position, a held-out item (``pos`` None) is centred."""
-    mode = d.get(f"{task}_square", "pad")
+    mode = d[f"{task}_square"]
     if mode == "random_crop" and pos is None:
         mode = "center_crop"
     rng = None if pos is None else np.random.default_rng([d.seed, int(pos), 6])

@@ -56,7 +56,7 @@ def validate(model_cfg: Any) -> None:
         raise ValueError(f"model.mar.mask_full_prob={m.mask_full_prob} must lie in [0, 1]")
     if model_cfg.readout_residual and not has_readout(model_cfg):
         raise ValueError(f"model.readout_residual=True needs the readout: model.readout_weight > 0 "
-                         f"(got {model_cfg.get('readout_weight', 0.0)})")
+                         f"(got {model_cfg.readout_weight})")
 
 
 def projector_config(din: int, dhidden: int, dout: int, axes_in: str, axes_out: str):

@@ -19,8 +19,7 @@ from flax import nnx
 from unimm.models import decoding, layers
 
 def _init(cfg):
-    """HF's ``initializer_range`` (0.02 in Qwen2.5); configs saved before the field existed
-    have none."""
+    """HF's ``initializer_range`` (0.02 in Qwen2.5)."""
     return layers.normal(cfg.initializer_range)
 
 

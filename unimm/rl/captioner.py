@@ -33,7 +33,7 @@ class Captioner(Policy):
                              "is its own (leave grpo.encoder_from empty)")
         for key, does in (("sft", "adds the supervised text-to-image loss"),
                           ("retain", "holds the decoder's sampler to the reference")):
-            if g.get(f"{key}_weight", 0.0):
+            if g[f"{key}_weight"]:
                 raise ValueError(f"grpo.{key}_weight {does}: it needs grpo.policy='decoder'")
 
     def rollout(self, ctx: RLContext, state: Any, n: int, indices: range) -> tuple[dict, Any]:
@@ -41,10 +41,12 @@ class Captioner(Policy):
         config, tok = ctx.config, ctx.tok
         g, d, cfg = config.grpo, config.data, layers.freeze(config.model)
         source = ctx.training_images(indices)
-        if getattr(self, "_prompt", None) is None or len(self._prompt[0]) != len(source):   # built once a run
-            self._prompt = text.left_pad(
-                [text.i2t_prompt_ids(tok, text.LONG_CAPTION_Q, d.num_image_tokens)] * len(source), tok.pad_id)
-        prompt, prompt_mask = self._prompt
+        # Built once a run; the policy is a registry singleton, so the key holds what it depends on.
+        key = (id(tok), d.num_image_tokens, len(source))
+        if getattr(self, "_prompt", (None,))[0] != key:
+            self._prompt = (key, text.left_pad(
+                [text.i2t_prompt_ids(tok, text.LONG_CAPTION_Q, d.num_image_tokens)] * len(source), tok.pad_id))
+        prompt, prompt_mask = self._prompt[1]
         image_tokens = vae_lib.images_to_tokens(state.tokenizer_params, cfg.vae,
                                                 jnp.asarray(np.stack([images_lib.to_model(x) for x in source])))
         rollout = grpo.caption_rollout(

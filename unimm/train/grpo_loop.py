@@ -59,7 +59,6 @@ def starting_params(config: Any, mesh: jax.sharding.Mesh, path: str | None = Non
 
 
 def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
-    resolve.validate(config)   # before the mesh is built
     mesh = sharding.make_mesh(resolve.mesh_shape(config))
     tok = resolve.make_tokenizer(config)
     config = resolve.resolve(config, tok, mesh)
