@@ -18,14 +18,14 @@ RECIPES = {
     # anchor, the noisiest half of each rollout's steps, an EMA of the policy (what evaluation
     # uses); 150 steps.
     "decoder": {
-        "grpo.policy": "decoder", "grpo.prompts": "geneval", "grpo.trainable": ("mar", "head"),
-        "grpo.train_variance": False, "grpo.sft_weight": 100.0,
-        "grpo.step_selection": "noisiest", "grpo.step_fraction": 0.5,
+        "grpo.policy": "decoder", "grpo.decoder.prompts": "geneval", "grpo.trainable": ("mar", "head"),
+        "grpo.decoder.train_variance": False, "grpo.decoder.sft_weight": 100.0,
+        "grpo.decoder.step_selection": "noisiest", "grpo.decoder.step_fraction": 0.5,
         "optimizer.lr": 3e-5, "train.ema_decay": 0.95, "train.steps": 150,
     },
     # Retain rollouts at weight 10 (with `decoder`): reconstruction held at its ceiling, less
     # GenEval gained (results/unified_grpo.md).
-    "retain": {"grpo.retain_weight": 10.0},
+    "retain": {"grpo.decoder.retain_weight": 10.0},
 }
 
 

@@ -10,7 +10,8 @@ must be one the CLIs turn into one ``error:`` line (``unimm.cli.USER_ERRORS``).
 Cases (name: input -> outcome)
 
 config and flags
-  cli main_unknown_field          --config.train.stepz=1 -> unknown config field ... stepz (did you mean steps)
+  cli main_unknown_field          --config.train.stepz=1 -> unknown config field ... train.stepz (did you mean steps)
+  unit moved_grpo_field           --config.grpo.prompts=geneval -> ... grpo.prompts (now grpo.decoder.prompts)
   cli main_wrong_type             --config.train.steps=many -> invalid literal for int()
   cli main_config_file_missing    --config=configs/nope.py:tiny -> cannot load the config file
   cli main_unknown_variant        --config=configs/harmon.py:huge -> unknown variant huge; choose one of ...
@@ -126,7 +127,7 @@ TINY = "--config=configs/harmon.py:tiny"
 # stderr line contains after "error: ", text a warning line contains or None)
 CLI = {
     "main_unknown_field": (MAIN + ["--config.train.stepz=1"],
-                           'unknown config field in the --config.* overrides: stepz Did you mean "steps"', None),
+                           'unknown config field in the --config.* overrides: train.stepz Did you mean "steps"', None),
     "main_wrong_type": (MAIN + ["--config.train.steps=many"],
                         "flag --config.train.steps=many: invalid literal for int() with base 10: many", None),
     "main_config_file_missing": (["unimm.main", "--config=configs/nope.py:tiny", "--workdir={tmp}/main_cfg"],
@@ -533,3 +534,12 @@ def test_jsonl_outside_root_when_allowed(tmp_path):
     path.write_text(json.dumps({"image": "/etc/passwd", "caption": "x"}) + "\n")
     assert pipeline.read_jsonl(str(path), allow_outside_root=True)[0]["image"] == "/etc/passwd"
 
+
+
+def test_moved_grpo_field_names_its_new_place():
+    """config_flags names only the unknown field; the error names the override's path, and
+    where a GRPO field of the layout before the policy groups lives now."""
+    from unimm import cli
+    argv = ["unimm.main", "--config=configs/grpo.py:tiny", "--config.grpo.prompts=geneval"]
+    assert cli._flag_error_message(KeyError("prompts"), argv) == (
+        "unknown config field in the --config.* overrides: grpo.prompts (now grpo.decoder.prompts)")

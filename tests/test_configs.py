@@ -1,5 +1,6 @@
-"""The official-size configs, built abstractly, have the parameter counts their architectures imply."""
+"""Configs: the official sizes' parameter counts, recipes as tables, one resolved config, old config.json files."""
 import jax
+import ml_collections
 import pytest
 
 from unimm import config_utils
@@ -134,3 +135,24 @@ def test_resolve_returns_a_frozen_copy_and_leaves_its_argument():
     config.model.diffusion.prediction = "noise"
     with pytest.raises(ValueError, match="model.diffusion.prediction"):   # checked first
         resolve.resolve(config)
+
+
+def test_an_older_config_json_gets_the_fields_added_since():
+    """A run's config.json written before a field existed loads: flat GRPO fields move into
+    their policy's group (``grpo.prompts`` -> ``grpo.decoder.prompts``), missing fields come
+    from the schema, and a missing architecture field is an error naming it."""
+    import copy
+
+    from unimm import schema
+    current = config_utils.load_config("configs/grpo.py:tiny,decoder,retain").to_dict()
+    old = copy.deepcopy(current)
+    for group in schema.POLICY_GROUPS:   # the layout before the policy groups
+        old["grpo"].update(old["grpo"].pop(group))
+    assert old["grpo"]["prompts"] == "geneval" and old["grpo"]["retain_weight"] == 10.0
+    assert schema.moved_grpo_field("retain_weight") == "grpo.decoder.retain_weight"
+    assert schema.moved_grpo_field("group_size") is None
+    del old["optimizer"]["head_lr_scale"]
+    assert schema.backfill(ml_collections.ConfigDict(copy.deepcopy(old))).to_dict() == current
+    del old["model"]["llm"]["hidden_size"]
+    with pytest.raises(KeyError, match="model.llm.hidden_size"):
+        schema.backfill(ml_collections.ConfigDict(old))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm import config_utils, resolve, sharding
+from unimm import config_utils, resolve, schema, sharding
 from unimm.data import shapes, text
 from unimm.data import images as images_lib
 from unimm.models import layers
@@ -16,15 +16,16 @@ from unimm.train.state import create_train_state, state_shardings
 from tiny import one_block_each, sigterm_after_step   # tests/tiny.py
 
 
-def grpo_config(**grpo_fields):
+def grpo_config(captioner=None, **grpo_fields):
+    """configs/grpo.py:tiny with ``grpo_fields`` and the ``captioner`` group's fields changed."""
     config = config_utils.load_config("configs/grpo.py:tiny")
-    config.grpo.update(grpo_fields)
+    config.grpo.update(dict(grpo_fields, captioner=captioner or {}))
     return config
 
 
 @pytest.fixture(scope="module")
 def setup():
-    config = grpo_config(group_size=4, max_new_tokens=10)
+    config = grpo_config(group_size=4, captioner=dict(max_new_tokens=10))
     tok = text.shapes_tokenizer()
     config = resolve.resolve(config, tok)
     return config, tok
@@ -41,8 +42,8 @@ def rollout(config, tok, params, ref, n, rng, seed=0):
     g, d = config.grpo, config.data
     prompt, mask, image_tokens = prompts_and_images(config, tok, n, seed)
     return grpo.caption_rollout(params, ref, layers.freeze(config.model), prompt, mask, image_tokens, rng,
-                                group_size=g.group_size, temperature=g.temperature,
-                                max_new_tokens=g.max_new_tokens, image_id=d.image_token_id,
+                                group_size=g.group_size, temperature=g.captioner.temperature,
+                                max_new_tokens=g.captioner.max_new_tokens, image_id=d.image_token_id,
                                 eos_id=tok.eos_id, pad_id=tok.pad_id), prompt.shape[1]
 
 
@@ -56,7 +57,7 @@ def test_rollout_log_probs_equal_the_policy_and_ratio_is_one(setup):
     state = make_state(config, mesh)
     r, t = rollout(config, tok, state.params, state.params, 2, jax.random.key(3))
     b = 2 * config.grpo.group_size
-    assert r["tokens"].shape == (b, t + config.grpo.max_new_tokens)
+    assert r["tokens"].shape == (b, t + config.grpo.captioner.max_new_tokens)
     # Completion tokens: a prefix of the new tokens, ending at (and including) the first eos.
     comp = np.asarray(r["completion_mask"][:, t:])
     assert not np.asarray(r["completion_mask"][:, :t]).any()
@@ -66,7 +67,7 @@ def test_rollout_log_probs_equal_the_policy_and_ratio_is_one(setup):
     # The rollout scores the completion only; scoring every position gives the same values there.
     every = jax.jit(grpo.token_log_probs, static_argnums=(1, 5, 6))(
         state.params, layers.freeze(config.model), r["tokens"], r["mask"], r["image_tokens"],
-        config.data.image_token_id, config.grpo.temperature)
+        config.data.image_token_id, config.grpo.captioner.temperature)
     np.testing.assert_allclose(every[:, t:], r["old_log_probs"][:, t:], atol=1e-5)
     assert not np.asarray(r["old_log_probs"][:, :t]).any() and np.asarray(every[:, 1:t]).any()
     with pytest.raises(ValueError, match="first=0"):
@@ -116,7 +117,7 @@ def test_grpo_step_sharded_equals_single_device(setup):
 @pytest.mark.slow
 def test_tiny_grpo_raises_a_simple_reward(setup):
     """Reward 1 when the caption mentions "red": the rate rises within a few dozen steps."""
-    config = grpo_config(group_size=8, max_new_tokens=8, temperature=1.0, beta=0.0)
+    config = grpo_config(group_size=8, beta=0.0, captioner=dict(max_new_tokens=8, temperature=1.0))
     config.optimizer.lr = 3e-3
     tok = text.shapes_tokenizer()
     config = resolve.resolve(config, tok)
@@ -140,7 +141,7 @@ def test_tiny_grpo_raises_a_simple_reward(setup):
 def loop_test_grpo_config():
     """The GRPO loops' config: 4 inputs x 2 captions, images in 3 MAR iterations of 5 steps,
     one block per stack (as ``tiny_train_config``, whose run the GRPO loop starts from)."""
-    config = one_block_each(grpo_config(group_size=2, inputs_per_step=4, max_new_tokens=6))
+    config = one_block_each(grpo_config(group_size=2, inputs_per_step=4, captioner=dict(max_new_tokens=6)))
     config.sample.num_iter, config.sample.num_sampling_steps = 3, "5"
     return config
 
@@ -193,6 +194,7 @@ def test_a_policy_registered_outside_the_library_runs_through_the_loop(tmp_path,
         name = "alternating_test"
         step = staticmethod(grpo.grpo_step)
         frozen_decoder = True
+        settings = "captioner"   # its rollouts are the captioner's: grpo.captioner.* apply
 
         def rollout(self, ctx, state, n, indices):
             return rl.get("captioner").rollout(ctx, state, n, indices)
@@ -231,7 +233,7 @@ def test_grpo_starts_from_a_supervised_workdir(tmp_path, monkeypatch, tiny_train
     start = grpo_loop.starting_params(config, mesh)
     for a, b in zip(jax.tree.leaves(trained.ema_params), jax.tree.leaves(start)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # UAE's two models: the frozen decoder is what grpo.decoder_from loads (here the same run,
+    # UAE's two models: the frozen decoder is what grpo.captioner.decoder_from loads (here the same run,
     # so the check is on the wiring: the loaded object itself generates the images).
     loaded, models = {}, []
     real_start, real_model = grpo_loop.starting_params, grpo_loop.Model
@@ -246,35 +248,36 @@ def test_grpo_starts_from_a_supervised_workdir(tmp_path, monkeypatch, tiny_train
 
     monkeypatch.setattr(grpo_loop, "starting_params", spy_start)
     monkeypatch.setattr(grpo_loop, "Model", spy_model)
-    config.grpo.decoder_from = str(tmp_path / "sup")
+    config.grpo.captioner.decoder_from = str(tmp_path / "sup")
     state = grpo_loop.train_grpo(config, str(tmp_path / "rl"), evaluate=False)
     monkeypatch.undo()
     assert int(state.step) == 1
-    assert models and models[0] is loaded["grpo.decoder_from"] and set(loaded) == {"init_from", "grpo.decoder_from"}
+    assert set(loaded) == {"init_from", "grpo.captioner.decoder_from"}
+    assert models and models[0] is loaded["grpo.captioner.decoder_from"]
     for group in ("mar", "head", "proj_in", "proj_out"):     # frozen under grpo.trainable = ("llm",)
         for a, b in zip(jax.tree.leaves(trained.ema_params[group]), jax.tree.leaves(state.params[group])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # The decoder policy's frozen captioner from another run (grpo.encoder_from): that run's
+    # The decoder policy's frozen captioner from another run (grpo.decoder.encoder_from): that run's
     # params build the model that captions the training images (no step: the decoder policy's
     # loop itself runs in tests/test_grpo_decoder.py).
     loaded.clear()
     models.clear()
     monkeypatch.setattr(grpo_loop, "starting_params", spy_start)
     monkeypatch.setattr(grpo_loop, "Model", spy_model)
-    config.grpo.update(dict(policy="decoder", trainable=("mar", "head"), decoder_from="",
-                            encoder_from=str(tmp_path / "sup")))
+    config.grpo.update(dict(policy="decoder", trainable=("mar", "head"), captioner=schema.grpo().captioner,
+                            decoder=dict(encoder_from=str(tmp_path / "sup"))))
     config.train.steps = 0
     grpo_loop.train_grpo(config, str(tmp_path / "rl_dec"), evaluate=False)
     monkeypatch.undo()
-    assert set(loaded) == {"init_from", "grpo.encoder_from"} and loaded["grpo.encoder_from"] is not None
-    assert models[-1] is loaded["grpo.encoder_from"]
+    assert set(loaded) == {"init_from", "grpo.decoder.encoder_from"} and loaded["grpo.decoder.encoder_from"] is not None
+    assert models[-1] is loaded["grpo.decoder.encoder_from"]
     config.train.steps = 1
-    config.grpo.update(dict(policy="captioner", trainable=("llm",), encoder_from="",
-                            decoder_from=str(tmp_path / "sup")))
+    config.grpo.update(dict(policy="captioner", trainable=("llm",), decoder=dict(encoder_from=""),
+                            captioner=dict(decoder_from=str(tmp_path / "sup"))))
     config.init_from = ""
     config.model.llm.hidden_size = 64
-    with pytest.raises(ValueError, match=r"grpo.decoder_from=.*does not match"):
+    with pytest.raises(ValueError, match=r"grpo.captioner.decoder_from=.*does not match"):
         grpo_loop.train_grpo(config, str(tmp_path / "rl3"), evaluate=False)
-    config.grpo.decoder_from, config.init_from = "", str(tmp_path / "sup")
+    config.grpo.captioner.decoder_from, config.init_from = "", str(tmp_path / "sup")
     with pytest.raises(ValueError, match="init_from=.*does not match"):
         grpo_loop.train_grpo(config, str(tmp_path / "rl2"), evaluate=False)

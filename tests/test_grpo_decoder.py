@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from unimm import config_utils, resolve, sharding
+from unimm import config_utils, resolve, schema, sharding
 from unimm.data import text
 from unimm.models import harmon, harmon_sample, layers
 from unimm.rl import decoder as rl_decoder
@@ -23,7 +23,7 @@ def _rollout(dtype="float32", cfg_schedule="constant"):
     head, and a rollout of 4 prompts drawn by them, the policy also being the reference."""
     config = one_block_each(config_utils.load_config("configs/grpo.py:tiny"))
     config.grpo.policy, config.grpo.trainable = "decoder", ("mar", "head")
-    config.grpo.rollout_steps, config.grpo.step_fraction = STEPS, 1.0
+    config.grpo.decoder.rollout_steps, config.grpo.decoder.step_fraction = STEPS, 1.0
     config.sample.cfg, config.sample.temperature, config.sample.cfg_schedule = 3.0, 1.0, cfg_schedule
     for part in ("llm", "mar", "diffusion"):
         config.model[part].dtype = dtype
@@ -123,11 +123,11 @@ def test_first_epoch_ratio_is_one_in_bfloat16_with_linear_cfg():
 
 
 def test_noisiest_step_selection_trains_only_the_first_steps(setup):
-    """grpo.step_selection='noisiest': the loss sees the first ceil(fraction x S) diffusion steps
+    """grpo.decoder.step_selection='noisiest': the loss sees the first ceil(fraction x S) diffusion steps
     of every iteration (first = noisiest) and nothing of the later ones."""
     config, cfg, params, rollout = setup
     config = resolve.thaw(config)
-    config.grpo.step_selection, config.grpo.step_fraction = "noisiest", 0.5
+    config.grpo.decoder.step_selection, config.grpo.decoder.step_fraction = "noisiest", 0.5
     scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
     assert grpo_decoder.noisiest_steps(scored, 0.5)["x"].shape[2] == 3 == int(np.ceil(0.5 * int(STEPS)))
     jitted = _jit_loss(config)
@@ -140,12 +140,12 @@ def test_noisiest_step_selection_trains_only_the_first_steps(setup):
 
 @pytest.mark.slow
 def test_supervised_anchor_adds_the_t2i_loss(setup, plain):
-    """grpo.sft_weight: the step's loss is the GRPO loss plus weight x train_step's T2I loss on
+    """grpo.decoder.sft_weight: the step's loss is the GRPO loss plus weight x train_step's T2I loss on
     the batch riding in the rollout; its gradient reaches the LLM, which GRPO alone leaves."""
     config, cfg, params, rollout = setup
     tok = resolve.make_tokenizer(config)
     config = resolve.thaw(config)
-    config.grpo.sft_weight, config.grpo.sft_batch_size = 0.5, 4
+    config.grpo.decoder.sft_weight, config.grpo.decoder.sft_batch_size = 0.5, 4
     from unimm.train import step
     batch = rl_decoder.anchor_batch(config, tok, None, 3)
     assert batch["t2i_latents"].shape == (4, 9, cfg.mar.token_dim) and batch["t2i_tokens"].shape[0] == 4
@@ -160,12 +160,12 @@ def test_supervised_anchor_adds_the_t2i_loss(setup, plain):
 
 @pytest.mark.slow
 def test_retain_rollouts_hold_every_step_to_the_reference(setup):
-    """grpo.retain_weight: the loss adds weight x the mean Gaussian KL to the reference over
+    """grpo.decoder.retain_weight: the loss adds weight x the mean Gaussian KL to the reference over
     every diffusion step of the retain rollouts, whatever the groups and the step selection
     (here the noisiest half, every group dropped); 0 where the policy is the reference."""
     config, cfg, params, rollout = setup
     config = resolve.thaw(config)
-    config.grpo.retain_weight, config.grpo.step_selection, config.grpo.step_fraction = 2.0, "noisiest", 0.5
+    config.grpo.decoder.update(dict(retain_weight=2.0, step_selection="noisiest", step_fraction=0.5))
     retain = grpo_decoder.as_retain(rollout)   # drawn by params, the reference too
     dropped = {**_scored(rollout, [1.0, -1.0, 0.5, -0.5]), "group_valid": jnp.zeros(4, bool)}
     loss_and_grad = _jit_loss_and_grad(config)
@@ -203,10 +203,10 @@ def test_decoder_step_moves_the_policy_towards_high_reward(setup):
     assert np.isfinite(norm) and norm > 0
     moved = jax.tree.map(lambda p, g: p - 1e-5 / norm * g, params, grad)   # log-probs are steep: ~1e3 gradient norm
     assert float(loss_and_grad(moved, scored)[0][0]) < float(loss)
-    # grpo.train_variance=False: the head's variance channels (its output's second half) get no
+    # grpo.decoder.train_variance=False: the head's variance channels (its output's second half) get no
     # gradient; the mean channels get the same one.
     fixed_config = resolve.thaw(config)
-    fixed_config.grpo.train_variance = False
+    fixed_config.grpo.decoder.train_variance = False
     fixed = jax.jit(jax.grad(lambda p: grpo_decoder.decoder_grpo_loss(p, scored, jax.random.key(0),
                                                                       config=fixed_config)[0]))(params)
     kernel = lambda g: np.asarray(g["head"]["final_layer"]["linear"]["kernel"])
@@ -256,17 +256,17 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path, monkeypatch):
     from unimm.train import grpo_loop
     config = one_block_each(config_utils.load_config("configs/grpo.py:tiny"))
     config.grpo.update(dict(policy="decoder", trainable=("mar", "head"), group_size=2, inputs_per_step=4,
-                            max_new_tokens=6, rollout_steps="4"))
+                            decoder=dict(rollout_steps="4")))
     config.sample.num_iter, config.sample.max_new_tokens = 3, 6
     config.train.steps, config.train.checkpoint_every, config.train.log_every = 2, 1, 1
     # Each step draws two training images' captions and two GenEval prompts, G images each,
     # with the supervised anchor and retain rollouts (the loss without them:
     # test_decoder_step_moves_the_policy_towards_high_reward). Both runs have the same
     # batch shapes, so the resumed run finds its step in the compilation cache.
-    config.grpo.prompts = "both"
+    config.grpo.decoder.prompts = "both"
     assert rl_decoder.geneval_share(config.grpo) == 2
-    config.grpo.sft_weight, config.grpo.sft_batch_size = 1.0, 8
-    config.grpo.retain_weight, config.grpo.retain_batch_size = 1.0, 8
+    config.grpo.decoder.sft_weight, config.grpo.decoder.sft_batch_size = 1.0, 8
+    config.grpo.decoder.retain_weight, config.grpo.decoder.retain_batch_size = 1.0, 8
     with monkeypatch.context() as m:   # preempted: SIGTERM after step 1 saves it and returns
         sigterm_after_step(m, 1)
         state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
@@ -274,41 +274,51 @@ def test_decoder_policy_loop_runs_and_resumes(tmp_path, monkeypatch):
     state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
     assert int(state.step) == 2
     # The resumed step: GenEval prompts only (no training image at all).
-    config.train.steps, config.grpo.prompts = 3, "geneval"
+    config.train.steps, config.grpo.decoder.prompts = 3, "geneval"
     assert rl_decoder.geneval_share(config.grpo) == 4
     state = grpo_loop.train_grpo(config, str(tmp_path), evaluate=False)
     assert int(state.step) == 3
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == 3
     bad = config_utils.load_config("configs/grpo.py:tiny")   # the loop validates first, builds nothing
-    bad.grpo.update(dict(config.grpo, sft_weight=-1.0))
-    with pytest.raises(ValueError, match=r"grpo.sft_weight=-1.0: expected >= 0"):
+    bad.grpo.update(config.grpo)
+    bad.grpo.decoder.sft_weight = -1.0
+    with pytest.raises(ValueError, match=r"grpo.decoder.sft_weight=-1.0: expected >= 0"):
         grpo_loop.train_grpo(bad, str(tmp_path / "x"), evaluate=False)
 
 
 def test_grpo_settings_that_cannot_run_together_are_clear_errors():
     base = config_utils.load_config("configs/grpo.py:tiny").grpo
-    base.update(dict(policy="decoder", trainable=("mar", "head"), prompts="geneval", sft_weight=1.0,
-                     sft_batch_size=8, retain_weight=1.0, retain_batch_size=8))
+    base.update(dict(policy="decoder", trainable=("mar", "head"), decoder=dict(
+        prompts="geneval", sft_weight=1.0, sft_batch_size=8, retain_weight=1.0, retain_batch_size=8)))
     resolve.validate_grpo(base)
+    def captioner(**decoder):   # the captioner policy, its decoder group at the defaults but ``decoder``
+        return dict(policy="captioner", trainable=("llm",), decoder={**schema.grpo().decoder.to_dict(), **decoder})
+    plain_captioner = base.copy_and_resolve_references()
+    plain_captioner.update(captioner())
+    resolve.validate_grpo(plain_captioner)
     for fields, match in [
         (dict(policy="painter"), r"grpo.policy='painter': expected one of \('captioner', 'decoder'\)"),
-        (dict(prompts="poems"), r"grpo.prompts='poems': expected one of \('captions', 'geneval', 'both'\)"),
+        (dict(decoder=dict(prompts="poems")),
+         r"grpo.decoder.prompts='poems': expected one of \('captions', 'geneval', 'both'\)"),
         (dict(reward="geneval"), "always scored by the GenEval check"),
-        (dict(policy="captioner", trainable=("llm",)), "needs grpo.policy='decoder'"),
-        (dict(prompts="captions", decoder_from="/runs/other"), "the decoder policy trains its own"),
-        (dict(policy="captioner", prompts="captions", trainable=("llm",), encoder_from="/runs/other"),
-         "the captioner policy is its own"),
-        (dict(encoder_from="/runs/other"), "grpo.prompts='geneval' uses none"),
-        (dict(policy="captioner", prompts="captions", trainable=("llm",)),
-         "sft_weight .* needs grpo.policy='decoder'"),
-        (dict(sft_weight=-1.0), r"grpo.sft_weight=-1.0: expected >= 0"),
-        (dict(sft_batch_size=0), r"grpo.sft_weight=1.0 needs grpo.sft_batch_size > 0"),
-        (dict(policy="captioner", prompts="captions", trainable=("llm",), sft_weight=0.0),
-         "retain_weight .* needs grpo.policy='decoder'"),
-        (dict(retain_weight=-1.0), r"grpo.retain_weight=-1.0: expected >= 0"),
-        (dict(retain_batch_size=0), r"grpo.retain_weight=1.0 needs grpo.retain_batch_size > 0"),
-        (dict(step_selection="latest"), r"grpo.step_selection='latest': expected one of \('random', 'noisiest'\)"),
-        (dict(step_fraction=0.0), r"grpo.step_fraction=0.0: expected a fraction in \(0, 1\]")]:
+        # Either policy's group is left at its defaults by the other policy.
+        (dict(policy="captioner", trainable=("llm",)),
+         r"grpo.decoder.prompts='geneval' is a setting of the decoder policy, and grpo.policy='captioner': "
+         r"leave it at 'captions' or set grpo.policy='decoder'"),
+        (captioner(encoder_from="/runs/other"), "grpo.decoder.encoder_from=.* is a setting"),
+        (captioner(sft_weight=1.0), "grpo.decoder.sft_weight=1.0 is a setting"),
+        (dict(captioner=dict(decoder_from="/runs/other")),
+         "grpo.captioner.decoder_from='/runs/other' is a setting of the captioner policy, and grpo.policy='decoder'"),
+        (dict(captioner=dict(temperature=1.0)), "grpo.captioner.temperature=1.0 is a setting"),
+        (dict(decoder=dict(encoder_from="/runs/other")), "grpo.decoder.prompts='geneval' uses none"),
+        (dict(decoder=dict(sft_weight=-1.0)), r"grpo.decoder.sft_weight=-1.0: expected >= 0"),
+        (dict(decoder=dict(sft_batch_size=0)), r"grpo.decoder.sft_weight=1.0 needs grpo.decoder.sft_batch_size > 0"),
+        (dict(decoder=dict(retain_weight=-1.0)), r"grpo.decoder.retain_weight=-1.0: expected >= 0"),
+        (dict(decoder=dict(retain_batch_size=0)),
+         r"grpo.decoder.retain_weight=1.0 needs grpo.decoder.retain_batch_size > 0"),
+        (dict(decoder=dict(step_selection="latest")),
+         r"grpo.decoder.step_selection='latest': expected one of \('random', 'noisiest'\)"),
+        (dict(decoder=dict(step_fraction=0.0)), r"grpo.decoder.step_fraction=0.0: expected a fraction in \(0, 1\]")]:
         bad = base.copy_and_resolve_references()
         bad.update(fields)
         with pytest.raises(ValueError, match=match):

@@ -22,8 +22,9 @@ def test_every_exact_token_reads_back_as_its_object():
 
 
 def test_conditions_hold_their_object_at_the_asked_rate():
-    cond, rows = (np.asarray(a) for a in head_probe.draw(jax.random.key(0), 60000, 0.25))
-    conditioned = cond < head_probe.UNCOND
+    conds = head_probe.conditions(1)
+    cond, rows = (np.asarray(a) for a in head_probe.draw(jax.random.key(0), 60000, 0.25, conds))
+    conditioned = cond < len(conds)
     present = rows > 0
     assert abs(present[conditioned].mean() - 0.25) < 0.01
     assert abs(present[~conditioned].mean() - 0.5) < 0.02
@@ -31,3 +32,25 @@ def test_conditions_hold_their_object_at_the_asked_rate():
     obj = (rows - 1) // 2
     assert (obj[conditioned & present] == cond[conditioned & present]).all()
     assert set(np.unique((rows[present] - 1) % 2)) == {0, 1}
+
+
+def test_two_object_conditions_hold_either_object():
+    conds = head_probe.conditions(2)
+    assert len(conds) == 8 * 7 * 4 * 3     # different colours and different shapes, ordered
+    pairs = [[head_probe.OBJECTS[i] for i in c] for c in conds]
+    assert all(a[0] != b[0] and a[1] != b[1] for a, b in pairs)
+    cond, rows = (np.asarray(a) for a in head_probe.draw(jax.random.key(1), 60000, 0.1, conds))
+    conditioned = cond < len(conds)
+    present = rows > 0
+    assert abs(present[conditioned].mean() - 0.2) < 0.01     # either of two, 0.1 each
+    obj, c = (rows - 1) // 2, cond
+    held = conditioned & present
+    first, second = obj[held] == conds[c[held], 0], obj[held] == conds[c[held], 1]
+    assert (first | second).all() and abs(first.mean() - 0.5) < 0.03
+    # A token of one object under the pair's other colour and shape is a swap, not a blend.
+    table = head_probe.cell_tokens(8)
+    red_square = table[1 + 2 * head_probe.OBJECTS.index(("red", "square"))]
+    want = [("red", "circle"), ("blue", "square")]
+    assert head_probe.classify(red_square, want, table[0], 8) == "swapped"
+    assert head_probe.classify(red_square, [("red", "square"), ("blue", "circle")], table[0], 8) == "right"
+    assert head_probe.classify(red_square, [("green", "circle"), ("blue", "square")], table[0], 8) == "wrong_color"

@@ -124,8 +124,8 @@ def test_preset_trains_samples_and_captions_at_its_geometry(variant, image_size,
 def test_grpo_steps_at_stage3_resolution(variant, qwen_like):
     """One GRPO step of each policy at 512 px (32x32 tokens, interpolated positions)."""
     config = preset(f"configs/grpo.py:{variant}", qwen_like, 512, 3)
-    config.grpo.group_size, config.grpo.inputs_per_step, config.grpo.max_new_tokens = 2, 1, 4
-    config.grpo.rollout_steps = "2"
+    config.grpo.group_size, config.grpo.inputs_per_step, config.grpo.captioner.max_new_tokens = 2, 1, 4
+    config.grpo.decoder.rollout_steps = "2"
     tok = HFTokenizer(qwen_like)
     # Unchecked: the steps run on their own here, not the loop (whose rollouts need the shapes
     # world); thawed: each policy in turn.
@@ -143,8 +143,8 @@ def test_grpo_steps_at_stage3_resolution(variant, qwen_like):
             tokens = Model(config, tok, state.params, state.tokenizer_params)._image_tokens(
                 [np.asarray((image[0] + 1) * 127.5, np.uint8)])
             rollout = grpo.caption_rollout(state.params, state.params, cfg, prompt, mask, tokens, jax.random.key(1),
-                                           group_size=g.group_size, temperature=g.temperature,
-                                           max_new_tokens=g.max_new_tokens, image_id=d.image_token_id,
+                                           group_size=g.group_size, temperature=g.captioner.temperature,
+                                           max_new_tokens=g.captioner.max_new_tokens, image_id=d.image_token_id,
                                            eos_id=tok.eos_id, pad_id=tok.pad_id)
             step_fn = grpo.grpo_step
         else:

@@ -277,7 +277,7 @@ def run_grpo(variants: list[str], reps: int) -> list[dict]:
             [text.i2t_prompt_ids(tok, text.LONG_CAPTION_Q, d.num_image_tokens)] * len(scenes), tok.pad_id)
         roll = lambda: grpo.caption_rollout(
             state.params, ref, cfg, prompt, prompt_mask, image_tokens, jax.random.key(1), group_size=g.group_size,
-            temperature=g.temperature, max_new_tokens=g.max_new_tokens, image_id=d.image_token_id,
+            temperature=g.captioner.temperature, max_new_tokens=g.captioner.max_new_tokens, image_id=d.image_token_id,
             eos_id=tok.eos_id, pad_id=tok.pad_id)
         with jax.set_mesh(mesh):
             t_roll = _time(roll, reps)
@@ -310,7 +310,7 @@ def run_grpo_decoder(variants: list[str], reps: int) -> list[dict]:
     """Unified-GRPO with the decoder as the policy (GenEval prompts, MAR + head trained, fixed
     variances) at each variant's ``configs/grpo.py`` settings: the trajectory-recording image
     rollout (images/s, incl. the reference's step means) and ``decoder_grpo_step`` training
-    every diffusion step against the noisiest half (``grpo.step_selection``), side by side."""
+    every diffusion step against the noisiest half (``grpo.decoder.step_selection``), side by side."""
     from unimm import config_utils, resolve, sharding
     from unimm.data import shapes
     from unimm.rl import decoder as rl_decoder
@@ -338,7 +338,7 @@ def run_grpo_decoder(variants: list[str], reps: int) -> list[dict]:
             scored = grpo.with_advantages(roll(), reward, g)
             holder, t_steps = [state], {}
             for selection, fraction in (("random", 1.0), ("noisiest", 0.5)):
-                g.step_selection, g.step_fraction = selection, fraction
+                g.decoder.step_selection, g.decoder.step_fraction = selection, fraction
                 step = grpo.jit_grpo_step(config, mesh, state_shardings(state), scored,
                                           step_fn=grpo_decoder.decoder_grpo_step)
 
@@ -351,7 +351,7 @@ def run_grpo_decoder(variants: list[str], reps: int) -> list[dict]:
                    rollout_images_per_s=n_rows / t_roll, step_all_ms=1e3 * t_steps["random"],
                    step_noisiest_half_ms=1e3 * t_steps["noisiest"])
         rows.append(row)
-        print(f"{variant:>6} grpo-decoder: rollout of {n_rows} images ({g.rollout_steps} steps) "
+        print(f"{variant:>6} grpo-decoder: rollout of {n_rows} images ({g.decoder.rollout_steps} steps) "
               f"{row['rollout_ms']:8.1f} ms = {row['rollout_images_per_s']:6.1f} images/s; decoder_grpo_step "
               f"all steps {row['step_all_ms']:7.1f} ms, noisiest half {row['step_noisiest_half_ms']:7.1f} ms "
               f"({t_steps['random'] / t_steps['noisiest']:.2f}x)", flush=True)

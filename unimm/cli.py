@@ -32,7 +32,7 @@ def user_errors():
         sys.exit(f"error: {one_line(e)}")
 
 
-def _flag_error_message(e: Exception) -> str:
+def _flag_error_message(e: Exception, argv=()) -> str:
     message = str(e)
     if "Error whilst parsing config file:" in message and "Traceback" in message:
         # config_flags embeds the config file's whole traceback: keep its last line.
@@ -41,8 +41,21 @@ def _flag_error_message(e: Exception) -> str:
         message = f"{head}: {last}"
     message = " ".join(message.replace("\\n", " ").replace("\\'", "").replace("'", "").split()).strip('"')
     if isinstance(e, (AttributeError, KeyError)):   # config_flags: a path that is not a field
-        message = f"unknown config field in the --config.* overrides: {message}"
+        message = f"unknown config field in the --config.* overrides: {_unknown_override(message, argv)}"
     return message
+
+
+def _unknown_override(name: str, argv) -> str:
+    """The override path that holds the unknown field ``name`` (config_flags names only the
+    field), and where a field of an older layout lives now."""
+    from unimm import schema   # light: ml_collections only
+    field, _, rest = name.partition(" ")   # rest: config_flags' "Did you mean ..."
+    for arg in argv:
+        path = arg[len("--config."):].partition("=")[0] if arg.startswith("--config.") else ""
+        if field in path.split("."):
+            moved = schema.moved_grpo_field(field) if path == f"grpo.{field}" else None
+            return " ".join(filter(None, [path, f"(now {moved})" if moved else "", rest]))
+    return name
 
 
 def parse_flags(argv):
@@ -54,7 +67,7 @@ def parse_flags(argv):
     try:
         rest = flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        sys.exit(f"error: {_flag_error_message(e)}")
+        sys.exit(f"error: {_flag_error_message(e, argv)}")
     if "config" in flags.FLAGS:
         try:   # config_flags reports a config file it could not load only when it is read
             value = flags.FLAGS.config

@@ -4,7 +4,7 @@
         [--split=validation] [--set=sample.num_iter=9 ...]
 
 ``--decoder_workdir`` generates (and reconstructs) with another run's params while DIR's
-params caption and answer: UAE's separate captioner and decoder (GRPO's ``grpo.decoder_from``).
+params caption and answer: UAE's separate captioner and decoder (GRPO's ``grpo.captioner.decoder_from``).
 
 Choose sampling settings on ``--split=validation`` (items of their own, from
 ``data.val_offset``, and their own sampling seed; written as ``validation_eval.json``), then
@@ -21,7 +21,7 @@ flags.DEFINE_string("workdir", None, "training workdir (checkpoints + config.jso
 flags.DEFINE_string("config", None, "configs/<model>.py:<variant> (default: the run's config.json)")
 flags.DEFINE_integer("num_examples", None, "held-out items per task (default: config.eval.num_examples)")
 flags.DEFINE_string("decoder_workdir", None, "generate images with this run's params instead "
-                    "(a separate decoder, as grpo.decoder_from); same model architecture")
+                    "(a separate decoder, as grpo.captioner.decoder_from); same model architecture")
 flags.DEFINE_enum("split", "test", list(splits.SPLITS), "test: the held-out items (data.eval_offset), "
                   "sampling seed 0; validation: items of their own (data.val_offset), sampling seed 1, "
                   "for choosing sampling settings")

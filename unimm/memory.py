@@ -79,7 +79,7 @@ def grpo_rollout(config: Any, batch: int) -> dict:
     from unimm.models import vae as vae_lib
     g, m = config.grpo, config.model
     h, w = vae_lib.grid(m.vae, config.data.image_size)
-    t = config.data.num_image_tokens + 32 + g.max_new_tokens
+    t = config.data.num_image_tokens + 32 + g.captioner.max_new_tokens
     sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, np.dtype(dt))
     return {"tokens": sds((batch, t), "int32"), "mask": sds((batch, t), "bool"),
             "completion_mask": sds((batch, t), "bool"),

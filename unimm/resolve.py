@@ -50,9 +50,16 @@ def validate_grpo(g: Any) -> None:
     """Clear errors for ``config.grpo`` settings that cannot run: the generic ones, then the
     policy's own (``Policy.validate``)."""
     policy = rl.get(g.policy)
+    defaults = schema.grpo()
+    for other in schema.POLICY_GROUPS:   # a group the policy does not read would be ignored
+        for key, default in defaults[other].items() if other != policy.settings else ():
+            if g[other][key] != default:
+                raise ValueError(f"grpo.{other}.{key}={g[other][key]!r} is a setting of the {other} policy, "
+                                 f"and grpo.policy={g.policy!r}: leave it at {default!r} or set "
+                                 f"grpo.policy='{other}'")
     if g.reward == "geneval":
-        raise ValueError("grpo.reward='geneval': grpo.reward scores images against their source image; "
-                         "GenEval prompts (grpo.prompts='geneval' or 'both') are always scored by the GenEval check")
+        raise ValueError("grpo.reward='geneval': grpo.reward scores images against their source image; GenEval "
+                         "prompts (grpo.decoder.prompts='geneval' or 'both') are always scored by the GenEval check")
     policy.validate(g)
 
 
@@ -73,8 +80,9 @@ def check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
             raise ValueError(f"grpo.inputs_per_step x grpo.group_size = {rows} is not divisible by the "
                              f"data-parallel size {dp}")
         for key in ("sft", "retain"):
-            if g[f"{key}_weight"] and g[f"{key}_batch_size"] % dp:
-                raise ValueError(f"grpo.{key}_batch_size = {g[f'{key}_batch_size']} is not divisible by the "
+            size = g.decoder[f"{key}_batch_size"]
+            if g.decoder[f"{key}_weight"] and size % dp:
+                raise ValueError(f"grpo.decoder.{key}_batch_size = {size} is not divisible by the "
                                  f"data-parallel size {dp}")
         return
     weights = {task: float(config.train[f"{task}_weight"]) for task in pipeline.TASKS}

@@ -241,23 +241,16 @@ def sharding_config() -> ml_collections.ConfigDict:
 
 
 def grpo() -> ml_collections.ConfigDict:
+    """Unified-GRPO: the settings of both policies, then each policy's own group
+    (``grpo.captioner.*``, ``grpo.decoder.*``; the group of the policy not chosen stays at
+    these values: unimm.resolve.validate_grpo)."""
     g = ml_collections.ConfigDict()
     g.policy = "captioner"                # "captioner" (generation for understanding) or "decoder"
                                           # (understanding for generation; set trainable to e.g.
                                           # ("mar", "head"), or add "llm")
-    g.decoder_from = ""                   # captioner policy: the frozen decoder's supervised workdir
-                                          # (UAE's separate decoder); "" = init_from's model
-    g.encoder_from = ""                   # decoder policy: the frozen captioner's supervised workdir
-                                          # (UAE's separate encoder); "" = init_from's model
     g.trainable = ("llm",)                # param groups the policy update may change
-    g.prompts = "captions"                # decoder policy: "captions" (the frozen encoder's caption of
-                                          # each training image, scored by `reward`), "geneval" (GenEval
-                                          # prompts of the training split, scored by the GenEval check)
-                                          # or "both" (half of the inputs each)
     g.group_size = 8                      # G samples per input
-    g.inputs_per_step = 8                 # images (captioner) per rollout
-    g.temperature = 0.7                   # caption sampling temperature (UAE: 0.7)
-    g.max_new_tokens = 48                 # caption length limit during rollouts
+    g.inputs_per_step = 8                 # inputs (images or prompts) per rollout
     g.beta = 0.04                         # KL weight (k3 estimator for tokens)
     g.epsilon = 0.2                       # PPO clip below 1
     g.epsilon_high = 0.28                 # PPO clip above 1 (DAPO's clip-higher)
@@ -267,20 +260,44 @@ def grpo() -> ml_collections.ConfigDict:
     g.ppo_epochs = 1                      # optimizer steps per rollout
     g.drop_constant_groups = True         # DAPO: skip groups whose rewards are all equal
     g.reward = "shapes_match"             # unimm.eval.rewards.REWARDS: image vs its source image
-    g.rollout_steps = "10"                # decoder policy: diffusion steps per rollout (sampling: 100)
-    g.train_variance = True               # decoder policy: False = only the steps' means move (the
-                                          # head's learned variances get no policy gradient)
-    g.step_fraction = 1.0                 # decoder policy: fraction of (iteration, step) pairs trained
-    g.step_selection = "random"           # decoder policy: which ones: "random" (a new draw each step) or
-                                          # "noisiest" (the first steps of each iteration; Flow-GRPO)
-    g.sft_weight = 0.0                    # decoder policy: weight of the supervised T2I loss on a batch of
-                                          # training long captions added to each step (PPO-ptx); 0 = off
-    g.sft_batch_size = 16                 # decoder policy: examples in that supervised batch
-    g.retain_weight = 0.0                 # decoder policy: weight of the KL to the reference on every
-                                          # diffusion step of the policy's own (unscored) images of
-                                          # training long captions, drawn each step; 0 = off
-    g.retain_batch_size = 16              # decoder policy: images in that retain rollout
+
+    c = g.captioner = ml_collections.ConfigDict()   # policy "captioner": the LLM's captions
+    c.decoder_from = ""                   # the frozen decoder's supervised workdir (UAE's separate
+                                          # decoder); "" = init_from's model
+    c.temperature = 0.7                   # caption sampling temperature (UAE: 0.7)
+    c.max_new_tokens = 48                 # caption length limit during rollouts
+
+    d = g.decoder = ml_collections.ConfigDict()     # policy "decoder": the image sampler
+    d.encoder_from = ""                   # the frozen captioner's supervised workdir (UAE's separate
+                                          # encoder); "" = init_from's model
+    d.prompts = "captions"                # "captions" (the frozen encoder's caption of each training
+                                          # image, scored by grpo.reward), "geneval" (GenEval prompts
+                                          # of the training split, scored by the GenEval check) or
+                                          # "both" (half of the inputs each)
+    d.rollout_steps = "10"                # diffusion steps per rollout (sampling: 100)
+    d.train_variance = True               # False = only the steps' means move (the head's learned
+                                          # variances get no policy gradient)
+    d.step_fraction = 1.0                 # fraction of (iteration, step) pairs trained
+    d.step_selection = "random"           # which ones: "random" (a new draw each step) or "noisiest"
+                                          # (the first steps of each iteration; Flow-GRPO)
+    d.sft_weight = 0.0                    # weight of the supervised T2I loss on a batch of training
+                                          # long captions added to each step (PPO-ptx); 0 = off
+    d.sft_batch_size = 16                 # examples in that supervised batch
+    d.retain_weight = 0.0                 # weight of the KL to the reference on every diffusion step
+                                          # of the policy's own (unscored) images of training long
+                                          # captions, drawn each step; 0 = off
+    d.retain_batch_size = 16              # images in that retain rollout
     return g
+
+
+POLICY_GROUPS = ("captioner", "decoder")   # grpo.<policy>.*: one group of settings per policy
+
+
+def moved_grpo_field(name: str) -> str | None:
+    """Where a flat ``grpo.<name>`` of configs written before the policy groups lives now
+    (``"grpo.decoder.prompts"``), or None."""
+    g = grpo()
+    return next((f"grpo.{p}.{name}" for p in POLICY_GROUPS if name in g[p]), None)
 
 
 # What a saved config must hold, never defaulted: the architecture its checkpoints were built with.
@@ -315,5 +332,19 @@ def backfill(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         defaults = base()
         if "grpo" in config:
             defaults.grpo = grpo()
+            _group_grpo_fields(config.grpo)
         fill(config, defaults)
     return config
+
+
+def _group_grpo_fields(g: ml_collections.ConfigDict) -> None:
+    """Moves the flat policy fields of an older config (``grpo.prompts``) into their
+    policy's group (``grpo.decoder.prompts``)."""
+    for name in list(g):
+        moved = moved_grpo_field(name)
+        if moved and not isinstance(g[name], ml_collections.ConfigDict):
+            group = moved.split(".")[1]
+            if group not in g:
+                g[group] = ml_collections.ConfigDict()
+            g[group][name] = g[name]
+            del g[name]

@@ -41,9 +41,10 @@ class RLContext:
 
 class Policy:
     """One GRPO policy. Subclasses set ``name``, ``step`` (``grpo_step``-shaped:
-    ``step(state, rollout, rng, *, config) -> (state, metrics)``) and ``frozen_decoder``
-    (True: its images come from the run's frozen decoder, which evaluation then uses too), and
-    define:
+    ``step(state, rollout, rng, *, config) -> (state, metrics)``), ``frozen_decoder``
+    (True: its images come from the run's frozen decoder, which evaluation then uses too) and
+    ``settings`` (the group ``grpo.<settings>.*`` it reads, if any: the other groups stay at
+    their defaults), and define:
 
     * ``rollout(ctx, state, n, indices) -> (rollout, drawn)``: the ``n``-th rollout, G samples
       for each input of ``indices``: the arrays the step needs (without advantages) and
@@ -55,6 +56,7 @@ class Policy:
     name: ClassVar[str]
     step: ClassVar[Callable[..., Any]]
     frozen_decoder: ClassVar[bool] = False
+    settings: ClassVar[str | None] = None
 
     def validate(self, g: Any) -> None:
         """No policy-specific checks by default."""

@@ -22,19 +22,7 @@ class Captioner(Policy):
     name = "captioner"
     step = staticmethod(grpo.grpo_step)
     frozen_decoder = True
-
-    def validate(self, g: Any) -> None:
-        prompts = g.prompts
-        if prompts != "captions":
-            raise ValueError(f"grpo.prompts={prompts!r} draws images for GenEval prompts: "
-                             "it needs grpo.policy='decoder'")
-        if g.encoder_from:
-            raise ValueError("grpo.encoder_from sets the decoder policy's frozen captioner; the captioner policy "
-                             "is its own (leave grpo.encoder_from empty)")
-        for key, does in (("sft", "adds the supervised text-to-image loss"),
-                          ("retain", "holds the decoder's sampler to the reference")):
-            if g[f"{key}_weight"]:
-                raise ValueError(f"grpo.{key}_weight {does}: it needs grpo.policy='decoder'")
+    settings = "captioner"
 
     def rollout(self, ctx: RLContext, state: Any, n: int, indices: range) -> tuple[dict, Any]:
         """The policy's G captions of each training image; the frozen decoder's images of them."""
@@ -51,8 +39,8 @@ class Captioner(Policy):
                                                 jnp.asarray(np.stack([images_lib.to_model(x) for x in source])))
         rollout = grpo.caption_rollout(
             state.params, ctx.ref, cfg, prompt, prompt_mask, image_tokens,
-            jax.random.fold_in(ctx.keys["rollout"], n), group_size=g.group_size, temperature=g.temperature,
-            max_new_tokens=g.max_new_tokens, image_id=d.image_token_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+            jax.random.fold_in(ctx.keys["rollout"], n), group_size=g.group_size, temperature=g.captioner.temperature,
+            max_new_tokens=g.captioner.max_new_tokens, image_id=d.image_token_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
         captions = grpo.caption_texts(tok, rollout, prompt.shape[1])
         generated = ctx.decoder.generate(captions, jax.random.fold_in(ctx.keys["generate"], n))
         return rollout, (np.repeat(source, g.group_size, axis=0), generated)

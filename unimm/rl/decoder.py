@@ -1,9 +1,9 @@
 """The decoder policy, *understanding for generation*: G images per input, drawn by the
 policy's MAR sampler with every diffusion step recorded; the inputs are the frozen encoder's
 captions of training images (scored against those images) and GenEval prompts of the
-training split (scored by the GenEval check), as ``grpo.prompts`` mixes them. Options: a
-supervised anchor batch (``grpo.sft_weight``) and retain rollouts that hold the sampler to
-the reference (``grpo.retain_weight``). Trained by ``grpo_decoder.decoder_grpo_step``."""
+training split (scored by the GenEval check), as ``grpo.decoder.prompts`` mixes them. Options: a
+supervised anchor batch (``grpo.decoder.sft_weight``) and retain rollouts that hold the sampler to
+the reference (``grpo.decoder.retain_weight``). Trained by ``grpo_decoder.decoder_grpo_step``."""
 from __future__ import annotations
 
 from typing import Any
@@ -25,7 +25,7 @@ PROMPTS = ("captions", "geneval", "both")
 def geneval_share(g: Any) -> int:
     """How many of a rollout's ``inputs_per_step`` inputs are GenEval prompts (the rest are
     training images, captioned by the frozen encoder)."""
-    prompts, n = g.prompts, g.inputs_per_step
+    prompts, n = g.decoder.prompts, g.inputs_per_step
     return {"captions": 0, "geneval": n, "both": n // 2}[prompts]
 
 
@@ -45,10 +45,10 @@ def decoder_rollout(config: Any, tok: Any, state: Any, ref: Any, captions: list[
 
 
 def anchor_batch(config: Any, tok: Any, tokenizer_params: Any, n: int) -> dict:
-    """The ``n``-th supervised batch of the decoder policy's PPO-ptx anchor (``grpo.sft_weight``):
+    """The ``n``-th supervised batch of the decoder policy's PPO-ptx anchor (``grpo.decoder.sft_weight``):
     long captions of training scenes, CFG dropout as in supervised training; the images as the
     frozen tokenizer's tokens under :data:`grpo_decoder.SFT_KEYS`."""
-    d, size = config.data, config.grpo.sft_batch_size
+    d, size = config.data, config.grpo.decoder.sft_batch_size
     encode = pipeline.example_encoder(d, tok, "t2i", lambda i: pipeline.shapes_t2i_item(
         d.seed, i, d.image_size, ("long_caption",)))
     rows = [encode((n * size + j, n * size + j)) for j in range(size)]
@@ -59,8 +59,8 @@ def anchor_batch(config: Any, tok: Any, tokenizer_params: Any, n: int) -> dict:
 
 
 def retain_scenes(config: Any, n: int) -> list:
-    """The training scenes of the ``n``-th retain rollout (``grpo.retain_weight``)."""
-    size = config.grpo.retain_batch_size
+    """The training scenes of the ``n``-th retain rollout (``grpo.decoder.retain_weight``)."""
+    size = config.grpo.decoder.retain_batch_size
     return [shapes.sample_scene(config.data.seed, n * size + j) for j in range(size)]
 
 
@@ -68,29 +68,27 @@ def retain_scenes(config: Any, n: int) -> list:
 class Decoder(Policy):
     name = "decoder"
     step = staticmethod(grpo_decoder.decoder_grpo_step)
+    settings = "decoder"
 
     def validate(self, g: Any) -> None:
-        prompts = g.prompts
-        if prompts not in PROMPTS:
-            raise ValueError(f"grpo.prompts={prompts!r}: expected one of {PROMPTS}")
-        if g.decoder_from:
-            raise ValueError("grpo.decoder_from sets the captioner policy's frozen decoder; the decoder policy "
-                             "trains its own (leave grpo.decoder_from empty)")
-        if g.encoder_from and prompts == "geneval":
-            raise ValueError("grpo.encoder_from captions training images, but grpo.prompts='geneval' uses none: "
-                             "set grpo.prompts to 'captions' or 'both'")
+        d = g.decoder
+        if d.prompts not in PROMPTS:
+            raise ValueError(f"grpo.decoder.prompts={d.prompts!r}: expected one of {PROMPTS}")
+        if d.encoder_from and d.prompts == "geneval":
+            raise ValueError("grpo.decoder.encoder_from captions training images, but grpo.decoder.prompts='geneval' "
+                             "uses none: set grpo.decoder.prompts to 'captions' or 'both'")
         for key, none in (("sft", "no supervised anchor"), ("retain", "no retain rollouts")):
-            weight = g[f"{key}_weight"]
+            weight = d[f"{key}_weight"]
             if weight < 0:
-                raise ValueError(f"grpo.{key}_weight={weight}: expected >= 0 (0 = {none})")
-            if weight and g[f"{key}_batch_size"] <= 0:
-                raise ValueError(f"grpo.{key}_weight={weight} needs grpo.{key}_batch_size > 0 "
-                                 f"(got {g[f'{key}_batch_size']})")
-        if g.step_selection not in grpo_decoder.STEP_SELECTIONS:
-            raise ValueError(f"grpo.step_selection={g.step_selection!r}: expected one of "
+                raise ValueError(f"grpo.decoder.{key}_weight={weight}: expected >= 0 (0 = {none})")
+            if weight and d[f"{key}_batch_size"] <= 0:
+                raise ValueError(f"grpo.decoder.{key}_weight={weight} needs grpo.decoder.{key}_batch_size > 0 "
+                                 f"(got {d[f'{key}_batch_size']})")
+        if d.step_selection not in grpo_decoder.STEP_SELECTIONS:
+            raise ValueError(f"grpo.decoder.step_selection={d.step_selection!r}: expected one of "
                              f"{grpo_decoder.STEP_SELECTIONS}")
-        if not 0.0 < g.step_fraction <= 1.0:
-            raise ValueError(f"grpo.step_fraction={g.step_fraction}: expected a fraction in (0, 1]")
+        if not 0.0 < d.step_fraction <= 1.0:
+            raise ValueError(f"grpo.decoder.step_fraction={d.step_fraction}: expected a fraction in (0, 1]")
 
     def rollout(self, ctx: RLContext, state: Any, n: int, indices: range) -> tuple[dict, Any]:
         config, tok = ctx.config, ctx.tok
@@ -104,9 +102,9 @@ class Decoder(Policy):
                                              jax.random.fold_in(ctx.keys["rollout"], n))
         drawn = {"source": np.repeat(source, repeat, axis=0), "generated": generated,
                  "specs": [spec for *_, spec in items for _ in range(repeat)]}
-        if g.sft_weight:
+        if g.decoder.sft_weight:
             rollout = {**rollout, **anchor_batch(config, tok, state.tokenizer_params, n)}
-        if g.retain_weight:   # the policy's own images of training long captions
+        if g.decoder.retain_weight:   # the policy's own images of training long captions
             scenes = retain_scenes(config, n)
             kept, retained = decoder_rollout(config, tok, state, ctx.ref, [shapes.long_caption(x) for x in scenes],
                                              jax.random.fold_in(ctx.keys["retain"], n))

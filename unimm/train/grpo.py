@@ -97,9 +97,9 @@ def with_advantages(rollout: dict, rewards: jax.Array, g: Any) -> dict:
 def caption_grpo_loss(params: dict, rollout: dict, *, config: Any) -> tuple[jax.Array, dict]:
     g, cfg = config.grpo, config.model
     # Rollouts are prompt + max_new_tokens wide (caption_rollout); only the completion is scored.
-    prompt_len = rollout["tokens"].shape[1] - g.max_new_tokens
+    prompt_len = rollout["tokens"].shape[1] - g.captioner.max_new_tokens
     logp = token_log_probs(params, cfg, rollout["tokens"], rollout["mask"], rollout["image_tokens"],
-                           config.data.image_token_id, g.temperature, first=prompt_len)
+                           config.data.image_token_id, g.captioner.temperature, first=prompt_len)
     adv = rollout["advantages"][:, None]
     obj, clipped = grpo_math.clipped_objective(logp, rollout["old_log_probs"], adv, g.epsilon, g.epsilon_high)
     kl = grpo_math.k3_kl(logp, rollout["ref_log_probs"])

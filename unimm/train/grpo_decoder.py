@@ -112,9 +112,9 @@ def step_log_probs(params: dict, cfg: Any, rollout: dict, *, guided: bool, num_s
 
 
 def rollout_steps(config: Any) -> str | None:
-    """Diffusion steps of the decoder rollouts: ``grpo.rollout_steps`` (fewer than sampling's,
+    """Diffusion steps of the decoder rollouts: ``grpo.decoder.rollout_steps`` (fewer than sampling's,
     as Flow-GRPO) or the sampling default."""
-    return config.grpo.rollout_steps or config.sample.num_sampling_steps or None
+    return config.grpo.decoder.rollout_steps or config.sample.num_sampling_steps or None
 
 
 # Rollout arrays with a diffusion-step axis (axis 2, first = noisiest).
@@ -122,7 +122,7 @@ STEP_KEYS = ("t", "x", "x_next", "old_log_probs", "ref_mean", "ref_log_var")
 STEP_SELECTIONS = ("random", "noisiest")
 # The anchor's supervised batch rides in the rollout under these keys (images as tokenizer tokens).
 SFT_KEYS = ("t2i_latents", "t2i_tokens", "t2i_mask")
-# The retain rollouts (``grpo.retain_weight``) ride in the rollout under this prefix: what
+# The retain rollouts (``grpo.decoder.retain_weight``) ride in the rollout under this prefix: what
 # :func:`step_means` and the KL read of an :func:`image_rollout`.
 RETAIN_PREFIX = "retain_"
 RETAIN_KEYS = ("image_tokens", "tokens", "mask", "uncond_tokens", "uncond_mask", "masked", "pos", "pos_valid",
@@ -150,7 +150,7 @@ def retain_kl(params: dict, config: Any, rollout: dict) -> jax.Array:
     r = {k[len(RETAIN_PREFIX):]: v for k, v in rollout.items() if k.startswith(RETAIN_PREFIX)}
     mean, log_var = step_means(params, config.model, r, guided=float(s.cfg) != 1.0,
                                num_steps=rollout_steps(config))
-    if not config.grpo.train_variance:
+    if not config.grpo.decoder.train_variance:
         log_var = jax.lax.stop_gradient(log_var)
     kl = _sampling_kl(mean, log_var, r, s.temperature)
     counts = r["pos_valid"][:, :, None, :] & (r["t"] > 0)[..., None]
@@ -169,13 +169,13 @@ def noisiest_steps(rollout: dict, fraction: float) -> dict:
 def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: Any) -> tuple[jax.Array, dict]:
     g, s = config.grpo, config.sample
     guided = float(s.cfg) != 1.0
-    fraction = g.step_fraction
-    noisiest = g.step_selection == "noisiest"
+    fraction = g.decoder.step_fraction
+    noisiest = g.decoder.step_selection == "noisiest"
     if noisiest:
         rollout = noisiest_steps(rollout, fraction)
     # train_variance False: only the step means move (DDPO / Flow-GRPO: fixed variances).
     logp, mean, log_var = step_log_probs(params, config.model, rollout, guided=guided, num_steps=rollout_steps(config),
-                                         temperature=s.temperature, train_variance=g.train_variance)
+                                         temperature=s.temperature, train_variance=g.decoder.train_variance)
     kl = _sampling_kl(mean, log_var, rollout, s.temperature)
     adv = rollout["advantages"][:, None, None, None]
     # Which (iteration, diffusion step) pairs train: the noisiest ones (already cut) or a random
@@ -196,11 +196,11 @@ def decoder_grpo_loss(params: dict, rollout: dict, rng: jax.Array, *, config: An
                "ratio_max": jnp.max(jnp.where(counts, jnp.exp(logp - rollout["old_log_probs"]), 0.0))}
     if SFT_KEYS[0] in rollout:   # InstructGPT's PPO-ptx: the supervised T2I loss holds what GRPO does not reward
         sft, sft_metrics = supervised_anchor_loss(params, config.model, rollout, jax.random.fold_in(rng, 1))
-        loss = loss + g.sft_weight * sft
+        loss = loss + g.decoder.sft_weight * sft
         metrics = {**metrics, **{f"sft_{k}": v for k, v in sft_metrics.items() if k != "mask_ratio"}}
     if RETAIN_PREFIX + "x" in rollout:
         metrics["retain_kl"] = retain_kl(params, config, rollout)
-        loss = loss + g.retain_weight * metrics["retain_kl"]
+        loss = loss + g.decoder.retain_weight * metrics["retain_kl"]
     return loss, metrics
 
 

@@ -4,10 +4,10 @@
 
 ``train_grpo(config, workdir)`` starts from ``config.init_from`` (a supervised workdir or a
 converter output); that starting point is also the frozen reference π_ref and the frozen
-decoder that turns captions back into images for the reward (``grpo.decoder_from`` names
+decoder that turns captions back into images for the reward (``grpo.captioner.decoder_from`` names
 another run's decoder instead: UAE's two models). The decoder policy's inputs are the frozen
-encoder's captions of training images (the starting point's, or ``grpo.encoder_from``'s
-run), GenEval prompts of the training split, or half of each (``grpo.prompts``). Re-running
+encoder's captions of training images (the starting point's, or ``grpo.decoder.encoder_from``'s
+run), GenEval prompts of the training split, or half of each (``grpo.decoder.prompts``). Re-running
 resumes from the workdir's newest checkpoint (rollout position included).
 """
 from __future__ import annotations
@@ -68,15 +68,15 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     state = create_train_state(config, mesh, rng, params=starting_params(config, mesh))
     ref = jax.tree.map(jnp.copy, state.params)        # π_ref (and the frozen decoder by default)
     # UAE's two-model setup: the captioner policy's images may come from another run's decoder.
-    decoder_params = (starting_params(config, mesh, g.decoder_from, "grpo.decoder_from")
-                      if g.decoder_from else ref)
+    decoder_params = (starting_params(config, mesh, g.captioner.decoder_from, "grpo.captioner.decoder_from")
+                      if g.captioner.decoder_from else ref)
     decoder = Model(config, tok, decoder_params, state.tokenizer_params)
     # The decoder policy's captions: the frozen starting point's, or another run's captioner
-    # (``grpo.encoder_from``: UAE's two models, the understanding side fixed).
-    encoder_params = (starting_params(config, mesh, g.encoder_from, "grpo.encoder_from")
-                      if g.encoder_from else None)
+    # (``grpo.decoder.encoder_from``: UAE's two models, the understanding side fixed).
+    encoder_params = (starting_params(config, mesh, g.decoder.encoder_from, "grpo.decoder.encoder_from")
+                      if g.decoder.encoder_from else None)
     encoder = (Model(config, tok, encoder_params, state.tokenizer_params)
-               if g.encoder_from else decoder)
+               if g.decoder.encoder_from else decoder)
     judges = shapes_bench.builtin_encoders(decoder, ("mar", "latent"))    # frozen: the reference's
     positions = RolloutPosition(g.inputs_per_step)
     policy = rl.get(g.policy)
@@ -110,7 +110,7 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
                 f"clip={scalars['clip_fraction']:.3f}{length}")
 
     # The policy is scored; a policy that draws with the frozen decoder is evaluated with it,
-    # and captions come from grpo.encoder_from's run when set.
+    # and captions come from grpo.decoder.encoder_from's run when set.
     eval_fn = make_eval_fn(config, workdir, tok, encoder_params=encoder_params,
                            decoder_params=decoder_params if policy.frozen_decoder else None) if evaluate else None
     return runner.run(config, workdir, mesh, state, positions, advance, describe, eval_fn=eval_fn, label="grpo ")
