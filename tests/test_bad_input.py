@@ -26,6 +26,7 @@ config and flags
   api config_mask_ratio           model.mar.mask_ratio_min=1.0 -> must lie in [0, 1)
   api config_mask_ratio_dist      model.mar.mask_ratio_dist=uniform -> expected one of ('truncnorm', 'cosine')
   api config_mask_full_prob       model.mar.mask_full_prob=1.5 -> must lie in [0, 1]
+  api config_final_steps          sample.final_sampling_steps=30 (25 steps) -> annealing runs down from 25
   api config_unknown_variant      configs/harmon.py:huge -> unknown variant 'huge'
   api config_file_missing         configs/nope.py -> config file not found
   api config_rules_missing_entry  logical_axis_rules without 'embed' -> no entry for the logical axis 'embed'
@@ -440,6 +441,9 @@ API = {
     "config_mask_ratio": (_validate("model.mar.mask_ratio_min=1.0"), ValueError,
                           r"model.mar.mask_ratio_min=1.0 must lie in \[0, 1\) and "
                           r"model.mar.mask_ratio_std=0.25 be > 0"),
+    "config_final_steps": (_validate("sample.final_sampling_steps=30"), ValueError,
+                           r"sample.final_sampling_steps=30: diffusion step annealing runs from the first "
+                           r"iteration's plain step count \('25'\) down to at least 2"),
     "config_mask_ratio_dist": (_validate("model.mar.mask_ratio_dist=uniform"), ValueError,
                                r"model.mar.mask_ratio_dist='uniform': expected one of \('truncnorm', 'cosine'\)"),
     "config_mask_full_prob": (_validate("model.mar.mask_full_prob=1.5"), ValueError,

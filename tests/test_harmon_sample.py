@@ -53,6 +53,31 @@ def test_generation_fills_every_token_and_compiles_once(tiny):
     np.testing.assert_array_equal(np.asarray(same), np.asarray(img))
 
 
+def test_diffusion_step_annealing(tiny):
+    """DiSA (``final_steps``): the steps fall linearly over the iterations; at one count for
+    every iteration it draws what the fixed-step sampler draws (same keys, same tables; to
+    float rounding, as XLA folds the fixed sampler's constant tables), and annealed it draws
+    other, finite tokens."""
+    from unimm.models import gaussian_diffusion as gd
+    assert gd.annealed_steps(64, 50, 5)[:3] == (50, 49, 49) and gd.annealed_steps(64, 50, 5)[-1] == 5
+    assert all(a >= b for a, b in zip(gd.annealed_steps(9, 25, 5), gd.annealed_steps(9, 25, 5)[1:]))
+    assert gd.annealed_steps(1, 25, 5) == (25,)
+    with pytest.raises(ValueError, match="expected 2 <= last <= first"):
+        gd.annealed_steps(4, 5, 6)
+    cfg, params = tiny
+    tokens, mask = prompts(cfg, 4)
+    kw = dict(num_iter=4, guided=True, cfg_scale=3.0, cfg_schedule="linear", num_steps="6")
+    fixed = harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(4), **kw)
+    same = harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(4), final_steps=6, **kw)
+    np.testing.assert_allclose(np.asarray(same), np.asarray(fixed), atol=1e-5, rtol=1e-5)
+    annealed = np.asarray(harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(4),
+                                                              final_steps=2, **kw))
+    assert np.isfinite(annealed).all() and not np.allclose(annealed, np.asarray(fixed))
+    with pytest.raises(ValueError, match="records no trajectory"):
+        harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(4), final_steps=2,
+                                            record=True, **kw)
+
+
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
 def test_guidance_scale_one_equals_unguided(tiny, schedule):
     cfg, params = tiny

@@ -218,7 +218,9 @@ class CompileCounter:
 
 
 def run_sample(variants: list[str], reps: int) -> list[dict]:
-    """T2I latency per image (4 prompts, CFG 3 -> 8 rows) at 16 and 64 MAR iterations, and
+    """T2I latency per image (4 prompts, CFG 3 -> 8 rows) at 16 and 64 MAR iterations, with
+    100 diffusion steps per iteration (the official setting) and with DiSA's annealing from
+    50 steps at the first iteration to 5 at the last (``sample.final_sampling_steps``), and
     the number of compilations during a warmed-up sampling call (must be 0)."""
     from unimm import config_utils
     from unimm.models import harmon, harmon_sample, layers
@@ -231,18 +233,22 @@ def run_sample(variants: list[str], reps: int) -> list[dict]:
         tokens = jax.random.randint(jax.random.key(1), (8, 32), 8, cfg.llm.vocab_size)
         mask = jnp.ones((8, 32), jnp.int32)
         # More iterations than tokens only repeats empty ones: cap at the token count.
+        steps = {"100 diffusion steps": dict(num_steps="100"),
+                 "DiSA 50 -> 5 steps": dict(num_steps="50", final_steps=5)}
         for num_iter in sorted({min(n, cfg.mar.grid ** 2) for n in (16, 64)}):
-            kw = dict(num_iter=num_iter, guided=True, cfg_scale=3.0, num_steps="100")
-            call = lambda: harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(2), **kw)
-            jax.block_until_ready(call())                       # warm-up (compiles)
-            before = counter.count
-            seconds = _time(call, reps)
-            row = dict(variant=variant, component=f"t2i num_iter={num_iter}", ms_per_image=1e3 * seconds / 4,
-                       compiles_after_warmup=counter.count - before)
-            rows.append(row)
-            print(f"{variant:>6} t2i 4 prompts x CFG, {num_iter:2d} iters, 100 diffusion steps: "
-                  f"{row['ms_per_image']:9.1f} ms/image  compilations after warm-up: "
-                  f"{row['compiles_after_warmup']}", flush=True)
+            for name, step_kw in steps.items():
+                kw = dict(num_iter=num_iter, guided=True, cfg_scale=3.0, **step_kw)
+                call = lambda: harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(2), **kw)
+                jax.block_until_ready(call())                       # warm-up (compiles)
+                before = counter.count
+                seconds = _time(call, reps)
+                suffix = "" if "final_steps" not in step_kw else " disa=50->5"
+                row = dict(variant=variant, component=f"t2i num_iter={num_iter}{suffix}",
+                           ms_per_image=1e3 * seconds / 4, compiles_after_warmup=counter.count - before)
+                rows.append(row)
+                print(f"{variant:>6} t2i 4 prompts x CFG, {num_iter:2d} iters, {name}: "
+                      f"{row['ms_per_image']:9.1f} ms/image  compilations after warm-up: "
+                      f"{row['compiles_after_warmup']}", flush=True)
     return rows
 
 

@@ -2,6 +2,7 @@
 
     python -m unimm.sample --workdir=DIR --prompt="a red circle" --prompt="two blue squares" \
         --out=grid.png [--num_per_prompt=4 --cfg=3.0 --num_iter=16 --temperature=1.0 --seed=0]
+        [--final_sampling_steps=5]   # DiSA: diffusion steps annealed down to 5 at the last iteration
     python -m unimm.sample --workdir=DIR --prompt_file=prompts.txt   # UTF-8, one prompt per line
     python -m unimm.sample --workdir=DIR --image=a.png --image=b.jpg  # RecA's image variation
 
@@ -31,6 +32,8 @@ flags.DEFINE_integer("num_per_prompt", 4, "images per prompt")
 flags.DEFINE_float("cfg", None, "guidance scale (default: config.sample.cfg)")
 flags.DEFINE_integer("num_iter", None, "MAR iterations (default: config.sample.num_iter)")
 flags.DEFINE_float("temperature", None, "diffusion temperature (default: config.sample.temperature)")
+flags.DEFINE_integer("final_sampling_steps", None, "DiSA: diffusion steps of the last MAR iteration, "
+                     "annealed from the first's (default: config.sample.final_sampling_steps; 0 = off)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
@@ -88,7 +91,7 @@ def main(argv):
         prompts = None if sources else read_prompts(FLAGS.prompt, FLAGS.prompt_file)
         config = inference.load_config(FLAGS.workdir, FLAGS.config)
         inference.apply_sample_overrides(config, {
-            name: getattr(FLAGS, name) for name in ("cfg", "num_iter", "temperature")})
+            name: getattr(FLAGS, name) for name in ("cfg", "num_iter", "temperature", "final_sampling_steps")})
         config, tok = inference.prepare(config)
         if prompts:
             warn_long_prompts(prompts, tok, config)

@@ -187,6 +187,10 @@ def base() -> ml_collections.ConfigDict:
     s.cfg_schedule = "constant"           # "constant" or "linear" (Muse)
     s.temperature = 1.0                   # diffusion noise temperature
     s.num_sampling_steps = ""             # "" = model.diffusion.num_sampling_steps
+    s.final_sampling_steps = 0            # DiSA (arXiv 2505.20297): diffusion steps of the last MAR
+                                          # iteration, annealed linearly from the first's; 0 = off
+                                          # (every iteration the same, as Harmon and MAR). GRPO's
+                                          # rollouts keep grpo.decoder.rollout_steps throughout
     # Captioning, as transformers' generate (unimm.models.decoding).
     s.max_new_tokens = 64                 # caption length limit
     s.caption_sampling = False            # False: greedy (do_sample=False); True: sample with

@@ -6,7 +6,8 @@ VAL_OFFSET = 2_000_000_000   # data.val_offset of runs whose config.json predate
 # split -> (the data field its shapes indices start at, its sampling seed, its files' prefix)
 SPLITS = {"test": ("eval_offset", 0, ""), "validation": ("val_offset", 1, "validation_")}
 # The image-sampling settings recorded beside the scores.
-SAMPLING_FIELDS = ("num_iter", "cfg", "cfg_schedule", "temperature", "num_sampling_steps")
+SAMPLING_FIELDS = ("num_iter", "cfg", "cfg_schedule", "temperature", "num_sampling_steps",
+                   "final_sampling_steps")
 
 
 def select(config, split: str, sets=()) -> tuple[int, str]:

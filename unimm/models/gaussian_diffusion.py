@@ -318,6 +318,47 @@ def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, 
     return x0, log_probs, traj
 
 
+def sample_loop_n(model_fn: ModelFn, s: Schedule, n: jax.Array, x_T: jax.Array, rng: jax.Array,
+                  temperature=1.0, clip: float = 0.0, prediction: str = "epsilon", clip_var: bool = False):
+    """:func:`sample_loop` for a traced number of steps ``n`` (DiSA's per-iteration counts):
+    ``s`` holds tables of at least ``n`` steps (jax arrays; entries past ``n`` unused), and the
+    loop runs ``n`` steps, so the work is proportional to ``n`` (a ``while`` loop; no log-probs,
+    no gradients). With ``n`` equal to the tables' length it draws what :func:`sample_loop`
+    draws: the same keys, step for step."""
+    keys = jax.random.split(rng, len(s.betas))
+
+    def step(j, x):
+        i = n - 1 - j
+        mean, log_var = _step_mean_logvar(model_fn, s, x, i, clip, prediction, clip_var)
+        std = jnp.where(i > 0, jnp.exp(0.5 * log_var) * temperature, 0.0)  # no noise at t = 0
+        return mean + std * jax.random.normal(keys[j], x.shape, x.dtype)
+
+    return jax.lax.fori_loop(0, n, step, x_T)
+
+
+def annealed_steps(num_iter: int, first: int, last: int) -> tuple[int, ...]:
+    """DiSA's diffusion steps per MAR iteration: linear from ``first`` (the first iteration)
+    to ``last`` (the last one), rounded."""
+    if not 2 <= last <= first:
+        raise ValueError(f"diffusion step annealing from {first} to {last} steps: expected 2 <= last <= first")
+    if num_iter == 1:
+        return (first,)
+    return tuple(int(round(first - (first - last) * k / (num_iter - 1))) for k in range(num_iter))
+
+
+def stacked_schedules(diff_cfg: Any, counts: tuple[int, ...]) -> Schedule:
+    """One respaced schedule per entry of ``counts``, stacked ``[len(counts), max(counts)]``
+    (float32 tables, int32 timestep maps; each row padded with its last entry)."""
+    width = max(counts)
+
+    def pad(table: np.ndarray) -> np.ndarray:
+        return np.pad(table, (0, width - len(table)), mode="edge")
+
+    rows = [make_schedule(diff_cfg.num_timesteps, str(c), diff_cfg.noise_schedule) for c in counts]
+    return Schedule(*(np.stack([pad(np.asarray(getattr(r, f))) for r in rows]).astype(
+        np.int32 if f == "timestep_map" else np.float32) for f in Schedule._fields))
+
+
 def _sampling_schedule(diff_cfg: Any, num_steps) -> Schedule:
     steps = diff_cfg.num_sampling_steps if num_steps is None else num_steps
     return make_schedule(diff_cfg.num_timesteps, str(steps), diff_cfg.noise_schedule)
@@ -335,7 +376,7 @@ def _is_guided(cfg_scale, guided) -> bool:
 
 def sample(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, rng: jax.Array, *,
            temperature=1.0, cfg_scale=1.0, guided: bool | None = None, num_steps: int | str | None = None,
-           return_trajectory: bool = False):
+           return_trajectory: bool = False, schedule: tuple[Schedule, jax.Array] | None = None):
     """Samples one token per condition row: ``z [N, C]`` -> ``(x0 [M, D], log_probs [S, M])``.
 
     Unguided, ``M = N``. Guided (``cfg_scale != 1``, or ``guided=True`` when ``cfg_scale`` is
@@ -343,14 +384,21 @@ def sample(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, rng: ja
     follow the cond half's trajectory (the reference keeps only that half). Temperature
     scales the per-step noise, not the initial noise. ``return_trajectory`` adds the
     :func:`sample_loop` trajectory for :func:`trajectory_log_probs`.
+
+    ``schedule=(tables, n)``: a row of :func:`stacked_schedules` and its traced step count
+    instead of ``num_steps`` (:func:`sample_loop_n`); returns ``(x0, None)``.
     """
     guided = _is_guided(cfg_scale, guided)
-    s = _sampling_schedule(diff_cfg, num_steps)
     m = z.shape[0] // 2 if guided else z.shape[0]
     k_init, k_loop = jax.random.split(rng)
     x_T = jax.random.normal(k_init, (m, head_cfg.token_dim), jnp.float32)
-    x0, log_probs, traj = sample_loop(head_model_fn(head_params, head_cfg, z, cfg_scale, guided),
-                                      s, x_T, k_loop, temperature, **_step_options(diff_cfg))
+    model_fn = head_model_fn(head_params, head_cfg, z, cfg_scale, guided)
+    if schedule is not None:
+        if return_trajectory:
+            raise ValueError("a traced step count (diffusion step annealing) records no trajectory")
+        return sample_loop_n(model_fn, *schedule, x_T, k_loop, temperature, **_step_options(diff_cfg)), None
+    x0, log_probs, traj = sample_loop(model_fn, _sampling_schedule(diff_cfg, num_steps), x_T, k_loop,
+                                      temperature, **_step_options(diff_cfg))
     return (x0, log_probs, traj) if return_trajectory else (x0, log_probs)
 
 

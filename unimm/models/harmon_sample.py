@@ -48,11 +48,11 @@ def rows_to_batch(x: jax.Array, b: int, w: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=1, static_argnames=(
-    "num_iter", "guided", "cfg_schedule", "num_steps", "grid", "record"))
+    "num_iter", "guided", "cfg_schedule", "num_steps", "final_steps", "grid", "record"))
 def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array, rng: jax.Array,
                           *, num_iter: int, guided: bool, cfg_scale=1.0, cfg_schedule: str = "constant",
-                          temperature=1.0, num_steps: str | None = None, grid: int | None = None,
-                          record: bool = False):
+                          temperature=1.0, num_steps: str | None = None, final_steps: int = 0,
+                          grid: int | None = None, record: bool = False):
     """Image tokens ``[B, L, D]`` for prompts ``tokens/mask [B', T]`` (1 = real token);
     ``tokens`` may be prompt embeddings ``[B', T, H]`` instead (RecA's image prompts).
 
@@ -60,6 +60,10 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     noise; ε is guided with ``cfg_scale`` (constant or Muse's linear schedule). Otherwise
     B' = B and ``cfg_scale`` is unused. ``grid``: tokens per side (default ``cfg.mar.grid``;
     larger for stage-3 resolutions, with interpolated position embeddings).
+
+    ``final_steps`` (DiSA, 0 = off): the diffusion steps annealed linearly from ``num_steps``
+    at the first iteration to ``final_steps`` at the last (later tokens are better
+    determined by those drawn before them); each iteration's head work is its own count.
 
     ``record``: returns ``(tokens, trajectory)``, the trajectory batch-leading (one row per
     image, for GRPO): per iteration ``masked [B, I, L]`` (before it), ``pos / pos_valid
@@ -77,6 +81,17 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     before = np.concatenate([[seq], after[:-1]])
     window = int((before - after).max())
     after_j, before_j, cfg_len_j = map(jnp.asarray, (after, before, cfg_len))
+
+    annealed = None
+    if final_steps:
+        if record:
+            raise ValueError("diffusion step annealing (final_steps) records no trajectory: its iterations "
+                             "differ in length")
+        first = str(cfg.diffusion.num_sampling_steps if num_steps is None else num_steps)
+        if not first.isdigit():
+            raise ValueError(f"diffusion step annealing needs a plain step count to start from, not {first!r}")
+        counts = gaussian_diffusion.annealed_steps(num_iter, int(first), final_steps)
+        annealed = (gaussian_diffusion.stacked_schedules(cfg.diffusion, counts), jnp.asarray(counts, jnp.int32))
 
     k_order, k_loop = jax.random.split(rng)
     orders = mar.random_orders(k_order, b, seq)
@@ -99,10 +114,12 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
         scale = cfg_scale if cfg_schedule == "constant" else \
             1.0 + (cfg_scale - 1.0) * (seq - cfg_len_j[s]) / seq
         z_rows = z_win.reshape(-1, z_win.shape[-1])
+        schedule = None if annealed is None else (
+            jax.tree.map(lambda table: jnp.asarray(table)[s], annealed[0]), annealed[1][s])
         x0, _, *traj = gaussian_diffusion.sample(
             params["head"], head_cfg, cfg.diffusion, z_rows, k_diff,
             temperature=temperature, cfg_scale=scale, guided=guided, num_steps=num_steps,
-            return_trajectory=record)
+            return_trajectory=record, schedule=schedule)
         x0 = x0 + harmon.head_offset(params, cfg, z_rows, guided, scale)
         img = _fill(img, pos, pos_valid, x0.reshape(b, -1, dim))
         step = None
