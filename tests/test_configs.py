@@ -156,3 +156,16 @@ def test_an_older_config_json_gets_the_fields_added_since():
     del old["model"]["llm"]["hidden_size"]
     with pytest.raises(KeyError, match="model.llm.hidden_size"):
         schema.backfill(ml_collections.ConfigDict(old))
+
+
+@pytest.mark.parametrize("variant", ["0.5b", "1.5b"])
+def test_official_presets_keep_harmons_masks_and_sampling(variant):
+    """The shapes recipe's departures from Harmon (results/generation.md) stay off in the
+    official presets: MAR's masks, 4 noise draws per token, epsilon prediction, the
+    same diffusion steps in every iteration."""
+    c = config_utils.load_config(f"configs/harmon.py:{variant}")
+    m = c.model.mar
+    assert (m.mask_ratio_dist, m.mask_ratio_per_example, m.mask_ratio_min, m.mask_ratio_std,
+            m.mask_full_prob) == ("truncnorm", False, 0.7, 0.25, 0.0)
+    assert c.model.diffusion.batch_mul == 4 and c.model.diffusion.prediction == "epsilon"
+    assert c.sample.final_sampling_steps == 0 and c.optimizer.head_lr_scale == 1.0

@@ -350,9 +350,9 @@ def test_validation_split_has_its_own_items_seed_and_files(tok):
     from unimm.eval import splits
     test_cfg, val_cfg = tiny_config(), tiny_config()
     assert splits.select(test_cfg, "test") == (0, "")
-    assert splits.select(val_cfg, "validation", ["sample.num_iter=9", "sample.cfg=3.5"]) == (1, "validation_")
-    assert (val_cfg.sample.num_iter, val_cfg.sample.cfg) == (9, 3.5)
-    assert test_cfg.sample.num_iter == tiny_config().sample.num_iter != 9   # --set applies to its config only
+    assert splits.select(val_cfg, "validation", ["sample.num_iter=3", "sample.cfg=3.5"]) == (1, "validation_")
+    assert (val_cfg.sample.num_iter, val_cfg.sample.cfg) == (3, 3.5)
+    assert test_cfg.sample.num_iter == tiny_config().sample.num_iter != 3   # --set applies to its config only
     for task in ("geneval", "i2t"):
         test_items = pipeline.eval_examples(test_cfg, tok, 12, task)
         val_items = pipeline.eval_examples(val_cfg, tok, 12, task)
