@@ -62,8 +62,11 @@ def test_diffusion_step_annealing(tiny):
     assert gd.annealed_steps(64, 50, 5)[:3] == (50, 49, 49) and gd.annealed_steps(64, 50, 5)[-1] == 5
     assert all(a >= b for a, b in zip(gd.annealed_steps(9, 25, 5), gd.annealed_steps(9, 25, 5)[1:]))
     assert gd.annealed_steps(1, 25, 5) == (25,)
-    with pytest.raises(ValueError, match="expected 2 <= last <= first"):
+    with pytest.raises(ValueError, match=r"from the first iteration's plain step count \('5'\) down to at least 2"):
         gd.annealed_steps(4, 5, 6)
+    with pytest.raises(ValueError, match=r"plain step count \('ddim25'\)"):
+        gd.annealed_steps(4, "ddim25", 5)
+    assert gd.annealed_steps(3, "25", 5) == (25, 15, 5)
     cfg, params = tiny
     tokens, mask = prompts(cfg, 4)
     kw = dict(num_iter=4, guided=True, cfg_scale=3.0, cfg_schedule="linear", num_steps="6")

@@ -33,10 +33,11 @@ def validate(config: Any, mesh: jax.sharding.Mesh | None = None) -> None:
     s = config.sample
     decoding.check_settings(s.repetition_penalty, s.caption_temperature, s.top_k, s.top_p, "config.sample")
     if s.final_sampling_steps:
-        first = str(s.num_sampling_steps or config.model.diffusion.num_sampling_steps)
-        if not first.isdigit() or not 2 <= s.final_sampling_steps <= int(first):
-            raise ValueError(f"sample.final_sampling_steps={s.final_sampling_steps}: diffusion step annealing "
-                             f"runs from the first iteration's plain step count ({first!r}) down to at least 2")
+        first = s.num_sampling_steps or config.model.diffusion.num_sampling_steps
+        try:
+            gaussian_diffusion.annealed_steps(s.num_iter, first, s.final_sampling_steps)
+        except ValueError as e:
+            raise ValueError(f"sample.final_sampling_steps={s.final_sampling_steps}: {e}") from None
     qwen2.check_remat(config.model.llm.remat)
     for part in ("llm", "mar"):
         layers.attention_impl(config.model[part].attention, f"model.{part}.attention")

@@ -101,14 +101,14 @@ def draw(rng: jax.Array, n: int, p_object: float, conds: jax.Array):
     return cond, jnp.where(present, 1 + 2 * obj + jax.random.randint(k_size, (n,), 0, 2), 0)
 
 
-def classify(token: np.ndarray, want, empty: np.ndarray, cell_px: int) -> str:
+def classify(token: np.ndarray, want: list[tuple[str, str]], empty: np.ndarray, cell_px: int) -> str:
     """What ``token`` shows, given the (colour, shape) pairs ``want`` its condition asks for."""
     image = np.zeros((3 * cell_px, 3 * cell_px, 3), np.uint8)
     image[:cell_px, :cell_px] = np.clip(np.round((token.reshape(cell_px, cell_px, 3) + 1) * 127.5), 0, 255)
     found = shapes.detect(image)
     if not found:
         return "empty" if np.abs(token - empty).max() < 0.5 else "junk"
-    o, want = found[0], [want] if isinstance(want[0], str) else list(want)
+    o = found[0]
     colors, kinds = {c for c, _ in want}, {s for _, s in want}
     if (o.color, o.shape) in want:
         return "right"

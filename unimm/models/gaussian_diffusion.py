@@ -297,6 +297,14 @@ def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array
     return p["mean"], p["log_variance"]
 
 
+def _draw_step(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array, key: jax.Array, temperature,
+               clip: float, prediction: str, clip_var: bool):
+    """One ancestral step from ``x`` at step ``i``: ``(x_next, mean, log_var)``."""
+    mean, log_var = _step_mean_logvar(model_fn, s, x, i, clip, prediction, clip_var)
+    std = jnp.where(i > 0, jnp.exp(0.5 * log_var) * temperature, 0.0)  # no noise at t = 0
+    return mean + std * jax.random.normal(key, x.shape, x.dtype), mean, log_var
+
+
 def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, temperature=1.0,
                 clip: float = 0.0, prediction: str = "epsilon", clip_var: bool = False):
     """Ancestral sampling from ``x_T`` as one ``lax.scan`` over the steps ``S-1 .. 0``.
@@ -306,10 +314,7 @@ def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, 
     """
     def step(x, inp):
         i, key = inp
-        mean, log_var = _step_mean_logvar(model_fn, s, x, i, clip, prediction, clip_var)
-        noise = jax.random.normal(key, x.shape, x.dtype)
-        std = jnp.where(i > 0, jnp.exp(0.5 * log_var) * temperature, 0.0)  # no noise at t = 0
-        x_next = mean + std * noise
+        x_next, mean, log_var = _draw_step(model_fn, s, x, i, key, temperature, clip, prediction, clip_var)
         lp = jnp.where(i > 0, step_log_prob(mean, log_var, x_next, temperature), 0.0)
         return x_next, (lp, dict(t=i, x=x, x_next=x_next, mean=mean, log_var=log_var))
 
@@ -328,19 +333,18 @@ def sample_loop_n(model_fn: ModelFn, s: Schedule, n: jax.Array, x_T: jax.Array, 
     keys = jax.random.split(rng, len(s.betas))
 
     def step(j, x):
-        i = n - 1 - j
-        mean, log_var = _step_mean_logvar(model_fn, s, x, i, clip, prediction, clip_var)
-        std = jnp.where(i > 0, jnp.exp(0.5 * log_var) * temperature, 0.0)  # no noise at t = 0
-        return mean + std * jax.random.normal(keys[j], x.shape, x.dtype)
+        return _draw_step(model_fn, s, x, n - 1 - j, keys[j], temperature, clip, prediction, clip_var)[0]
 
     return jax.lax.fori_loop(0, n, step, x_T)
 
 
-def annealed_steps(num_iter: int, first: int, last: int) -> tuple[int, ...]:
-    """DiSA's diffusion steps per MAR iteration: linear from ``first`` (the first iteration)
-    to ``last`` (the last one), rounded."""
-    if not 2 <= last <= first:
-        raise ValueError(f"diffusion step annealing from {first} to {last} steps: expected 2 <= last <= first")
+def annealed_steps(num_iter: int, first: int | str, last: int) -> tuple[int, ...]:
+    """DiSA's diffusion steps per MAR iteration: linear from ``first`` (the first iteration;
+    a plain count, e.g. ``"25"``, not a respacing spec) to ``last`` (the last one), rounded."""
+    if not str(first).isdigit() or not 2 <= last <= int(first):
+        raise ValueError(f"diffusion step annealing runs from the first iteration's plain step count "
+                         f"({str(first)!r}) down to at least 2, not to {last}")
+    first = int(first)
     if num_iter == 1:
         return (first,)
     return tuple(int(round(first - (first - last) * k / (num_iter - 1))) for k in range(num_iter))

@@ -87,11 +87,10 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
         if record:
             raise ValueError("diffusion step annealing (final_steps) records no trajectory: its iterations "
                              "differ in length")
-        first = str(cfg.diffusion.num_sampling_steps if num_steps is None else num_steps)
-        if not first.isdigit():
-            raise ValueError(f"diffusion step annealing needs a plain step count to start from, not {first!r}")
-        counts = gaussian_diffusion.annealed_steps(num_iter, int(first), final_steps)
-        annealed = (gaussian_diffusion.stacked_schedules(cfg.diffusion, counts), jnp.asarray(counts, jnp.int32))
+        first = cfg.diffusion.num_sampling_steps if num_steps is None else num_steps
+        counts = gaussian_diffusion.annealed_steps(num_iter, first, final_steps)
+        tables = jax.tree.map(jnp.asarray, gaussian_diffusion.stacked_schedules(cfg.diffusion, counts))
+        annealed = (tables, jnp.asarray(counts, jnp.int32))
 
     k_order, k_loop = jax.random.split(rng)
     orders = mar.random_orders(k_order, b, seq)
@@ -115,7 +114,7 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
             1.0 + (cfg_scale - 1.0) * (seq - cfg_len_j[s]) / seq
         z_rows = z_win.reshape(-1, z_win.shape[-1])
         schedule = None if annealed is None else (
-            jax.tree.map(lambda table: jnp.asarray(table)[s], annealed[0]), annealed[1][s])
+            jax.tree.map(lambda table: table[s], annealed[0]), annealed[1][s])
         x0, _, *traj = gaussian_diffusion.sample(
             params["head"], head_cfg, cfg.diffusion, z_rows, k_diff,
             temperature=temperature, cfg_scale=scale, guided=guided, num_steps=num_steps,
