@@ -27,6 +27,7 @@ config and flags
   api config_mask_ratio_dist      model.mar.mask_ratio_dist=uniform -> expected one of ('truncnorm', 'cosine')
   api config_mask_full_prob       model.mar.mask_full_prob=1.5 -> must lie in [0, 1]
   api config_final_steps          sample.final_sampling_steps=30 (25 steps) -> annealing runs down from 25
+  api config_max_windows          sample.max_windows=0 -> expected an integer >= 1
   api config_unknown_variant      configs/harmon.py:huge -> unknown variant 'huge'
   api config_file_missing         configs/nope.py -> config file not found
   api config_rules_missing_entry  logical_axis_rules without 'embed' -> no entry for the logical axis 'embed'
@@ -444,6 +445,8 @@ API = {
     "config_final_steps": (_validate("sample.final_sampling_steps=30"), ValueError,
                            r"sample.final_sampling_steps=30: diffusion step annealing runs from the first "
                            r"iteration's plain step count \('25'\) down to at least 2"),
+    "config_max_windows": (_validate("sample.max_windows=0"), ValueError,
+                           r"sample.max_windows=0: expected an integer >= 1"),
     "config_mask_ratio_dist": (_validate("model.mar.mask_ratio_dist=uniform"), ValueError,
                                r"model.mar.mask_ratio_dist='uniform': expected one of \('truncnorm', 'cosine'\)"),
     "config_mask_full_prob": (_validate("model.mar.mask_full_prob=1.5"), ValueError,

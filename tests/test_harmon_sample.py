@@ -53,6 +53,32 @@ def test_generation_fills_every_token_and_compiles_once(tiny):
     np.testing.assert_array_equal(np.asarray(same), np.asarray(img))
 
 
+def test_window_groups_cover_the_iterations_at_least_rows():
+    counts = [1, 1, 1, 2, 3, 3, 5, 6]
+    for k in (1, 2, 3, 8):
+        groups = harmon_sample.window_groups(counts, k)
+        assert len(groups) <= k and groups[0][0] == 0 and groups[-1][1] == len(counts)
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        assert all(w == max(counts[i:j]) for i, j, w in groups)
+    rows = lambda g: sum((j - i) * w for i, j, w in g)
+    assert rows(harmon_sample.window_groups(counts, 1)) == 6 * 8
+    assert harmon_sample.window_groups(counts, 2) == [(0, 6, 3), (6, 8, 6)]     # 18 + 12 rows
+    assert rows(harmon_sample.window_groups(counts, 8)) == sum(counts)
+    assert len(harmon_sample.window_groups(counts, 8)) == 5                      # equal counts share one
+    assert harmon_sample.window_groups([1] * 9, 4) == [(0, 9, 1)]
+
+
+def test_window_sizes_draw_the_same_image(tiny):
+    """Iterations grouped under smaller windows (``max_windows``) draw what one largest window
+    draws: a token's noise does not depend on its window (to float rounding)."""
+    cfg, params = tiny
+    tokens, mask = prompts(cfg, 4)
+    kw = dict(num_iter=4, guided=True, cfg_scale=3.0, num_steps="4")
+    one = harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(6), **kw)
+    grouped = harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(6), max_windows=3, **kw)
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(one), atol=1e-5, rtol=1e-5)
+
+
 def test_diffusion_step_annealing(tiny):
     """DiSA (``final_steps``): the steps fall linearly over the iterations; at one count for
     every iteration it draws what the fixed-step sampler draws (same keys, same tables; to

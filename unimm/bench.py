@@ -221,20 +221,24 @@ def run_sample(variants: list[str], reps: int) -> list[dict]:
     """T2I latency per image (4 prompts, CFG 3 -> 8 rows) at 16 and 64 MAR iterations, with
     100 diffusion steps per iteration (the official setting) and with DiSA's annealing from
     50 steps at the first iteration to 5 at the last (``sample.final_sampling_steps``), and
-    the number of compilations during a warmed-up sampling call (must be 0)."""
+    the number of compilations during a warmed-up sampling call (must be 0). The iterations
+    share ``sample.max_windows`` window sizes; a row with one window (the largest) shows what
+    that saves."""
     from unimm import config_utils
     from unimm.models import harmon, harmon_sample, layers
 
     counter = CompileCounter()
     rows = []
     for variant in variants:
-        cfg = layers.freeze(config_utils.load_config(f"configs/harmon.py:{variant}").model)
+        config = config_utils.load_config(f"configs/harmon.py:{variant}")
+        cfg, windows = layers.freeze(config.model), config.sample.max_windows
         params = jax.jit(lambda r: harmon.init(cfg, r))(jax.random.key(0))
         tokens = jax.random.randint(jax.random.key(1), (8, 32), 8, cfg.llm.vocab_size)
         mask = jnp.ones((8, 32), jnp.int32)
         # More iterations than tokens only repeats empty ones: cap at the token count.
-        steps = {"100 diffusion steps": dict(num_steps="100"),
-                 "DiSA 50 -> 5 steps": dict(num_steps="50", final_steps=5)}
+        steps = {"100 diffusion steps": dict(num_steps="100", max_windows=windows),
+                 **({"100 steps, one window": dict(num_steps="100", max_windows=1)} if windows > 1 else {}),
+                 "DiSA 50 -> 5 steps": dict(num_steps="50", final_steps=5, max_windows=windows)}
         for num_iter in sorted({min(n, cfg.mar.grid ** 2) for n in (16, 64)}):
             for name, step_kw in steps.items():
                 kw = dict(num_iter=num_iter, guided=True, cfg_scale=3.0, **step_kw)
@@ -242,7 +246,8 @@ def run_sample(variants: list[str], reps: int) -> list[dict]:
                 jax.block_until_ready(call())                       # warm-up (compiles)
                 before = counter.count
                 seconds = _time(call, reps)
-                suffix = "" if "final_steps" not in step_kw else " disa=50->5"
+                suffix = " disa=50->5" if "final_steps" in step_kw else \
+                    " one_window" if step_kw["max_windows"] < windows else ""
                 row = dict(variant=variant, component=f"t2i num_iter={num_iter}{suffix}",
                            ms_per_image=1e3 * seconds / 4, compiles_after_warmup=counter.count - before)
                 rows.append(row)

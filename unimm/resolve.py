@@ -38,6 +38,9 @@ def validate(config: Any, mesh: jax.sharding.Mesh | None = None) -> None:
             gaussian_diffusion.annealed_steps(s.num_iter, first, s.final_sampling_steps)
         except ValueError as e:
             raise ValueError(f"sample.final_sampling_steps={s.final_sampling_steps}: {e}") from None
+    if not isinstance(s.max_windows, int) or s.max_windows < 1:
+        raise ValueError(f"sample.max_windows={s.max_windows!r}: expected an integer >= 1 (1 = one window "
+                         "for every MAR iteration)")
     qwen2.check_remat(config.model.llm.remat)
     for part in ("llm", "mar"):
         layers.attention_impl(config.model[part].attention, f"model.{part}.attention")

@@ -86,7 +86,8 @@ class Model:
         toks = harmon_sample.generate_image_tokens(
             self.decoder_params, self.cfg, prompt, mask, rng, num_iter=s.num_iter, guided=s.cfg != 1.0,
             cfg_scale=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
-            num_steps=s.num_sampling_steps or None, final_steps=s.final_sampling_steps, grid=grid[0])
+            num_steps=s.num_sampling_steps or None, final_steps=s.final_sampling_steps, grid=grid[0],
+            max_windows=s.max_windows)
         return np.asarray(vae_lib.to_uint8(vae_lib.tokens_to_images(self.tokenizer_params, self.cfg.vae, toks, grid)))
 
     def reconstruct(self, images_uint8: Sequence[np.ndarray], rng: jax.Array) -> np.ndarray:

@@ -297,24 +297,30 @@ def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array
     return p["mean"], p["log_variance"]
 
 
+NoiseFn = Callable[[jax.Array, tuple], jax.Array]
+
+
 def _draw_step(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array, key: jax.Array, temperature,
-               clip: float, prediction: str, clip_var: bool):
+               clip: float, prediction: str, clip_var: bool, noise: NoiseFn = jax.random.normal):
     """One ancestral step from ``x`` at step ``i``: ``(x_next, mean, log_var)``."""
     mean, log_var = _step_mean_logvar(model_fn, s, x, i, clip, prediction, clip_var)
     std = jnp.where(i > 0, jnp.exp(0.5 * log_var) * temperature, 0.0)  # no noise at t = 0
-    return mean + std * jax.random.normal(key, x.shape, x.dtype), mean, log_var
+    return mean + std * noise(key, x.shape).astype(x.dtype), mean, log_var
 
 
 def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, temperature=1.0,
-                clip: float = 0.0, prediction: str = "epsilon", clip_var: bool = False):
+                clip: float = 0.0, prediction: str = "epsilon", clip_var: bool = False,
+                noise: NoiseFn = jax.random.normal):
     """Ancestral sampling from ``x_T`` as one ``lax.scan`` over the steps ``S-1 .. 0``.
 
     Returns ``(x_0, log_probs [S, N], traj)``; ``traj`` holds per step (first = noisiest)
-    ``t``, the input ``x``, the drawn ``x_next``, ``mean`` and ``log_var``.
+    ``t``, the input ``x``, the drawn ``x_next``, ``mean`` and ``log_var``. ``noise(key,
+    shape)`` draws each step's standard normal noise (default ``jax.random.normal``).
     """
     def step(x, inp):
         i, key = inp
-        x_next, mean, log_var = _draw_step(model_fn, s, x, i, key, temperature, clip, prediction, clip_var)
+        x_next, mean, log_var = _draw_step(model_fn, s, x, i, key, temperature, clip, prediction, clip_var,
+                                           noise)
         lp = jnp.where(i > 0, step_log_prob(mean, log_var, x_next, temperature), 0.0)
         return x_next, (lp, dict(t=i, x=x, x_next=x_next, mean=mean, log_var=log_var))
 
@@ -324,7 +330,8 @@ def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, 
 
 
 def sample_loop_n(model_fn: ModelFn, s: Schedule, n: jax.Array, x_T: jax.Array, rng: jax.Array,
-                  temperature=1.0, clip: float = 0.0, prediction: str = "epsilon", clip_var: bool = False):
+                  temperature=1.0, clip: float = 0.0, prediction: str = "epsilon", clip_var: bool = False,
+                  noise: NoiseFn = jax.random.normal):
     """:func:`sample_loop` for a traced number of steps ``n`` (DiSA's per-iteration counts):
     ``s`` holds tables of at least ``n`` steps (jax arrays; entries past ``n`` unused), and the
     loop runs ``n`` steps, so the work is proportional to ``n`` (a ``while`` loop; no log-probs,
@@ -333,7 +340,8 @@ def sample_loop_n(model_fn: ModelFn, s: Schedule, n: jax.Array, x_T: jax.Array, 
     keys = jax.random.split(rng, len(s.betas))
 
     def step(j, x):
-        return _draw_step(model_fn, s, x, n - 1 - j, keys[j], temperature, clip, prediction, clip_var)[0]
+        return _draw_step(model_fn, s, x, n - 1 - j, keys[j], temperature, clip, prediction, clip_var,
+                          noise)[0]
 
     return jax.lax.fori_loop(0, n, step, x_T)
 
@@ -380,7 +388,8 @@ def _is_guided(cfg_scale, guided) -> bool:
 
 def sample(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, rng: jax.Array, *,
            temperature=1.0, cfg_scale=1.0, guided: bool | None = None, num_steps: int | str | None = None,
-           return_trajectory: bool = False, schedule: tuple[Schedule, jax.Array] | None = None):
+           return_trajectory: bool = False, schedule: tuple[Schedule, jax.Array] | None = None,
+           noise: NoiseFn = jax.random.normal):
     """Samples one token per condition row: ``z [N, C]`` -> ``(x0 [M, D], log_probs [S, M])``.
 
     Unguided, ``M = N``. Guided (``cfg_scale != 1``, or ``guided=True`` when ``cfg_scale`` is
@@ -391,18 +400,22 @@ def sample(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, rng: ja
 
     ``schedule=(tables, n)``: a row of :func:`stacked_schedules` and its traced step count
     instead of ``num_steps`` (:func:`sample_loop_n`); returns ``(x0, None)``.
+    ``noise(key, shape)``: every standard normal draw, the initial one included (the MAR
+    sampler draws for its largest window and keeps its own rows, so that a token's noise
+    does not depend on the window it is drawn in).
     """
     guided = _is_guided(cfg_scale, guided)
     m = z.shape[0] // 2 if guided else z.shape[0]
     k_init, k_loop = jax.random.split(rng)
-    x_T = jax.random.normal(k_init, (m, head_cfg.token_dim), jnp.float32)
+    x_T = noise(k_init, (m, head_cfg.token_dim)).astype(jnp.float32)
     model_fn = head_model_fn(head_params, head_cfg, z, cfg_scale, guided)
     if schedule is not None:
         if return_trajectory:
             raise ValueError("a traced step count (diffusion step annealing) records no trajectory")
-        return sample_loop_n(model_fn, *schedule, x_T, k_loop, temperature, **_step_options(diff_cfg)), None
+        return sample_loop_n(model_fn, *schedule, x_T, k_loop, temperature, **_step_options(diff_cfg),
+                             noise=noise), None
     x0, log_probs, traj = sample_loop(model_fn, _sampling_schedule(diff_cfg, num_steps), x_T, k_loop,
-                                      temperature, **_step_options(diff_cfg))
+                                      temperature, **_step_options(diff_cfg), noise=noise)
     return (x0, log_probs, traj) if return_trajectory else (x0, log_probs)
 
 

@@ -3,9 +3,10 @@
 * :func:`generate_image_tokens` — text -> image tokens by masked-autoregressive iterations
   (cosine schedule, random orders, CFG with the unconditional prompt, per-token diffusion
   sampling). The schedule depends only on ``(num_iter, seq_len)``, so it is precomputed;
-  each iteration samples a fixed-size window of the order (the largest number of tokens
-  any step predicts), not all ``L`` tokens. One ``lax.scan``: no Python dispatch or
-  recompilation per iteration.
+  each iteration samples a window of the order, not all ``L`` tokens. Consecutive
+  iterations share a window size (:func:`window_groups`: a few static sizes, so the head's
+  work follows the tokens each iteration predicts); one ``lax.scan`` per group, in one
+  compiled program: no Python dispatch or recompilation per iteration.
 * :func:`caption` — image -> text by greedy / sampled decoding with the KV cache.
 """
 from __future__ import annotations
@@ -34,6 +35,33 @@ def mask_schedule(num_iter: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(after, np.int32), np.asarray(cfg_len, np.int32)
 
 
+def window_groups(counts: Sequence[int], max_groups: int) -> list[tuple[int, int, int]]:
+    """Consecutive iterations grouped under one window size each: ``[(start, stop, window)]``
+    with at most ``max_groups`` groups, minimizing the head's rows ``sum((stop - start) *
+    window)`` (the window is the group's largest count); ties go to fewer groups."""
+    n, k_max = len(counts), max(1, min(int(max_groups), len(counts)))
+    # best[k][j]: (rows, groups) of the first j iterations in at most k groups.
+    best = [[(0, 0)] + [(float("inf"), 0)] * n for _ in range(k_max + 1)]
+    cut = [[0] * (n + 1) for _ in range(k_max + 1)]
+    for k in range(1, k_max + 1):
+        for j in range(1, n + 1):
+            best[k][j], cut[k][j] = best[k - 1][j], -1         # -1: no group added
+            for i in range(j):
+                rows, groups = best[k - 1][i]
+                cand = (rows + (j - i) * max(counts[i:j]), groups + 1)
+                if cand < best[k][j]:
+                    best[k][j], cut[k][j] = cand, i
+    out, k, j = [], k_max, n
+    while j:
+        if cut[k][j] < 0:
+            k -= 1
+            continue
+        i = cut[k][j]
+        out.append((i, j, int(max(counts[i:j]))))
+        k, j = k - 1, i
+    return out[::-1]
+
+
 def _fill(tokens: jax.Array, pos: jax.Array, valid: jax.Array, values: jax.Array) -> jax.Array:
     """``tokens[b, pos[b, w]] = values[b, w]`` where ``valid``; comparison + gather (no scatter)."""
     hit = (pos[:, :, None] == jnp.arange(tokens.shape[1])[None, None, :]) & valid[:, :, None]
@@ -48,11 +76,11 @@ def rows_to_batch(x: jax.Array, b: int, w: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=1, static_argnames=(
-    "num_iter", "guided", "cfg_schedule", "num_steps", "final_steps", "grid", "record"))
+    "num_iter", "guided", "cfg_schedule", "num_steps", "final_steps", "grid", "record", "max_windows"))
 def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array, rng: jax.Array,
                           *, num_iter: int, guided: bool, cfg_scale=1.0, cfg_schedule: str = "constant",
                           temperature=1.0, num_steps: str | None = None, final_steps: int = 0,
-                          grid: int | None = None, record: bool = False):
+                          grid: int | None = None, record: bool = False, max_windows: int = 1):
     """Image tokens ``[B, L, D]`` for prompts ``tokens/mask [B', T]`` (1 = real token);
     ``tokens`` may be prompt embeddings ``[B', T, H]`` instead (RecA's image prompts).
 
@@ -64,6 +92,10 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     ``final_steps`` (DiSA, 0 = off): the diffusion steps annealed linearly from ``num_steps``
     at the first iteration to ``final_steps`` at the last (later tokens are better
     determined by those drawn before them); each iteration's head work is its own count.
+
+    ``max_windows``: how many window sizes the iterations may use (:func:`window_groups`; one
+    loop body compiled per size). The noise of a token does not depend on its window, so any
+    value draws the same image (to float rounding).
 
     ``record``: returns ``(tokens, trajectory)``, the trajectory batch-leading (one row per
     image, for GRPO): per iteration ``masked [B, I, L]`` (before it), ``pos / pos_valid
@@ -80,6 +112,7 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     after, cfg_len = mask_schedule(num_iter, seq)
     before = np.concatenate([[seq], after[:-1]])
     window = int((before - after).max())
+    groups = [(0, num_iter, window)] if record else window_groups(before - after, max_windows)
     after_j, before_j, cfg_len_j = map(jnp.asarray, (after, before, cfg_len))
 
     annealed = None
@@ -102,12 +135,12 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     head_cfg = harmon.head_config(cfg)
     both = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
 
-    def body(carry, s):
+    def body(carry, s, win):
         img, masked, key = carry
         key, k_diff = jax.random.split(key)
         z = cached_condition(params, cfg, cache, text_mask, both(img), both(masked))
         # The tokens this step predicts: ranks [after[s], before[s]) of each order.
-        pos = jax.lax.dynamic_slice_in_dim(orders_padded, after_j[s], window, axis=1)
+        pos = jax.lax.dynamic_slice_in_dim(orders_padded, after_j[s], win, axis=1)
         pos_valid = jnp.arange(pos.shape[1])[None, :] < (before_j[s] - after_j[s])
         z_win = jnp.take_along_axis(z, both(pos)[..., None], axis=1)             # [B', W, Cd]
         scale = cfg_scale if cfg_schedule == "constant" else \
@@ -118,7 +151,8 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
         x0, _, *traj = gaussian_diffusion.sample(
             params["head"], head_cfg, cfg.diffusion, z_rows, k_diff,
             temperature=temperature, cfg_scale=scale, guided=guided, num_steps=num_steps,
-            return_trajectory=record, schedule=schedule)
+            return_trajectory=record, schedule=schedule, noise=functools.partial(window_noise, b=b, window=window,
+                                                                                 win=win))
         x0 = x0 + harmon.head_offset(params, cfg, z_rows, guided, scale)
         img = _fill(img, pos, pos_valid, x0.reshape(b, -1, dim))
         step = None
@@ -130,11 +164,18 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
                     "x": rows_to_batch(traj["x"], b, window), "x_next": rows_to_batch(traj["x_next"], b, window)}
         return (img, ranks < after_j[s], key), step
 
-    init = (jnp.zeros((b, seq, dim), jnp.float32), jnp.ones((b, seq), bool), k_loop)
-    (img, _, _), steps = jax.lax.scan(body, init, jnp.arange(num_iter))
+    carry = (jnp.zeros((b, seq, dim), jnp.float32), jnp.ones((b, seq), bool), k_loop)
+    for start, stop, win in groups:
+        carry, steps = jax.lax.scan(functools.partial(body, win=win), carry, jnp.arange(start, stop))
     if not record:
-        return img
-    return img, jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), steps)      # [B, I, ...]
+        return carry[0]
+    return carry[0], jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), steps)      # [B, I, ...]
+
+
+def window_noise(key: jax.Array, shape: tuple, *, b: int, window: int, win: int) -> jax.Array:
+    """Standard normal noise for ``b * win`` head rows, drawn for the largest ``window`` and cut
+    to each image's first ``win`` rows: a token's noise does not depend on its group's window."""
+    return jax.random.normal(key, (b, window, shape[-1]))[:, :win].reshape(shape)
 
 
 def prefill(params: dict, cfg: Any, tokens: jax.Array, text_mask: jax.Array, seq: int) -> list:
