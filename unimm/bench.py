@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m unimm.bench [components] [train] [sample] [grpo] [grpo-decoder] [--variants tiny,small]``.
+"""Benchmarks: ``python -m unimm.bench [components] [train] [sample] [caption] [grpo] [grpo-decoder]
+[--variants tiny,small]``.
 
 Every figure is measured side by side in one process: the fp32 matmul peak of this
 machine (best of square matmuls) and each component's forward+backward, whose FLOPs come
@@ -257,6 +258,31 @@ def run_sample(variants: list[str], reps: int) -> list[dict]:
     return rows
 
 
+def run_caption(variants: list[str], reps: int) -> list[dict]:
+    """Greedy captioning as Harmon's scripts/image2text.py decodes (repetition penalty 1.1 over
+    the generated ids): 4 images, a 16-token question after the image slots, 32 new tokens
+    (no stop token, so every row decodes all 32)."""
+    from unimm import config_utils
+    from unimm.models import harmon, harmon_sample, layers
+
+    rows = []
+    for variant in variants:
+        cfg = layers.freeze(config_utils.load_config(f"configs/harmon.py:{variant}").model)
+        params = jax.jit(lambda r: harmon.init(cfg, r))(jax.random.key(0))
+        n_img, image_id, new = cfg.mar.grid ** 2 + cfg.mar.buffer_size, 5, 32
+        question = np.asarray(jax.random.randint(jax.random.key(1), (4, 16), 8, cfg.llm.vocab_size))
+        tokens = np.concatenate([np.full((4, 3), 7), np.full((4, n_img), image_id), question], axis=1)
+        images = jax.random.normal(jax.random.key(2), (4, cfg.mar.grid ** 2, cfg.mar.token_dim))
+        call = lambda: harmon_sample.caption(params, cfg, tokens, np.ones_like(tokens), images, image_id, new,
+                                             eos_id=-1, pad_id=0, repetition_penalty=1.1)
+        seconds = _time(call, reps)
+        row = dict(variant=variant, component="caption", ms_per_batch=1e3 * seconds, tokens_per_s=4 * new / seconds)
+        rows.append(row)
+        print(f"{variant:>6} caption greedy, 4 images x {new} new tokens, repetition penalty 1.1: "
+              f"{row['ms_per_batch']:8.1f} ms/batch = {row['tokens_per_s']:7.1f} tokens/s", flush=True)
+    return rows
+
+
 def run_grpo(variants: list[str], reps: int) -> list[dict]:
     """Unified-GRPO (captioner policy) at each variant's ``configs/grpo.py`` settings: caption
     rollout throughput (completion tokens/s, incl. the policy and reference scoring passes),
@@ -371,8 +397,9 @@ def run_grpo_decoder(variants: list[str], reps: int) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unimm.bench", description=__doc__)
-    parser.add_argument("what", nargs="*", default=["components", "train", "sample", "grpo", "grpo-decoder"],
-                        choices=("components", "train", "sample", "grpo", "grpo-decoder"))
+    parser.add_argument("what", nargs="*", default=["components", "train", "sample", "caption", "grpo",
+                                                    "grpo-decoder"],
+                        choices=("components", "train", "sample", "caption", "grpo", "grpo-decoder"))
     parser.add_argument("--variants", default="tiny,small")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
@@ -389,6 +416,8 @@ def main(argv=None) -> int:
         rows += run_train(variants, args.reps, args.batch, peak)
     if "sample" in args.what:
         rows += run_sample(variants, max(args.reps // 2, 1))
+    if "caption" in args.what:
+        rows += run_caption(variants, args.reps)
     if "grpo" in args.what:
         rows += run_grpo(variants, args.reps)
     if "grpo-decoder" in args.what:
