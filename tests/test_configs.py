@@ -166,6 +166,6 @@ def test_official_presets_keep_harmons_masks_and_sampling(variant):
     c = config_utils.load_config(f"configs/harmon.py:{variant}")
     m = c.model.mar
     assert (m.mask_ratio_dist, m.mask_ratio_per_example, m.mask_ratio_min, m.mask_ratio_std,
-            m.mask_full_prob) == ("truncnorm", False, 0.7, 0.25, 0.0)
+            m.mask_full_prob, m.loss_weighting) == ("truncnorm", False, 0.7, 0.25, 0.0, "token")
     assert c.model.diffusion.batch_mul == 4 and c.model.diffusion.prediction == "epsilon"
     assert c.sample.final_sampling_steps == 0 and c.optimizer.head_lr_scale == 1.0

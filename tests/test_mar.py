@@ -302,6 +302,19 @@ def test_full_mask_probability_masks_that_share_of_rows_entirely():
     assert 5 < sum(r == 1.0 for r in ratios) < 35 and any(r < 1.0 for r in ratios)
 
 
+def test_example_loss_weighting_gives_every_image_one_weight():
+    """model.mar.loss_weighting: "token" weighs each masked token 1 (MAR's mean over the batch's
+    masked tokens); "example" splits one weight over each image's masked tokens."""
+    mask = jnp.asarray([[1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(mar.loss_weights(mask, "token"), mask.astype(np.float32))
+    w = np.asarray(mar.loss_weights(mask, "example"))
+    np.testing.assert_allclose(w.sum(1), [1.0, 1.0, 0.0])
+    np.testing.assert_allclose(w[0], 0.25) and np.testing.assert_allclose(w[1], [0, 0, 0, 1])
+    # The one token left to draw of image 1 weighs as much as all four of image 0 together.
+    per_token = np.asarray([[1.0, 1, 1, 1], [5, 5, 5, 5], [7, 7, 7, 7]])
+    assert abs((w * per_token).sum() / w.sum() - 3.0) < 1e-6      # (1 + 5) / 2
+
+
 @pytest.mark.parametrize("seq_len,num_iter", [(16, 4), (16, 64), (256, 64), (1024, 10)])
 def test_sampling_schedule_matches_reference(seq_len, num_iter):
     remaining, ours_rem = seq_len, jnp.int32(seq_len)

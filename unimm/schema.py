@@ -54,6 +54,11 @@ def base() -> ml_collections.ConfigDict:
     c.mask_ratio_dist = "truncnorm"       # "truncnorm" (MAR) or "cosine" (MaskGIT)
     c.mask_ratio_per_example = False      # False: one ratio per batch (MAR); True: per example
     c.mask_full_prob = 0.0                # chance a ratio is 1 instead (all masked); MAR: 0
+    # How the masked tokens' losses are averaged. "token" (MAR, Harmon): every masked token of
+    # the batch weighs the same, so an image with few tokens left to draw (what the last
+    # sampling iterations predict) counts for little. "example": each image's masked tokens
+    # share one weight, so every stage of the MAR loop is trained about equally.
+    c.loss_weighting = "token"
     c.layer_norm_eps = 1e-6               # LayerNorm epsilon
     # Attention and projection dropout of the blocks in training (timm's attn_drop / proj_drop;
     # Harmon's MAR configs: 0.1); off at inference.

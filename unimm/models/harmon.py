@@ -52,6 +52,8 @@ def validate(model_cfg: Any) -> None:
                          f"model.mar.mask_ratio_std={std} be > 0")
     if m.mask_ratio_dist not in mar.MASK_RATIO_DISTS:
         raise ValueError(f"model.mar.mask_ratio_dist={m.mask_ratio_dist!r}: expected one of {mar.MASK_RATIO_DISTS}")
+    if m.loss_weighting not in mar.LOSS_WEIGHTINGS:
+        raise ValueError(f"model.mar.loss_weighting={m.loss_weighting!r}: expected one of {mar.LOSS_WEIGHTINGS}")
     if not 0.0 <= m.mask_full_prob <= 1.0:
         raise ValueError(f"model.mar.mask_full_prob={m.mask_full_prob} must lie in [0, 1]")
     if model_cfg.readout_residual and not has_readout(model_cfg):
@@ -147,7 +149,8 @@ def head_offset(params: dict, cfg: Any, z_rows: jax.Array, guided: bool, scale) 
 
 
 def readout_loss(params: dict, z: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean squared error of a linear readout ``z -> token`` over the masked tokens.
+    """Mean squared error of a linear readout ``z -> token`` over the masked tokens (``mask``:
+    1 on them, or per-token weights).
 
     The diffusion head reads ``z`` only through zero-initialised adaLN gates, so at the
     start the decoder and the LLM get no gradient that says what ``z`` should hold, and

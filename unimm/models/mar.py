@@ -254,6 +254,16 @@ MASK_RATIO_STD = 0.25   # MAR's scale of the training mask ratio (model.mar.mask
 
 
 MASK_RATIO_DISTS = ("truncnorm", "cosine")
+LOSS_WEIGHTINGS = ("token", "example")
+
+
+def loss_weights(mask: jax.Array, weighting: str) -> jax.Array:
+    """Per-token loss weights ``[B, L]`` from the training mask: 1 on masked tokens ("token"),
+    or ``1 / masked count`` of the image ("example": every image weighs the same)."""
+    w = mask.astype(jnp.float32)
+    if weighting == "example":
+        w = w / jnp.maximum(w.sum(axis=1, keepdims=True), 1.0)
+    return w
 
 
 def sample_mask_ratio(rng: jax.Array, min_ratio: float, std: float = MASK_RATIO_STD, shape: tuple = (),

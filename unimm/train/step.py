@@ -92,13 +92,14 @@ def masked_diffusion_loss(params: Any, model_cfg: Any, text: jax.Array, text_mas
         full_prob=m.mask_full_prob)
     z = harmon.decoder_condition(params, model_cfg, text, text_mask, img_tokens, idx, valid,
                                  dropout_rng=k_drop)
+    weights = mar.loss_weights(mask, m.loss_weighting)
     loss = gaussian_diffusion.diffusion_loss(
         params["head"], harmon.head_config(model_cfg), model_cfg.diffusion,
         harmon.head_target(params, model_cfg, z, img_tokens).reshape(-1, dim), z.reshape(b * seq, -1),
-        mask.reshape(-1), k_diff)
+        weights.reshape(-1), k_diff)
     metrics = {"t2i_loss": loss, "mask_ratio": jnp.mean(ratio)}
     if harmon.has_readout(model_cfg):
-        aux = harmon.readout_loss(params, z, img_tokens, mask)
+        aux = harmon.readout_loss(params, z, img_tokens, weights)
         loss, metrics = loss + model_cfg.readout_weight * aux, {**metrics, "t2i_readout_loss": aux}
     return loss, metrics
 
