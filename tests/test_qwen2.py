@@ -303,5 +303,42 @@ def test_attention_implementation_switch():
     for got, want in zip(jax.tree.leaves(run(layers.freeze(auto.model))), ref):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     config.model.mar.attention = "flash"
-    with pytest.raises(ValueError, match=r"model.mar.attention='flash': expected one of \('xla', 'cudnn', 'auto'\)"):
+    with pytest.raises(ValueError, match=r"model.mar.attention='flash': expected one of \('xla', 'cudnn', 'auto', "
+                                         r"'splash'\)"):
         resolve.validate(config)
+
+
+def test_splash_attention_equals_xla_on_valid_slots():
+    """"splash" (the TPU kernel; Pallas' interpreter on CPU) gives the LLM's and MAR's outputs
+    and the LLM's gradients of the default XLA path on every valid slot (a left-padded row,
+    MAR rows past the visible count); cached decoding keeps XLA's path."""
+    from configs.harmon import get_config
+    from unimm.models import harmon, mar
+    config, splash = get_config("tiny"), get_config("tiny")
+    splash.model.llm.attention = splash.model.mar.attention = "splash"
+    params = harmon.init(layers.freeze(config.model), jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, config.model.llm.vocab_size)
+    mask = jnp.ones((2, 10), bool).at[1, :3].set(False)
+    seq = config.model.mar.grid ** 2
+    image = jax.random.normal(jax.random.key(2), (2, seq, config.model.mar.token_dim))
+    idx, valid = mar.gather_visible(jnp.arange(seq)[None, :].repeat(2, 0) % 2 == 0, seq)
+
+    def llm_loss(p, c):
+        hidden, _ = qwen2.forward(p, c.llm, tokens, qwen2.positions_from_mask(mask), mask)
+        return jnp.sum(jnp.where(mask[..., None], jnp.sin(hidden), 0.0)), hidden
+
+    def run(c):
+        c = layers.freeze(c.model)
+        (_, hidden), grads = jax.value_and_grad(llm_loss, has_aux=True)(params["llm"], c)
+        enc = mar.encode(params["mar"], c.mar, image, idx, valid)
+        return hidden, grads, enc, mar.decode(params["mar"], c.mar, enc, idx, valid)
+
+    (h, g, e, d), (hs, gs, es, ds) = run(config), run(splash)
+    np.testing.assert_allclose(np.asarray(hs)[np.asarray(mask)], np.asarray(h)[np.asarray(mask)], atol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), gs, g)
+    rows = np.concatenate([np.ones((2, config.model.mar.buffer_size), bool), np.asarray(valid)], 1)
+    np.testing.assert_allclose(np.asarray(es)[rows], np.asarray(e)[rows], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ds), np.asarray(d), atol=2e-5)
+    greedy = [qwen2.generate(params["llm"], layers.freeze(c.model.llm), tokens, 3, attention_mask=mask)
+              for c in (config, splash)]
+    np.testing.assert_array_equal(np.asarray(greedy[1]), np.asarray(greedy[0]))

@@ -26,8 +26,10 @@ ones = nnx.initializers.ones_init()
 
 
 # jax.nn.dot_product_attention's implementations by config name ("auto": JAX picks per
-# backend, e.g. cuDNN's fused kernel on GPUs that support the shapes, XLA elsewhere).
-ATTENTION = {"xla": "xla", "cudnn": "cudnn", "auto": None}
+# backend, e.g. cuDNN's fused kernel on GPUs that support the shapes, XLA elsewhere), and
+# "splash": the TPU splash kernel (unimm.models.splash) where a layer attends over its own
+# sequence (training, prefill without a cache), XLA elsewhere.
+ATTENTION = {"xla": "xla", "cudnn": "cudnn", "auto": None, "splash": "splash"}
 
 
 def attention_impl(name: str, field: str) -> str | None:
@@ -36,6 +38,18 @@ def attention_impl(name: str, field: str) -> str | None:
     if name not in ATTENTION:
         raise ValueError(f"{field}={name!r}: expected one of {tuple(ATTENTION)}")
     return ATTENTION[name]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str | None,
+              *, valid: jax.Array | None = None, causal: bool = False) -> jax.Array:
+    """``jax.nn.dot_product_attention`` over ``[B, T, N, D]`` with the dense ``mask``, or the
+    splash kernel over the static mask (``causal``) and the valid slots ``valid [B, T]``. A
+    call with no ``valid`` (e.g. a cache's keys) takes XLA's path under "splash"."""
+    if implementation == "splash" and valid is not None:
+        from unimm.models import splash
+        return splash.attention(q, k, v, valid, causal)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                        implementation="xla" if implementation == "splash" else implementation)
 
 
 def normal(std: float = 0.02):

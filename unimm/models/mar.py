@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimm.models.layers import attention_impl, bind, layer_norm, linear, normal, param, shard_batch
+from unimm.models.layers import attention, attention_impl, bind, layer_norm, linear, normal, param, shard_batch
 
 # --------------------------------------------------------------------------- modules
 
@@ -47,7 +47,8 @@ class Attention(nnx.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).transpose(2, 0, 1, 3, 4)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         if rng is None or rate == 0.0:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+            valid = jnp.ones((b, n), bool) if key_mask is None else key_mask
+            out = attention(q, k, v, mask, self.implementation, valid=valid)
         else:   # timm's attn_drop on the probabilities: the explicit form
             k_attn, rng = jax.random.split(rng)
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1])).astype(q.dtype)

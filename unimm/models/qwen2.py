@@ -58,7 +58,7 @@ class Attention(nnx.Module):
         self.theta = cfg.rope_theta
         self.implementation = layers.attention_impl(cfg.attention, "model.llm.attention")
 
-    def __call__(self, x, positions, mask, cache=None, cache_offset=0):
+    def __call__(self, x, positions, mask, cache=None, cache_offset=0, valid=None):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -71,7 +71,7 @@ class Attention(nnx.Module):
             cache = {"k": k, "v": v}
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         # Fewer KV heads than query heads (GQA) is handled by dot_product_attention itself.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=self.implementation)
+        out = layers.attention(q, k, v, mask[:, None], self.implementation, valid=valid, causal=True)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -94,9 +94,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cache=None, cache_offset=0):
+    def __call__(self, x, positions, mask, cache=None, cache_offset=0, valid=None):
         x = layers.shard_batch(x)
-        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_offset)
+        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_offset, valid)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -136,15 +136,15 @@ class Qwen2(nnx.Module):
         # softmax stays finite on every backend; real queries are unaffected.
         diag = jnp.arange(s)[None, :] == q_slot
         mask = mask | (diag & ~mask.any(-1, keepdims=True))
-        if cache is None:
-            return self.norm(self._layers_without_cache(x, positions, mask)), None
+        if cache is None:   # a layer attends over its own sequence: kv_mask marks its valid slots
+            return self.norm(self._layers_without_cache(x, positions, mask, kv_mask)), None
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, positions, mask, cache[i], cache_offset)
             new_cache.append(c)
         return self.norm(x), new_cache
 
-    def _layers_without_cache(self, x, positions, mask):
+    def _layers_without_cache(self, x, positions, mask, valid):
         """The layer stack of training and prefill: optionally rematerialised, optionally
         one ``lax.scan`` over the layers (one compiled layer body instead of ``num_layers``).
 
@@ -154,7 +154,7 @@ class Qwen2(nnx.Module):
         graphdef, first = nnx.split(self.layers[0])
 
         def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, positions, mask)[0]
+            return nnx.merge(graphdef, layer_state)(h, positions, mask, valid=valid)[0]
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
