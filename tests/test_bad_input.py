@@ -24,7 +24,7 @@ config and flags
   api config_remat                model.llm.remat=some -> expected one of ('none', 'full', 'dots')
   api config_token_dim            model.mar.token_dim=17 -> but model.vae (patch) produces 192-dim tokens
   api config_mask_ratio           model.mar.mask_ratio_min=1.0 -> must lie in [0, 1)
-  api config_mask_ratio_dist      model.mar.mask_ratio_dist=uniform -> expected one of ('truncnorm', 'cosine')
+  api config_mask_ratio_dist      model.mar.mask_ratio_dist=normal -> expected one of ('truncnorm', 'cosine', 'uniform')
   api config_mask_full_prob       model.mar.mask_full_prob=1.5 -> must lie in [0, 1]
   api config_loss_weighting       model.mar.loss_weighting=image -> expected one of ('token', 'example')
   api config_final_steps          sample.final_sampling_steps=30 (25 steps) -> annealing runs down from 25
@@ -448,8 +448,9 @@ API = {
                            r"iteration's plain step count \('25'\) down to at least 2"),
     "config_max_windows": (_validate("sample.max_windows=0"), ValueError,
                            r"sample.max_windows=0: expected an integer >= 1"),
-    "config_mask_ratio_dist": (_validate("model.mar.mask_ratio_dist=uniform"), ValueError,
-                               r"model.mar.mask_ratio_dist='uniform': expected one of \('truncnorm', 'cosine'\)"),
+    "config_mask_ratio_dist": (_validate("model.mar.mask_ratio_dist=normal"), ValueError,
+                               r"model.mar.mask_ratio_dist='normal': expected one of \('truncnorm', 'cosine', "
+                               r"'uniform'\)"),
     "config_mask_full_prob": (_validate("model.mar.mask_full_prob=1.5"), ValueError,
                               r"model.mar.mask_full_prob=1.5 must lie in \[0, 1\]"),
     "config_loss_weighting": (_validate("model.mar.loss_weighting=image"), ValueError,

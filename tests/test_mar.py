@@ -302,6 +302,14 @@ def test_full_mask_probability_masks_that_share_of_rows_entirely():
     assert 5 < sum(r == 1.0 for r in ratios) < 35 and any(r < 1.0 for r in ratios)
 
 
+def test_uniform_ratios_mask_every_count_equally_often():
+    """mask_ratio_dist="uniform": 1 to 9 of 9 tokens masked, each count about 1/9 of the rows."""
+    mask = jax.jit(lambda k: mar.training_mask(k, 9000, 9, 0.0, per_example=True, dist="uniform")[0])(
+        jax.random.key(3))
+    freq = np.bincount(np.asarray(mask).sum(-1), minlength=10) / 9000
+    assert freq[0] == 0 and np.abs(freq[1:] - 1 / 9).max() < 0.015
+
+
 def test_example_loss_weighting_gives_every_image_one_weight():
     """model.mar.loss_weighting: "token" weighs each masked token 1 (MAR's mean over the batch's
     masked tokens); "example" splits one weight over each image's masked tokens."""

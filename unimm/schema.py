@@ -51,7 +51,7 @@ def base() -> ml_collections.ConfigDict:
     # "cosine" is MaskGIT's cos(pi/2 * u): the masked fractions the cosine sampling schedule
     # visits, equally often; per example, every batch holds fully masked images (the prompt
     # alone) beside images with most tokens visible (what later MAR iterations condition on).
-    c.mask_ratio_dist = "truncnorm"       # "truncnorm" (MAR) or "cosine" (MaskGIT)
+    c.mask_ratio_dist = "truncnorm"       # "truncnorm" (MAR), "cosine" (MaskGIT) or "uniform"
     c.mask_ratio_per_example = False      # False: one ratio per batch (MAR); True: per example
     c.mask_full_prob = 0.0                # chance a ratio is 1 instead (all masked); MAR: 0
     # How the masked tokens' losses are averaged. "token" (MAR, Harmon): every masked token of

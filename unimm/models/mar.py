@@ -254,7 +254,7 @@ def random_orders(rng: jax.Array, batch: int, seq_len: int) -> jax.Array:
 MASK_RATIO_STD = 0.25   # MAR's scale of the training mask ratio (model.mar.mask_ratio_std)
 
 
-MASK_RATIO_DISTS = ("truncnorm", "cosine")
+MASK_RATIO_DISTS = ("truncnorm", "cosine", "uniform")
 LOSS_WEIGHTINGS = ("token", "example")
 
 
@@ -270,8 +270,12 @@ def loss_weights(mask: jax.Array, weighting: str) -> jax.Array:
 def sample_mask_ratio(rng: jax.Array, min_ratio: float, std: float = MASK_RATIO_STD, shape: tuple = (),
                       dist: str = "truncnorm") -> jax.Array:
     """Mask ratios in ``[min_ratio, 1]`` of ``shape``: MAR's truncated normal (loc 1.0, scale
-    ``std``), or MaskGIT's ``cos(pi/2 * u)`` for uniform ``u`` (the ratios the cosine sampling
-    schedule visits, equally often), clipped from below at ``min_ratio``."""
+    ``std``), MaskGIT's ``cos(pi/2 * u)`` for uniform ``u`` (the ratios the cosine sampling
+    schedule visits, equally often) clipped from below at ``min_ratio``, or uniform (every
+    count of masked tokens equally often: the states of a sampler that draws one token per
+    iteration)."""
+    if dist == "uniform":
+        return jax.random.uniform(rng, shape, minval=min_ratio, maxval=1.0)
     if dist == "cosine":
         return jnp.maximum(min_ratio, jnp.cos(0.5 * jnp.pi * jax.random.uniform(rng, shape)))
     return 1.0 + std * jax.random.truncated_normal(rng, (min_ratio - 1.0) / std, 0.0, shape)
