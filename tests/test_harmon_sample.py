@@ -53,27 +53,38 @@ def test_generation_fills_every_token_and_compiles_once(tiny):
     np.testing.assert_array_equal(np.asarray(same), np.asarray(img))
 
 
-def test_window_groups_cover_the_iterations_at_least_rows():
-    counts = [1, 1, 1, 2, 3, 3, 5, 6]
+def test_window_groups_minimize_the_sampler_work():
+    """Groups cover the iterations in order; each takes its largest window (tokens to draw)
+    and visible count (tokens drawn); a group is added only where it saves its overhead."""
+    counts, visible = [1, 1, 1, 2, 3, 3, 5, 6], [0, 1, 2, 3, 5, 8, 11, 16]
+    work = lambda g, rc: sum((j - i) * (rc * w + k) for i, j, w, k in g)
     for k in (1, 2, 3, 8):
-        groups = harmon_sample.window_groups(counts, k)
+        groups = harmon_sample.window_groups(counts, visible, k, 10.0, overhead=0.0)
         assert len(groups) <= k and groups[0][0] == 0 and groups[-1][1] == len(counts)
         assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
-        assert all(w == max(counts[i:j]) for i, j, w in groups)
-    rows = lambda g: sum((j - i) * w for i, j, w in g)
-    assert rows(harmon_sample.window_groups(counts, 1)) == 6 * 8
-    assert harmon_sample.window_groups(counts, 2) == [(0, 6, 3), (6, 8, 6)]     # 18 + 12 rows
-    assert rows(harmon_sample.window_groups(counts, 8)) == sum(counts)
-    assert len(harmon_sample.window_groups(counts, 8)) == 5                      # equal counts share one
-    assert harmon_sample.window_groups([1] * 9, 4) == [(0, 9, 1)]
+        assert all(w == max(counts[i:j]) and v == max(1, visible[j - 1]) for i, j, w, v in groups)
+    one = harmon_sample.window_groups(counts, visible, 1, 10.0)
+    assert one == [(0, 8, 6, 16)] and work(one, 10.0) == 8 * 76
+    # Head rows dominate (row cost 10): two groups split where the windows jump.
+    assert harmon_sample.window_groups(counts, visible, 2, 10.0, overhead=0.0) == [(0, 6, 3, 8), (6, 8, 6, 16)]
+    every = harmon_sample.window_groups(counts, visible, 8, 10.0, overhead=0.0)
+    assert work(every, 10.0) == sum(10 * c + max(1, v) for c, v in zip(counts, visible))
+    # Equal iterations never split; a large overhead keeps one group.
+    assert harmon_sample.window_groups([1] * 9, [0] * 9, 4, 10.0) == [(0, 9, 1, 1)]
+    assert len(harmon_sample.window_groups(counts, visible, 8, 10.0, overhead=1.0)) == 1
 
 
 def test_window_sizes_draw_the_same_image(tiny):
-    """Iterations grouped under smaller windows (``max_windows``) draw what one largest window
-    draws: a token's noise does not depend on its window (to float rounding)."""
+    """Iterations grouped under smaller windows and visible counts (``max_windows``) draw what
+    one group of the largest sizes draws: a token's noise does not depend on its window, and
+    the encoder's and the LLM's padding rows are masked (to float rounding)."""
     cfg, params = tiny
     tokens, mask = prompts(cfg, 4)
-    kw = dict(num_iter=4, guided=True, cfg_scale=3.0, num_steps="4")
+    kw = dict(num_iter=4, guided=True, cfg_scale=3.0, num_steps="100")
+    after, _ = harmon_sample.mask_schedule(4, 9)
+    before = np.concatenate([[9], after[:-1]])
+    cost = harmon_sample.head_row_cost(cfg, 100)
+    assert harmon_sample.window_groups(before - after, 9 - before, 3, cost) == [(0, 2, 2, 1), (2, 4, 3, 6)]
     one = harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(6), **kw)
     grouped = harmon_sample.generate_image_tokens(params, cfg, tokens, mask, jax.random.key(6), max_windows=3, **kw)
     np.testing.assert_allclose(np.asarray(grouped), np.asarray(one), atol=1e-5, rtol=1e-5)

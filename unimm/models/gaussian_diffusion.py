@@ -371,6 +371,11 @@ def stacked_schedules(diff_cfg: Any, counts: tuple[int, ...]) -> Schedule:
         np.int32 if f == "timestep_map" else np.float32) for f in Schedule._fields))
 
 
+def sampling_steps(diff_cfg: Any, num_steps) -> int:
+    """How many steps the sampler takes for ``num_steps`` (None: the config's)."""
+    return _sampling_schedule(diff_cfg, num_steps).num_timesteps
+
+
 def _sampling_schedule(diff_cfg: Any, num_steps) -> Schedule:
     steps = diff_cfg.num_sampling_steps if num_steps is None else num_steps
     return make_schedule(diff_cfg.num_timesteps, str(steps), diff_cfg.noise_schedule)

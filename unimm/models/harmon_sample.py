@@ -35,20 +35,33 @@ def mask_schedule(num_iter: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(after, np.int32), np.asarray(cfg_len, np.int32)
 
 
-def window_groups(counts: Sequence[int], max_groups: int) -> list[tuple[int, int, int]]:
-    """Consecutive iterations grouped under one window size each: ``[(start, stop, window)]``
-    with at most ``max_groups`` groups, minimizing the head's rows ``sum((stop - start) *
-    window)`` (the window is the group's largest count); ties go to fewer groups."""
+def window_groups(counts: Sequence[int], visible: Sequence[int], max_groups: int, row_cost: float,
+                  overhead: float = 0.1) -> list[tuple[int, int, int, int]]:
+    """Consecutive iterations grouped under one static size each: ``[(start, stop, window,
+    keep)]``, at most ``max_groups`` groups. ``window``: the group's largest count of tokens
+    to draw (the diffusion head's rows); ``keep``: its largest count of tokens already drawn
+    (the MAR encoder's and the LLM's image rows; at least 1). Minimizes ``sum((stop - start) *
+    (row_cost * window + keep))``, ``row_cost`` being one head row's work in units of one
+    image row's, plus ``overhead`` times the one-group work for every group (each is one more
+    compiled loop body: worth it only where it saves that much); ties go to fewer groups."""
     n, k_max = len(counts), max(1, min(int(max_groups), len(counts)))
-    # best[k][j]: (rows, groups) of the first j iterations in at most k groups.
-    best = [[(0, 0)] + [(float("inf"), 0)] * n for _ in range(k_max + 1)]
+
+    def work(i, j):
+        return (j - i) * (row_cost * max(counts[i:j]) + max(1, max(visible[i:j])))
+
+    per_group = overhead * work(0, n)
+
+    def cost(i, j):
+        return work(i, j) + per_group
+
+    # best[k][j]: (cost, groups) of the first j iterations in at most k groups.
+    best = [[(0.0, 0)] + [(float("inf"), 0)] * n for _ in range(k_max + 1)]
     cut = [[0] * (n + 1) for _ in range(k_max + 1)]
     for k in range(1, k_max + 1):
         for j in range(1, n + 1):
             best[k][j], cut[k][j] = best[k - 1][j], -1         # -1: no group added
             for i in range(j):
-                rows, groups = best[k - 1][i]
-                cand = (rows + (j - i) * max(counts[i:j]), groups + 1)
+                cand = (best[k - 1][i][0] + cost(i, j), best[k - 1][i][1] + 1)
                 if cand < best[k][j]:
                     best[k][j], cut[k][j] = cand, i
     out, k, j = [], k_max, n
@@ -57,9 +70,20 @@ def window_groups(counts: Sequence[int], max_groups: int) -> list[tuple[int, int
             k -= 1
             continue
         i = cut[k][j]
-        out.append((i, j, int(max(counts[i:j]))))
+        out.append((i, j, int(max(counts[i:j])), max(1, int(max(visible[i:j])))))
         k, j = k - 1, i
     return out[::-1]
+
+
+def head_row_cost(cfg: Any, num_steps: int) -> float:
+    """One head row over ``num_steps`` diffusion steps, in units of one image row's pass
+    through the MAR encoder and the LLM (matmul FLOPs; the two share the batch layout)."""
+    d, llm, m = cfg.diffusion, cfg.llm, cfg.mar
+    head = d.depth * 5 * d.width ** 2                      # adaLN (3 w^2) + MLP (2 w^2) per block
+    attn = llm.hidden_size * llm.head_dim * (2 * llm.num_heads + 2 * llm.num_kv_heads)
+    image = llm.num_layers * (attn + 3 * llm.hidden_size * llm.intermediate_size) \
+        + m.encoder_depth * 12 * m.width ** 2
+    return num_steps * head / image
 
 
 def _fill(tokens: jax.Array, pos: jax.Array, valid: jax.Array, values: jax.Array) -> jax.Array:
@@ -112,7 +136,10 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     after, cfg_len = mask_schedule(num_iter, seq)
     before = np.concatenate([[seq], after[:-1]])
     window = int((before - after).max())
-    groups = [(0, num_iter, window)] if record else window_groups(before - after, max_windows)
+    steps = gaussian_diffusion.sampling_steps(cfg.diffusion, num_steps)
+    steps = (steps + final_steps) / 2 if final_steps else steps      # DiSA: about the mean count
+    groups = [(0, num_iter, window, seq)] if record else window_groups(
+        before - after, seq - before, max_windows, head_row_cost(cfg, steps))
     after_j, before_j, cfg_len_j = map(jnp.asarray, (after, before, cfg_len))
 
     annealed = None
@@ -135,10 +162,10 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     head_cfg = harmon.head_config(cfg)
     both = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
 
-    def body(carry, s, win):
+    def body(carry, s, win, keep):
         img, masked, key = carry
         key, k_diff = jax.random.split(key)
-        z = cached_condition(params, cfg, cache, text_mask, both(img), both(masked))
+        z = cached_condition(params, cfg, cache, text_mask, both(img), both(masked), keep)
         # The tokens this step predicts: ranks [after[s], before[s]) of each order.
         pos = jax.lax.dynamic_slice_in_dim(orders_padded, after_j[s], win, axis=1)
         pos_valid = jnp.arange(pos.shape[1])[None, :] < (before_j[s] - after_j[s])
@@ -165,11 +192,12 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
         return (img, ranks < after_j[s], key), step
 
     carry = (jnp.zeros((b, seq, dim), jnp.float32), jnp.ones((b, seq), bool), k_loop)
-    for start, stop, win in groups:
-        carry, steps = jax.lax.scan(functools.partial(body, win=win), carry, jnp.arange(start, stop))
+    for start, stop, win, keep in groups:
+        carry, trajectory = jax.lax.scan(functools.partial(body, win=win, keep=keep), carry,
+                                         jnp.arange(start, stop))
     if not record:
         return carry[0]
-    return carry[0], jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), steps)      # [B, I, ...]
+    return carry[0], jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), trajectory)      # [B, I, ...]
 
 
 def window_noise(key: jax.Array, shape: tuple, *, b: int, window: int, win: int) -> jax.Array:
@@ -189,12 +217,15 @@ def prefill(params: dict, cfg: Any, tokens: jax.Array, text_mask: jax.Array, seq
 
 
 def cached_condition(params: dict, cfg: Any, cache: list, text_mask: jax.Array, img: jax.Array,
-                     masked: jax.Array) -> jax.Array:
+                     masked: jax.Array, keep: int | None = None) -> jax.Array:
     """One MAR iteration's condition ``z [B, L, Cd]``: the visible tokens of ``img`` (``masked``
-    False) through the MAR encoder, the LLM after the cached prompt, and the MAR decoder."""
+    False; at most ``keep`` of them, default all ``L``) through the MAR encoder, the LLM after
+    the cached prompt, and the MAR decoder."""
     m, buf = cfg.mar, cfg.mar.buffer_size
     seq, t_len = img.shape[1], text_mask.shape[1]
-    idx, valid = mar.gather_visible(masked, seq)
+    keep = seq if keep is None else keep
+    idx, valid = mar.gather_visible(masked, keep)
+    cache = [{k: v[:, :t_len + keep + buf] for k, v in layer.items()} for layer in cache]
     x_enc, z_enc = harmon.visual_features(params, cfg, img, idx, valid)
     kv_mask = jnp.concatenate([text_mask, harmon.image_kv_mask(valid, buf)], axis=1)
     positions = jnp.maximum(jnp.cumsum(kv_mask, axis=1) - 1, 0)[:, t_len:]
