@@ -19,13 +19,15 @@ BLOCK = 128
 
 
 @functools.lru_cache(maxsize=32)
-def _kernel(seq: int, heads: int, causal: bool, interpret: bool):
+def _kernel(seq: int, group: int, causal: bool, interpret: bool):
+    """The kernel for one KV head and its ``group`` query heads (MQA form: grouped-query
+    attention without copies of K and V)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
     one = masks.CausalMask((seq, seq)) if causal else masks.FullMask((seq, seq))
     blocks = kernel.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=BLOCK,
                                block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK, block_kv_dq=BLOCK)
-    return kernel.make_splash_mha(masks.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1,
+    return kernel.make_splash_mqa(masks.MultiHeadMask([one] * group), block_sizes=blocks, head_shards=1,
                                   q_seq_shards=1, interpret=interpret)
 
 
@@ -38,11 +40,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array | None,
     valid = jnp.ones((b, t), bool) if valid is None else valid
     segments = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, padded - t)))
 
-    def heads_first(x, repeat=1):
-        x = jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-        return jnp.repeat(x, repeat, axis=1) if repeat > 1 else x
+    kv_heads = k.shape[2]
 
-    fn = _kernel(padded, n, bool(causal), jax.default_backend() != "tpu")
-    out = jax.vmap(fn)(heads_first(q * jnp.asarray(d ** -0.5, q.dtype)), heads_first(k, n // k.shape[2]),
-                       heads_first(v, n // v.shape[2]), kernel.SegmentIds(q=segments, kv=segments))
-    return out.transpose(0, 2, 1, 3)[:, :t]
+    def heads_first(x):                                    # [B, T, H, D] -> [B, H, T', D]
+        return jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    q = heads_first(q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, kv_heads, n // kv_heads, padded, d)
+    fn = _kernel(padded, n // kv_heads, bool(causal), jax.default_backend() != "tpu")
+    per_kv_head = jax.vmap(fn, in_axes=(0, 0, 0, None))                 # over the KV heads
+    out = jax.vmap(per_kv_head)(q, heads_first(k), heads_first(v), kernel.SegmentIds(q=segments, kv=segments))
+    return out.reshape(b, n, padded, d).transpose(0, 2, 1, 3)[:, :t]
