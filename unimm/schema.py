@@ -196,9 +196,10 @@ def base() -> ml_collections.ConfigDict:
                                           # iteration, annealed linearly from the first's; 0 = off
                                           # (every iteration the same, as Harmon and MAR). GRPO's
                                           # rollouts keep grpo.decoder.rollout_steps throughout
-    s.max_windows = 4                     # window sizes the MAR iterations share (one loop body
-                                          # compiled each): the diffusion head samples about as many
-                                          # rows as an iteration predicts; the image does not change
+    s.max_windows = 4                     # groups of static sizes the MAR iterations share (one loop
+                                          # body compiled each): the head's rows follow the tokens an
+                                          # iteration draws, the encoder's and LLM's the tokens drawn
+                                          # before it; the image does not change
     # Captioning, as transformers' generate (unimm.models.decoding).
     s.max_new_tokens = 64                 # caption length limit
     s.caption_sampling = False            # False: greedy (do_sample=False); True: sample with

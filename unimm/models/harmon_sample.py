@@ -4,9 +4,10 @@
   (cosine schedule, random orders, CFG with the unconditional prompt, per-token diffusion
   sampling). The schedule depends only on ``(num_iter, seq_len)``, so it is precomputed;
   each iteration samples a window of the order, not all ``L`` tokens. Consecutive
-  iterations share a window size (:func:`window_groups`: a few static sizes, so the head's
-  work follows the tokens each iteration predicts); one ``lax.scan`` per group, in one
-  compiled program: no Python dispatch or recompilation per iteration.
+  iterations share static sizes (:func:`window_groups`: a few groups, so the head's rows
+  follow the tokens each iteration draws, and the encoder's and LLM's rows the tokens drawn
+  before it); one ``lax.scan`` per group, in one compiled program: no Python dispatch or
+  recompilation per iteration.
 * :func:`caption` — image -> text by greedy / sampled decoding with the KV cache.
 """
 from __future__ import annotations
@@ -117,9 +118,10 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     at the first iteration to ``final_steps`` at the last (later tokens are better
     determined by those drawn before them); each iteration's head work is its own count.
 
-    ``max_windows``: how many window sizes the iterations may use (:func:`window_groups`; one
-    loop body compiled per size). The noise of a token does not depend on its window, so any
-    value draws the same image (to float rounding).
+    ``max_windows``: how many groups of static sizes (head window, visible rows) the
+    iterations may use (:func:`window_groups`; one loop body compiled per group). A token's
+    noise does not depend on its window and padding rows are masked, so any value draws the
+    same image (to float rounding).
 
     ``record``: returns ``(tokens, trajectory)``, the trajectory batch-leading (one row per
     image, for GRPO): per iteration ``masked [B, I, L]`` (before it), ``pos / pos_valid
