@@ -237,7 +237,8 @@ def training_loss(eps_fn: ModelFn, x0: jax.Array, t: jax.Array, noise: jax.Array
 def diffusion_loss(head_params: Any, head_cfg: Any, diff_cfg: Any, target: jax.Array, z: jax.Array,
                    mask: jax.Array, rng: jax.Array) -> jax.Array:
     """MAR's DiffLoss: every token repeated ``batch_mul`` times with its own t and noise;
-    the mean over masked tokens (``mask [N]``, 1 = counts), or the weighted mean with weights."""
+    the mean over masked tokens (``mask [N]``: 1 = counts, or per-token weights for a
+    weighted mean)."""
     mul = diff_cfg.batch_mul
     target, z = jnp.tile(target, (mul, 1)), jnp.tile(z, (mul, 1))
     mask = jnp.tile(mask.astype(jnp.float32), mul)
