@@ -164,10 +164,10 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
     head_cfg = harmon.head_config(cfg)
     both = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
 
-    def body(carry, s, win, keep):
+    def body(carry, s, win, group_cache):
         img, masked, key = carry
         key, k_diff = jax.random.split(key)
-        z = cached_condition(params, cfg, cache, text_mask, both(img), both(masked), keep)
+        z = cached_condition(params, cfg, group_cache, text_mask, both(img), both(masked))
         # The tokens this step predicts: ranks [after[s], before[s]) of each order.
         pos = jax.lax.dynamic_slice_in_dim(orders_padded, after_j[s], win, axis=1)
         pos_valid = jnp.arange(pos.shape[1])[None, :] < (before_j[s] - after_j[s])
@@ -195,7 +195,10 @@ def generate_image_tokens(params: dict, cfg: Any, tokens: jax.Array, mask: jax.A
 
     carry = (jnp.zeros((b, seq, dim), jnp.float32), jnp.ones((b, seq), bool), k_loop)
     for start, stop, win, keep in groups:
-        carry, trajectory = jax.lax.scan(functools.partial(body, win=win, keep=keep), carry,
+        # Sliced once per group, outside its loop: the cache holds the prompt, then ``keep`` rows.
+        group_cache = [{k: v[:, :text_mask.shape[1] + keep + cfg.mar.buffer_size] for k, v in layer.items()}
+                       for layer in cache]
+        carry, trajectory = jax.lax.scan(functools.partial(body, win=win, group_cache=group_cache), carry,
                                          jnp.arange(start, stop))
     if not record:
         return carry[0]
@@ -219,15 +222,15 @@ def prefill(params: dict, cfg: Any, tokens: jax.Array, text_mask: jax.Array, seq
 
 
 def cached_condition(params: dict, cfg: Any, cache: list, text_mask: jax.Array, img: jax.Array,
-                     masked: jax.Array, keep: int | None = None) -> jax.Array:
+                     masked: jax.Array) -> jax.Array:
     """One MAR iteration's condition ``z [B, L, Cd]``: the visible tokens of ``img`` (``masked``
-    False; at most ``keep`` of them, default all ``L``) through the MAR encoder, the LLM after
-    the cached prompt, and the MAR decoder."""
+    False) through the MAR encoder, the LLM after the cached prompt, and the MAR decoder. The
+    cache's length sets how many visible tokens it holds: the prompt, then that many rows and
+    the buffers (:func:`prefill`'s: all ``L``)."""
     m, buf = cfg.mar, cfg.mar.buffer_size
-    seq, t_len = img.shape[1], text_mask.shape[1]
-    keep = seq if keep is None else keep
+    t_len = text_mask.shape[1]
+    keep = cache[0]["k"].shape[1] - t_len - buf
     idx, valid = mar.gather_visible(masked, keep)
-    cache = [{k: v[:, :t_len + keep + buf] for k, v in layer.items()} for layer in cache]
     x_enc, z_enc = harmon.visual_features(params, cfg, img, idx, valid)
     kv_mask = jnp.concatenate([text_mask, harmon.image_kv_mask(valid, buf)], axis=1)
     positions = jnp.maximum(jnp.cumsum(kv_mask, axis=1) - 1, 0)[:, t_len:]
@@ -235,7 +238,7 @@ def cached_condition(params: dict, cfg: Any, cache: list, text_mask: jax.Array, 
                               kv_mask, cache=cache, cache_offset=t_len)   # cache not kept
     z_llm = harmon.buffer_to_start(hidden, buf)
     return mar.decode(params["mar"], m, x_enc + harmon.project_out(params, cfg, z_llm), idx, valid,
-                      grid=mar.grid_for(m, seq))
+                      grid=mar.grid_for(m, img.shape[1]))
 
 
 def caption(params: dict, cfg: Any, tokens: jax.Array, mask: jax.Array, image_tokens: jax.Array,
