@@ -218,6 +218,15 @@ class CompileCounter:
             self.count += 1
 
 
+def _fresh_model(variant: str) -> tuple[Any, Any, dict]:
+    """``(config, frozen model config, fresh params)`` of ``configs/harmon.py:variant``."""
+    from unimm import config_utils
+    from unimm.models import harmon, layers
+    config = config_utils.load_config(f"configs/harmon.py:{variant}")
+    cfg = layers.freeze(config.model)
+    return config, cfg, jax.jit(lambda r: harmon.init(cfg, r))(jax.random.key(0))
+
+
 def run_sample(variants: list[str], reps: int) -> list[dict]:
     """T2I latency per image (4 prompts, CFG 3 -> 8 rows) at 16 and 64 MAR iterations, with
     100 diffusion steps per iteration (the official setting) and with DiSA's annealing from
@@ -225,15 +234,13 @@ def run_sample(variants: list[str], reps: int) -> list[dict]:
     the number of compilations during a warmed-up sampling call (must be 0). The iterations
     share ``sample.max_windows`` window sizes; a row with one window (the largest) shows what
     that saves."""
-    from unimm import config_utils
-    from unimm.models import harmon, harmon_sample, layers
+    from unimm.models import harmon_sample
 
     counter = CompileCounter()
     rows = []
     for variant in variants:
-        config = config_utils.load_config(f"configs/harmon.py:{variant}")
-        cfg, windows = layers.freeze(config.model), config.sample.max_windows
-        params = jax.jit(lambda r: harmon.init(cfg, r))(jax.random.key(0))
+        config, cfg, params = _fresh_model(variant)
+        windows = config.sample.max_windows
         tokens = jax.random.randint(jax.random.key(1), (8, 32), 8, cfg.llm.vocab_size)
         mask = jnp.ones((8, 32), jnp.int32)
         # More iterations than tokens only repeats empty ones: cap at the token count.
@@ -262,13 +269,11 @@ def run_caption(variants: list[str], reps: int) -> list[dict]:
     """Greedy captioning as Harmon's scripts/image2text.py decodes (repetition penalty 1.1 over
     the generated ids): 4 images, a 16-token question after the image slots, 32 new tokens
     (no stop token, so every row decodes all 32)."""
-    from unimm import config_utils
-    from unimm.models import harmon, harmon_sample, layers
+    from unimm.models import harmon_sample
 
     rows = []
     for variant in variants:
-        cfg = layers.freeze(config_utils.load_config(f"configs/harmon.py:{variant}").model)
-        params = jax.jit(lambda r: harmon.init(cfg, r))(jax.random.key(0))
+        _, cfg, params = _fresh_model(variant)
         n_img, image_id, new = cfg.mar.grid ** 2 + cfg.mar.buffer_size, 5, 32
         question = np.asarray(jax.random.randint(jax.random.key(1), (4, 16), 8, cfg.llm.vocab_size))
         tokens = np.concatenate([np.full((4, 3), 7), np.full((4, n_img), image_id), question], axis=1)
