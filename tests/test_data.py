@@ -171,6 +171,16 @@ def test_batches_shapes_and_determinism(tok):
     assert not np.array_equal(a[0]["i2t_tokens"], a[1]["i2t_tokens"])
 
 
+def test_read_threads_change_nothing_but_speed(tok):
+    c = tiny_config()
+    threaded = take(pipeline.make_train_iterator(c, tok), 3)
+    c.data.read_threads, c.data.prefetch_batches = 0, 0     # in the calling thread
+    assert_batches_equal(take(pipeline.make_train_iterator(c, tok), 3), threaded)
+    c.data.read_threads = -1
+    with pytest.raises(ValueError, match="data.read_threads"):
+        pipeline.make_train_iterator(c, tok)
+
+
 def test_cfg_dropout_rate(tok):
     c = tiny_config(i2t_batch_size=0, t2i_batch_size=50, cfg_drop_prob=0.5)
     uncond = text.t2i_example(tok, "", c.data.max_t2i_len, drop=True)["tokens"]

@@ -153,6 +153,12 @@ def base() -> ml_collections.ConfigDict:
     d.jsonl_path = ""                     # jsonl: records with image path + caption/prompt/conversations
     d.jsonl_allow_outside_root = False    # image paths may not escape the JSONL's folder
     d.worker_count = 0                    # grain worker processes (0 = in-process)
+    # Threads preparing whole batches ahead of the step, and how many batches they keep ready
+    # (grain ReadOptions; its defaults, 16 and 500, hold hundreds of batches and cost the shapes
+    # world's 2-core runs ~10 % of their steps in thread contention). More threads or
+    # data.worker_count for decoding real images.
+    d.read_threads = 1
+    d.prefetch_batches = 2
 
     t = config.train = ml_collections.ConfigDict()
     t.steps = 100_000                     # optimizer steps

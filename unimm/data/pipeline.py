@@ -320,10 +320,14 @@ def task_dataset(config, tok, task: str, *, process_index: int, process_count: i
     ds = process_slice(stream, global_size, local * process_index, local)
     ds = ds.map(example_encoder(d, tok, task, item_fn))
     ds = ds.batch(local, drop_remainder=True)
+    if d.read_threads < 0 or d.prefetch_batches < 0:
+        raise ValueError(f"data.read_threads ({d.read_threads}) and data.prefetch_batches "
+                         f"({d.prefetch_batches}) must be >= 0")
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch_batches))
     if d.worker_count:
         # Worker processes (grain mp_prefetch) read absl flags: run under absl.app.run.
-        return ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
-    return ds.to_iter_dataset()
+        return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
+    return ds
 
 
 class TrainIterator(grain.DatasetIterator):
