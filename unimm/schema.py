@@ -59,6 +59,11 @@ def base() -> ml_collections.ConfigDict:
     # sampling iterations predict) counts for little. "example": each image's masked tokens
     # share one weight, so every stage of the MAR loop is trained about equally.
     c.loss_weighting = "token"
+    # > 0: + this x the mean loss over the masked tokens of the images with at most
+    # late_mask_ratio of their tokens masked (the states of the last sampling iterations,
+    # a few % of MAR's loss), the loss above unchanged. Harmon: 0.
+    c.late_loss_weight = 0.0
+    c.late_mask_ratio = 0.25
     c.layer_norm_eps = 1e-6               # LayerNorm epsilon
     # Attention and projection dropout of the blocks in training (timm's attn_drop / proj_drop;
     # Harmon's MAR configs: 0.1); off at inference.

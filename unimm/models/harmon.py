@@ -54,6 +54,9 @@ def validate(model_cfg: Any) -> None:
         raise ValueError(f"model.mar.mask_ratio_dist={m.mask_ratio_dist!r}: expected one of {mar.MASK_RATIO_DISTS}")
     if m.loss_weighting not in mar.LOSS_WEIGHTINGS:
         raise ValueError(f"model.mar.loss_weighting={m.loss_weighting!r}: expected one of {mar.LOSS_WEIGHTINGS}")
+    if m.late_loss_weight < 0 or not 0.0 < m.late_mask_ratio <= 1.0:
+        raise ValueError(f"model.mar.late_loss_weight={m.late_loss_weight} must be >= 0 and "
+                         f"model.mar.late_mask_ratio={m.late_mask_ratio} in (0, 1]")
     if not 0.0 <= m.mask_full_prob <= 1.0:
         raise ValueError(f"model.mar.mask_full_prob={m.mask_full_prob} must lie in [0, 1]")
     if model_cfg.readout_residual and not has_readout(model_cfg):
