@@ -1,6 +1,6 @@
 """The diffusion head alone, on the shapes world's cells: can it draw the right object?
 
-``python -m unimm.eval.head_probe [--config=configs/harmon.py:tiny] [--set=field=value ...]
+``python -m unimm.eval.head_probe [--config=configs/harmon.py:tiny] [--set=field=value ...] [--code_dim=K]
 [--steps=3000] [--p_object=0.111] [--objects=2]``
 
 MAR's head draws each token from ``p(token | z)``. In a GenEval-style image, a cell whose
@@ -101,6 +101,15 @@ def draw(rng: jax.Array, n: int, p_object: float, conds: jax.Array):
     return cond, jnp.where(present, 1 + 2 * obj + jax.random.randint(k_size, (n,), 0, 2), 0)
 
 
+def linear_code(table: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(mean [D], basis [dim, D], scale)``: the ``dim`` principal directions of the cell
+    tokens, scaled so a code channel varies as much as a pixel channel on average (the
+    diffusion noise meets the same signal); ``code = (token - mean) @ basis.T * scale``."""
+    mean = table.mean(0)
+    basis = np.linalg.svd(table - mean, full_matrices=False)[2][:dim]
+    return mean, basis, float(np.sqrt(dim / table.shape[1]))
+
+
 def classify(token: np.ndarray, want: list[tuple[str, str]], empty: np.ndarray, cell_px: int) -> str:
     """What ``token`` shows, given the (colour, shape) pairs ``want`` its condition asks for."""
     image = np.zeros((3 * cell_px, 3 * cell_px, 3), np.uint8)
@@ -128,6 +137,8 @@ def main(argv=None) -> None:
                     "(the cell holds either: GenEval's colour-attribute prompts)")
     ap.add_argument("--samples", type=int, default=2048, help="tokens drawn per setting")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--code_dim", type=int, default=0, help="> 0: the head draws this many principal "
+                    "components of the cell tokens instead of the pixels (decoded back before reading)")
     args = ap.parse_args(argv)
     config = config_utils.load_config(args.config)
     for s in args.set:
@@ -137,7 +148,16 @@ def main(argv=None) -> None:
         raise ValueError(f"head_probe reads pixel-patch tokens; {args.config} has model.vae.kind={m.vae.kind!r}")
     cell_px = m.vae.patch_size
     head_cfg = layers.freeze(harmon.head_config(m))
-    table = jnp.asarray(cell_tokens(cell_px))
+    pixels = cell_tokens(cell_px)
+    table, decode = jnp.asarray(pixels), lambda x: x
+    if args.code_dim:
+        mean, basis, scale = linear_code(pixels, args.code_dim)
+        table = jnp.asarray((pixels - mean) @ basis.T * scale)
+        decode = lambda x: x / scale @ basis + mean
+        m.diffusion.clip_denoised = float(np.abs(table).max())
+        head_cfg = harmon.head_config(m)
+        head_cfg.token_dim = args.code_dim
+        head_cfg = layers.freeze(head_cfg)
     conds = conditions(args.objects)
     rng = jax.random.key(args.seed)
     k_head, k_emb, rng = jax.random.split(rng, 3)
@@ -175,8 +195,8 @@ def main(argv=None) -> None:
         zz = z if cfg_scale == 1.0 else jnp.concatenate([z, uncond])
         tokens, _ = gaussian_diffusion.sample(params["head"], head_cfg, m.diffusion, zz, jax.random.key(args.seed + 1),
                                               temperature=temperature, cfg_scale=cfg_scale, num_steps=steps)
-        kinds = [classify(t, [OBJECTS[i] for i in conds[c]], np.asarray(table[0]), cell_px)
-                 for c, t in zip(asked, np.asarray(tokens))]
+        kinds = [classify(t, [OBJECTS[i] for i in conds[c]], pixels[0], cell_px)
+                 for c, t in zip(asked, decode(np.asarray(tokens)))]
         share = {k: round(kinds.count(k) / len(kinds), 3)
                  for k in ("right", "swapped", "wrong_shape", "wrong_color", "wrong_both", "empty", "junk")}
         drawn = len(kinds) - kinds.count("empty") - kinds.count("junk")
