@@ -27,7 +27,7 @@ config and flags
   api config_mask_ratio_dist      model.mar.mask_ratio_dist=normal -> expected one of ('truncnorm', 'cosine', 'uniform')
   api config_mask_full_prob       model.mar.mask_full_prob=1.5 -> must lie in [0, 1]
   api config_loss_weighting       model.mar.loss_weighting=image -> expected one of ('token', 'example')
-  api config_late_loss            model.mar.late_mask_ratio=0 -> model.mar.late_loss_weight=0.0 must be >= 0 and model.mar.late_mask_ratio=0.0 in (0, 1]
+  api config_late_loss            model.mar.late_mask_ratio=0 -> ... late_mask_ratio=0.0 in (0, 1]
   api config_final_steps          sample.final_sampling_steps=30 (25 steps) -> annealing runs down from 25
   api config_max_windows          sample.max_windows=0 -> expected an integer >= 1
   api config_unknown_variant      configs/harmon.py:huge -> unknown variant 'huge'
