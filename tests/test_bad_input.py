@@ -28,6 +28,7 @@ config and flags
   api config_mask_full_prob       model.mar.mask_full_prob=1.5 -> must lie in [0, 1]
   api config_loss_weighting       model.mar.loss_weighting=image -> expected one of ('token', 'example')
   api config_late_loss            model.mar.late_mask_ratio=0 -> ... late_mask_ratio=0.0 in (0, 1]
+  api config_code_dim             model.vae.code_dim=24 (tokens of 192) -> model.mar.token_dim=192 but ... 24-dim
   api config_final_steps          sample.final_sampling_steps=30 (25 steps) -> annealing runs down from 25
   api config_max_windows          sample.max_windows=0 -> expected an integer >= 1
   api config_unknown_variant      configs/harmon.py:huge -> unknown variant 'huge'
@@ -458,6 +459,8 @@ API = {
                               r"model.mar.loss_weighting='image': expected one of \('token', 'example'\)"),
     "config_late_loss": (_validate("model.mar.late_mask_ratio=0"), ValueError,
                          r"model.mar.late_mask_ratio=0.0 in \(0, 1\]"),
+    "config_code_dim": (_validate("model.vae.code_dim=24"), ValueError,
+                        r"model.mar.token_dim=192 but model.vae \(patch\) produces 24-dim tokens"),
     "config_unknown_variant": (lambda f: config_utils.load_config("configs/harmon.py:huge"), ValueError,
                                r"configs/harmon.py: unknown variant 'huge'; choose one of"),
     "config_file_missing": (lambda f: config_utils.load_config("configs/nope.py:tiny"), FileNotFoundError,

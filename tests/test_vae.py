@@ -171,6 +171,38 @@ def test_patch_tokenizer_roundtrip_exact():
     np.testing.assert_array_equal(vae.tokens_to_images({}, cfg, tokens, vae.grid(cfg, (16, 8))), x)
 
 
+def test_patch_code_keeps_the_shapes_worlds_cells_in_24_channels():
+    """model.vae.code_dim: the shapes world's 8 px cells are a colour times one of 8 masks on
+    black, so 24 principal components rebuild its images exactly; fewer channels lose detail.
+    The fit is the same at every start (train, resume, inference) and on any image order."""
+    from unimm.data import pipeline
+    from unimm.train.state import create_train_state
+    from unimm import sharding
+
+    config = get_config("tiny")
+    config.model.vae.code_dim = config.model.mar.token_dim = 24
+    config.data.code_fit_images = 64
+    cfg = config.model.vae
+    images = pipeline.fit_images(config)
+    params = vae.fit_patch_code(cfg, images)
+    assert vae.token_dim(cfg) == 24 and jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, vae.init(cfg, jax.random.key(0)))
+    tokens = vae.images_to_tokens(params, cfg, jnp.asarray(images))
+    assert tokens.shape == (64, 9, 24)
+    np.testing.assert_allclose(vae.tokens_to_images(params, cfg, tokens, (3, 3)), images, atol=1e-5)
+    # A channel varies as a pixel does on average.
+    assert abs(float(jnp.mean(jnp.var(tokens.reshape(-1, 24), 0))) / float(np.mean(np.var(
+        vae.images_to_tokens({}, get_config("tiny").model.vae, jnp.asarray(images)).reshape(-1, 192), 0))) - 1) < 0.05
+    again = vae.fit_patch_code(cfg, images[::-1])
+    np.testing.assert_allclose(again["basis"], params["basis"], atol=1e-4)
+    state = create_train_state(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]), jax.random.key(1))
+    np.testing.assert_array_equal(state.tokenizer_params["basis"], params["basis"])
+    cfg.code_dim = 16
+    lossy = vae.fit_patch_code(cfg, images)
+    rebuilt = vae.tokens_to_images(lossy, cfg, vae.images_to_tokens(lossy, cfg, jnp.asarray(images)), (3, 3))
+    assert float(jnp.abs(rebuilt - images).max()) > 0.1
+
+
 def test_uint8_conversions():
     x = jnp.array([-1.0, 0.0, 1.0, 2.0])
     assert vae.to_uint8(x).tolist() == [0, 128, 255, 255]  # clip(127.5 x + 128) truncated

@@ -95,6 +95,11 @@ def base() -> ml_collections.ConfigDict:
     c.resolution = 256                    # nominal input resolution (for attn_resolutions)
     c.scale = 0.2325                      # latent scale factor
     c.patch_size = 16                     # "patch" kind: pixels per token side
+    # "patch" kind, > 0: a token is this many principal components of the pixel patches
+    # (fitted on the first data.code_fit_images training images, the same at every start) instead
+    # of the 3 * patch_size**2 pixels, scaled so a channel varies as a pixel does on average.
+    # The diffusion head then draws a few channels per token, as Harmon's draws the KL-16 VAE's 16.
+    c.code_dim = 0
 
     m.understanding_grad_scale = 0.1      # I2T loss gradient into MAR encoder / proj_in
     # > 0: + this x MSE of a linear readout z -> token on the masked tokens (a training aid,
@@ -158,6 +163,7 @@ def base() -> ml_collections.ConfigDict:
     d.jsonl_path = ""                     # jsonl: records with image path + caption/prompt/conversations
     d.jsonl_allow_outside_root = False    # image paths may not escape the JSONL's folder
     d.worker_count = 0                    # grain worker processes (0 = in-process)
+    d.code_fit_images = 256               # model.vae.code_dim: training images its PCA is fitted on
     # Threads preparing whole batches ahead of the step, and how many batches they keep ready
     # (grain ReadOptions; its defaults, 16 and 500, hold hundreds of batches and cost the shapes
     # world's 2-core runs ~10 % of their steps in thread contention). More threads or

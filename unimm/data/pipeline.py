@@ -291,6 +291,18 @@ def example_encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
     return encode
 
 
+def fit_images(config) -> np.ndarray:
+    """The first ``data.code_fit_images`` training images (the generation task's squares, in
+    [-1, 1]): what a fitted tokenizer (``model.vae.code_dim``) is fitted on, the same at every
+    start of a run and of its inference."""
+    d = config.data
+    n, item_fn = task_source(d, "recon", "train")
+    count = min(int(d.code_fit_images), n)
+    if count < 1:
+        raise ValueError(f"data.code_fit_images={d.code_fit_images}: model.vae.code_dim needs images to fit on")
+    return np.stack([images.to_model(square_image(d, "t2i", item_fn(i)["image"], None)) for i in range(count)])
+
+
 def process_slice(stream: grain.MapDataset, global_size: int, start: int, size: int) -> grain.MapDataset:
     """Rows ``[start, start + size)`` of every global batch of ``stream``, in order.
 

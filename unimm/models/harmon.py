@@ -32,6 +32,9 @@ def head_config(model_cfg: Any) -> ml_collections.ConfigDict:
 def validate(model_cfg: Any) -> None:
     """Cross-component consistency; raises one clear error naming the fields."""
     m, llm = model_cfg.mar, model_cfg.llm
+    if model_cfg.vae.get("code_dim", 0) and model_cfg.vae.kind != "patch":
+        raise ValueError(f"model.vae.code_dim={model_cfg.vae.code_dim} applies to the 'patch' tokenizer, "
+                         f"not {model_cfg.vae.kind!r} (set it to 0)")
     tok = vae_lib.token_dim(model_cfg.vae)
     if m.token_dim != tok:
         raise ValueError(f"model.mar.token_dim={m.token_dim} but model.vae ({model_cfg.vae.kind}) "

@@ -8,10 +8,12 @@ Both tokenizer kinds share one interface chosen by ``cfg.kind``: ``"kl16"`` or `
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from unimm.models.layers import bind, freeze, init_params, ones, zeros
@@ -203,7 +205,40 @@ def stride(cfg) -> int:
 
 
 def token_dim(cfg) -> int:
-    return cfg.embed_dim if _kind(cfg) == "kl16" else 3 * cfg.patch_size ** 2
+    if _kind(cfg) == "kl16":
+        return cfg.embed_dim
+    return int(cfg.get("code_dim", 0)) or 3 * cfg.patch_size ** 2
+
+
+def has_patch_code(cfg) -> bool:
+    """The patch kind with ``code_dim > 0``: its params are fitted to data (:func:`fit_patch_code`)."""
+    return _kind(cfg) == "patch" and int(cfg.get("code_dim", 0)) > 0
+
+
+def _code_scale(cfg) -> float:
+    # An orthonormal projection keeps a patch's norm over fewer channels; this keeps a
+    # channel's spread at a pixel's on average, so the diffusion schedule meets the same signal.
+    return math.sqrt(cfg.code_dim / (3 * cfg.patch_size ** 2))
+
+
+def fit_patch_code(cfg, images: np.ndarray) -> dict:
+    """``{"mean" [P], "basis" [code_dim, P]}``: the mean pixel patch of ``images`` ([N,H,W,3]
+    in [-1, 1]) and its ``code_dim`` principal directions (PCA, float64)."""
+    if not has_patch_code(cfg):
+        raise ValueError(f"fit_patch_code needs model.vae.kind='patch' and code_dim > 0 (got {cfg.kind!r}, "
+                         f"{cfg.get('code_dim', 0)})")
+    p = cfg.patch_size
+    n, hh, ww, _ = _check_images(images, p)
+    patches = np.asarray(images, np.float64).reshape(n, hh // p, p, ww // p, p, 3).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(-1, 3 * p * p)
+    if cfg.code_dim > min(patches.shape):
+        raise ValueError(f"model.vae.code_dim={cfg.code_dim} exceeds what {len(patches)} patches of "
+                         f"{patches.shape[1]} pixels can fit")
+    mean = patches.mean(0)
+    basis = np.linalg.svd(patches - mean, full_matrices=False)[2][:cfg.code_dim]
+    # The sign of a singular vector is arbitrary: fix it (largest entry positive) so that refits agree.
+    basis *= np.sign(basis[np.arange(len(basis)), np.abs(basis).argmax(1)])[:, None]
+    return {"mean": jnp.asarray(mean, jnp.float32), "basis": jnp.asarray(basis, jnp.float32)}
 
 
 def grid(cfg, image_size) -> tuple[int, int]:
@@ -216,8 +251,14 @@ def grid(cfg, image_size) -> tuple[int, int]:
 
 
 def init(cfg, rng: jax.Array) -> Any:
-    """Fresh tokenizer params (``{}`` for the parameter-free patch kind)."""
-    return init_params(KLVAE, cfg, rng) if _kind(cfg) == "kl16" else {}
+    """Fresh tokenizer params (``{}`` for the parameter-free patch kind; for a patch code,
+    zeros of its shapes, to be replaced by :func:`fit_patch_code`)."""
+    if _kind(cfg) == "kl16":
+        return init_params(KLVAE, cfg, rng)
+    if has_patch_code(cfg):
+        pixels = 3 * cfg.patch_size ** 2
+        return {"mean": jnp.zeros((pixels,), jnp.float32), "basis": jnp.zeros((cfg.code_dim, pixels), jnp.float32)}
+    return {}
 
 
 def images_to_tokens(params, cfg, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
@@ -230,7 +271,10 @@ def images_to_tokens(params, cfg, images: jax.Array, *, rng: jax.Array | None = 
     if _kind(cfg) == "patch":
         p = cfg.patch_size
         x = images.reshape(b, hh // p, p, ww // p, p, 3).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, (hh // p) * (ww // p), 3 * p * p)
+        x = x.reshape(b, (hh // p) * (ww // p), 3 * p * p)
+        if has_patch_code(cfg):
+            x = (x - params["mean"]) @ params["basis"].T * _code_scale(cfg)
+        return x
     return _kl16_tokens(params, freeze(cfg), images, rng)
 
 
@@ -259,6 +303,8 @@ def tokens_to_images(params, cfg, tokens: jax.Array, grid_hw: tuple[int, int]) -
     b = tokens.shape[0]
     if _kind(cfg) == "patch":
         p = cfg.patch_size
+        if has_patch_code(cfg):
+            tokens = tokens / _code_scale(cfg) @ params["basis"] + params["mean"]
         x = tokens.reshape(b, h, w, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, h * p, w * p, 3)
     return _kl16_images(params, freeze(cfg), tokens.reshape(b, h, w, d))

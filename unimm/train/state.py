@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from unimm import sharding
+from unimm.data import pipeline
 from unimm.models import harmon, layers
 from unimm.models import vae as vae_lib
 from unimm.train.optimizer import make_optimizer
@@ -79,6 +80,8 @@ def create_train_state(config: Any, mesh: jax.sharding.Mesh, rng: jax.Array,
         params = jax.jit(lambda r: harmon.init(m, r), out_shardings=p_shard)(k_model)
     else:
         params = jax.device_put(params, p_shard)
+    if tokenizer_params is None and vae_lib.has_patch_code(m.vae):
+        tokenizer_params = vae_lib.fit_patch_code(m.vae, pipeline.fit_images(config))
     if tokenizer_params is None:
         tokenizer_params = jax.jit(lambda r: vae_lib.init(m.vae, r))(k_vae)
     tokenizer_params = jax.device_put(tokenizer_params, sharding.replicated(mesh))
