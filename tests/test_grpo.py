@@ -11,7 +11,7 @@ from unimm.models import layers
 from unimm.models import vae as vae_lib
 from unimm.eval import rewards
 from unimm.train import grpo, loop
-from unimm.train.state import create_train_state, state_shardings
+from unimm.train.state import create_train_state, state_shardings, initial_tokenizer_params
 
 from tiny import one_block_each, sigterm_after_step   # tests/tiny.py
 
@@ -35,7 +35,9 @@ def prompts_and_images(config, tok, n, seed=0):
     d = config.data
     prompt, mask = text.left_pad([text.i2t_prompt_ids(tok, text.LONG_CAPTION_Q, d.num_image_tokens)] * n, tok.pad_id)
     imgs = np.stack([images_lib.to_model(shapes.render(shapes.sample_scene(seed, i), d.image_size)) for i in range(n)])
-    return jnp.asarray(prompt), jnp.asarray(mask), vae_lib.images_to_tokens({}, config.model.vae, jnp.asarray(imgs))
+    tokenizer = initial_tokenizer_params(config, jax.random.key(0))
+    tokens = vae_lib.images_to_tokens(tokenizer, config.model.vae, jnp.asarray(imgs))
+    return jnp.asarray(prompt), jnp.asarray(mask), tokens
 
 
 def rollout(config, tok, params, ref, n, rng, seed=0):

@@ -12,7 +12,7 @@ from unimm import config_utils, resolve, sharding
 from unimm.data import pipeline, text
 from unimm.models import gaussian_diffusion, harmon, mar, qwen2
 from unimm.train import step as step_lib
-from unimm.train.state import create_train_state, state_shardings
+from unimm.train.state import create_train_state, state_shardings, initial_tokenizer_params
 
 from tiny import one_block_each   # tests/tiny.py
 
@@ -88,7 +88,7 @@ def test_instructions_come_from_a_file_one_drawn_per_example(setup, tmp_path):
 def test_recon_loss_is_the_generation_loss_after_the_images_own_embeddings(setup):
     config, _, batch, params = setup
     m, rng = config.model, jax.random.key(3)
-    toks = step_lib.batch_image_tokens({}, m, batch, "recon")
+    toks = step_lib.batch_image_tokens(initial_tokenizer_params(config, rng), m, batch, "recon")
     # Every row's image slots sit at the same place: right after the chat template's head.
     first = int(np.argmax(np.asarray(batch["recon_tokens"][0]) == config.data.image_token_id))
     loss, metrics = jax.jit(functools.partial(step_lib.recon_loss, model_cfg=m, image_id=config.data.image_token_id,
@@ -126,7 +126,7 @@ def test_gradient_reaches_the_understanding_path_scaled_by_its_factor(setup):
     which g(0) holds; the rest is the understanding embeddings' share, times s."""
     config, _, batch, params = setup
     m, rng = config.model, jax.random.key(4)
-    toks = step_lib.batch_image_tokens({}, m, batch, "recon")
+    toks = step_lib.batch_image_tokens(initial_tokenizer_params(config, rng), m, batch, "recon")
 
     @functools.partial(jax.jit, static_argnums=1)
     def grad(params, scale):

@@ -7,6 +7,7 @@ from unimm import config_utils
 from unimm.data import shapes
 from unimm.models import harmon, layers
 from unimm.eval import rewards
+from unimm.train.state import initial_tokenizer_params
 
 A = shapes.Obj("circle", "red", "large", 0)
 B = shapes.Obj("square", "blue", "small", 4)
@@ -32,7 +33,8 @@ def test_shapes_match_on_renders():
 def test_rewards_joined_by_plus_average():
     config = config_utils.load_config("configs/harmon.py:tiny")
     s = config.data.image_size
-    context = {"tokenize": rewards.tokenizer_latents(config.model, {}, s)}
+    tokenizer = initial_tokenizer_params(config, jax.random.key(0))
+    context = {"tokenize": rewards.tokenizer_latents(config.model, tokenizer, s)}
     src = np.stack([shapes.render((A, B), s), shapes.render((A,), s)])
     gen = np.stack([shapes.render((A, C), s), shapes.render((A,), s)])
     match = rewards.get_reward("shapes_match")(src, gen)
@@ -60,8 +62,9 @@ def test_cosine_rewards(name):
     config = config_utils.load_config("configs/harmon.py:tiny")
     s = config.data.image_size
     params = _init(layers.freeze(config.model), jax.random.key(0))
-    context = {"features": rewards.mar_features(params, config.model, {}, s),
-               "tokenize": rewards.tokenizer_latents(config.model, {}, s)}
+    tokenizer = initial_tokenizer_params(config, jax.random.key(0))
+    context = {"features": rewards.mar_features(params, config.model, tokenizer, s),
+               "tokenize": rewards.tokenizer_latents(config.model, tokenizer, s)}
     src = np.stack([shapes.render((A, B), s), shapes.render((A,), s)])
     other = np.stack([shapes.render((C,), s), shapes.render((B,), s)])
     fn = rewards.get_reward(name)

@@ -10,7 +10,7 @@ from unimm import config_utils, resolve, sharding
 from unimm.models import harmon, harmon_sample, layers
 from unimm.data import text
 from unimm.train import step as step_lib
-from unimm.train.state import create_train_state, state_shardings
+from unimm.train.state import create_train_state, state_shardings, initial_tokenizer_params
 
 from tiny import one_block_each   # tests/tiny.py
 
@@ -124,7 +124,7 @@ def test_understanding_gradient_into_mar_is_scaled(mesh1):
     config = tiny_config()
     params = jax.jit(harmon.init, static_argnums=0)(layers.freeze(config.model), jax.random.key(0))
     batch = {k: v for k, v in synthetic_batch(config).items() if k.startswith("i2t")}
-    toks = step_lib.image_tokens({}, config.model, batch["i2t_images"])
+    toks = step_lib.image_tokens(initial_tokenizer_params(config, jax.random.key(0)), config.model, batch["i2t_images"])
 
     # Compiled (eager, each call runs thousands of ops one by one); the scale is static.
     grads = jax.jit(jax.grad(lambda p, scale: step_lib.i2t_loss(p, config.model, batch, toks, IMAGE_ID, scale)[0]),
@@ -155,7 +155,7 @@ def test_understanding_loss_projects_only_the_positions_after_the_image():
     assert (np.asarray(batch["i2t_targets"][:, :start]) == -1).all()
     assert (np.asarray(batch["i2t_targets"][:, start:]) >= 0).any()
     params = jax.jit(harmon.init, static_argnums=0)(layers.freeze(config.model), jax.random.key(0))
-    toks = step_lib.image_tokens({}, config.model, batch["i2t_images"])
+    toks = step_lib.image_tokens(initial_tokenizer_params(config, jax.random.key(0)), config.model, batch["i2t_images"])
     loss = jax.jit(lambda p, first: step_lib.i2t_loss(p, config.model, batch, toks, d.image_token_id, 0.1,
                                                       start=first), static_argnums=1)
     (whole, m_whole), (cut, m_cut) = loss(params, 0), loss(params, start)

@@ -162,7 +162,7 @@ def test_kl16_tokens_match_harmon_layout(setup):
 
 def test_patch_tokenizer_roundtrip_exact():
     cfg = get_config("tiny").model.vae
-    cfg.patch_size = 4
+    cfg.patch_size, cfg.code_dim = 4, 0
     assert vae.init(cfg, jax.random.key(0)) == {} and vae.token_dim(cfg) == 48
     x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 16, 8, 3)).astype(np.float32))
     tokens = vae.images_to_tokens({}, cfg, x)
@@ -180,8 +180,10 @@ def test_patch_code_keeps_the_shapes_worlds_cells_in_24_channels():
     from unimm import sharding
 
     config = get_config("tiny")
-    config.model.vae.code_dim = config.model.mar.token_dim = 24
+    assert config.model.vae.code_dim == config.model.mar.token_dim == 24
     config.data.code_fit_images = 64
+    pixels = get_config("tiny").model.vae
+    pixels.code_dim = 0
     cfg = config.model.vae
     images = pipeline.fit_images(config)
     params = vae.fit_patch_code(cfg, images)
@@ -192,7 +194,7 @@ def test_patch_code_keeps_the_shapes_worlds_cells_in_24_channels():
     np.testing.assert_allclose(vae.tokens_to_images(params, cfg, tokens, (3, 3)), images, atol=1e-5)
     # A channel varies as a pixel does on average.
     assert abs(float(jnp.mean(jnp.var(tokens.reshape(-1, 24), 0))) / float(np.mean(np.var(
-        vae.images_to_tokens({}, get_config("tiny").model.vae, jnp.asarray(images)).reshape(-1, 192), 0))) - 1) < 0.05
+        vae.images_to_tokens({}, pixels, jnp.asarray(images)).reshape(-1, 192), 0))) - 1) < 0.05
     again = vae.fit_patch_code(cfg, images[::-1])
     np.testing.assert_allclose(again["basis"], params["basis"], atol=1e-4)
     state = create_train_state(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]), jax.random.key(1))
@@ -211,7 +213,7 @@ def test_uint8_conversions():
 
 def test_shape_errors_are_clear():
     cfg = get_config("tiny").model.vae
-    cfg.patch_size = 4
+    cfg.patch_size, cfg.code_dim = 4, 0
     with pytest.raises(ValueError, match=re.escape("expected images [B, H, W, 3], got shape (2, 16, 16)")):
         vae.images_to_tokens({}, cfg, jnp.zeros((2, 16, 16)))
     with pytest.raises(ValueError, match=r"\(2, 18, 16, 3\).*divisible by the tokenizer stride 4"):

@@ -18,7 +18,8 @@ as in "a red square and a blue circle": the cell holds either object with probab
 ``p_object`` each, so the head must draw one whole mode of three, not a blend of them. The
 last condition is the unconditional row of classifier-free guidance (any object with
 probability 1/2). The tokens are the tiny config's: one 8x8 pixel patch per cell
-(``model.vae.kind="patch"``).
+(``model.vae.kind="patch"``), drawn as its ``--code_dim`` principal components (default: the
+config's ``model.vae.code_dim``; here fitted on the 65 distinct cells) or as its 192 pixels.
 
 Prints one JSON line per sampling setting: the share of tokens that come out as a requested
 object (``right``), an object of the wrong shape or colour (``swapped``: both the colour and
@@ -137,8 +138,9 @@ def main(argv=None) -> None:
                     "(the cell holds either: GenEval's colour-attribute prompts)")
     ap.add_argument("--samples", type=int, default=2048, help="tokens drawn per setting")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--code_dim", type=int, default=0, help="> 0: the head draws this many principal "
-                    "components of the cell tokens instead of the pixels (decoded back before reading)")
+    ap.add_argument("--code_dim", type=int, default=None, help="> 0: the head draws this many principal "
+                    "components of the cell tokens instead of the pixels (decoded back before reading); "
+                    "0: the pixels (default: the config's model.vae.code_dim)")
     args = ap.parse_args(argv)
     config = config_utils.load_config(args.config)
     for s in args.set:
@@ -147,6 +149,10 @@ def main(argv=None) -> None:
     if m.vae.kind != "patch":
         raise ValueError(f"head_probe reads pixel-patch tokens; {args.config} has model.vae.kind={m.vae.kind!r}")
     cell_px = m.vae.patch_size
+    if args.code_dim is None:
+        args.code_dim = int(m.vae.code_dim)
+    m.mar.token_dim = 3 * cell_px ** 2
+    m.diffusion.clip_denoised = 1.0   # pixels live in [-1, 1] (a code: its own range, below)
     head_cfg = layers.freeze(harmon.head_config(m))
     pixels = cell_tokens(cell_px)
     table, decode = jnp.asarray(pixels), lambda x: x

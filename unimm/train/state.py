@@ -63,6 +63,15 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, 
                                             transform_non_params=lambda _: rep, is_leaf=masked)
 
 
+def initial_tokenizer_params(config: Any, rng: jax.Array) -> Any:
+    """The tokenizer's params at every start of a run: the patch code fitted to the run's
+    training images (``model.vae.code_dim``), else the tokenizer's init (``{}`` for pixels)."""
+    m = layers.freeze(config.model)
+    if vae_lib.has_patch_code(m.vae):
+        return vae_lib.fit_patch_code(m.vae, pipeline.fit_images(config))
+    return jax.jit(lambda r: vae_lib.init(m.vae, r))(rng)
+
+
 def create_train_state(config: Any, mesh: jax.sharding.Mesh, rng: jax.Array,
                        params: Any = None, tokenizer_params: Any = None,
                        frozen: tuple[str, ...] | None = None) -> TrainState:
@@ -80,10 +89,8 @@ def create_train_state(config: Any, mesh: jax.sharding.Mesh, rng: jax.Array,
         params = jax.jit(lambda r: harmon.init(m, r), out_shardings=p_shard)(k_model)
     else:
         params = jax.device_put(params, p_shard)
-    if tokenizer_params is None and vae_lib.has_patch_code(m.vae):
-        tokenizer_params = vae_lib.fit_patch_code(m.vae, pipeline.fit_images(config))
     if tokenizer_params is None:
-        tokenizer_params = jax.jit(lambda r: vae_lib.init(m.vae, r))(k_vae)
+        tokenizer_params = initial_tokenizer_params(config, k_vae)
     tokenizer_params = jax.device_put(tokenizer_params, sharding.replicated(mesh))
 
     o_shard = opt_state_shardings(tx, params, p_shard, mesh)
