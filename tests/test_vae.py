@@ -179,7 +179,7 @@ def test_patch_code_keeps_the_shapes_worlds_cells_in_24_channels():
     from unimm.train.state import create_train_state
     from unimm import sharding
 
-    config = get_config("tiny")
+    config = get_config("tiny,patch_code")
     assert config.model.vae.code_dim == config.model.mar.token_dim == 24
     config.data.code_fit_images = 64
     pixels = get_config("tiny").model.vae
