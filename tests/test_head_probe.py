@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 
+from unimm import config_utils
 from unimm.eval import head_probe
 
 
@@ -56,12 +57,12 @@ def test_two_object_conditions_hold_either_object():
     assert head_probe.classify(red_square, [("green", "circle"), ("blue", "square")], table[0], 8) == "wrong_color"
 
 
-def test_linear_code_of_24_channels_holds_every_cell_token():
+def test_cell_code_of_24_channels_holds_every_cell_token():
     """--code_dim: the cell tokens are colour x one of 8 masks on black, so 24 principal
     components (3 channels x 8 masks) rebuild each of them; fewer lose some."""
     table = head_probe.cell_tokens(8)
+    vae_cfg = config_utils.load_config("configs/harmon.py:tiny").model.vae
     for dim, exact in ((24, True), (16, False)):
-        mean, basis, scale = head_probe.linear_code(table, dim)
-        assert basis.shape == (dim, 192) and np.allclose(basis @ basis.T, np.eye(dim), atol=1e-5)
-        rebuilt = ((table - mean) @ basis.T * scale) / scale @ basis + mean
-        assert (np.abs(rebuilt - table).max() < 1e-4) == exact
+        codes, decode = head_probe.cell_code(table, vae_cfg, dim)
+        assert codes.shape == (len(table), dim)
+        assert (np.abs(decode(codes) - table).max() < 1e-4) == exact

@@ -34,12 +34,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from unimm import config_utils
 from unimm.data import images, shapes
 from unimm.models import gaussian_diffusion, harmon, layers
+from unimm.models import vae as vae_lib
 from unimm.models.diffusion_head import DiffusionHead
 
 OBJECTS = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]   # row 1 + 2 * i + size of cell_tokens
@@ -102,13 +104,20 @@ def draw(rng: jax.Array, n: int, p_object: float, conds: jax.Array):
     return cond, jnp.where(present, 1 + 2 * obj + jax.random.randint(k_size, (n,), 0, 2), 0)
 
 
-def linear_code(table: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """``(mean [D], basis [dim, D], scale)``: the ``dim`` principal directions of the cell
-    tokens, scaled so a code channel varies as much as a pixel channel on average (the
-    diffusion noise meets the same signal); ``code = (token - mean) @ basis.T * scale``."""
-    mean = table.mean(0)
-    basis = np.linalg.svd(table - mean, full_matrices=False)[2][:dim]
-    return mean, basis, float(np.sqrt(dim / table.shape[1]))
+def cell_code(pixels: np.ndarray, vae_cfg, dim: int):
+    """The patch code (:func:`unimm.models.vae.fit_patch_code`, ``dim`` channels) fitted on the
+    distinct cell tokens ``pixels`` [N, 3 p^2]: ``(codes [N, dim], decode)``, where ``decode``
+    maps drawn codes back to cell tokens."""
+    cfg = ml_collections.ConfigDict(dict(vae_cfg))
+    cfg.code_dim = dim
+    p = cfg.patch_size
+    cells = pixels.reshape(-1, p, p, 3)    # a cell token is its patch in (row, col, rgb) order
+    code = vae_lib.fit_patch_code(cfg, cells)
+    codes = vae_lib.images_to_tokens(code, cfg, jnp.asarray(cells))[:, 0]
+
+    def decode(x):
+        return np.asarray(vae_lib.tokens_to_images(code, cfg, jnp.asarray(x)[:, None], (1, 1))).reshape(len(x), -1)
+    return codes, decode
 
 
 def classify(token: np.ndarray, want: list[tuple[str, str]], empty: np.ndarray, cell_px: int) -> str:
@@ -157,9 +166,7 @@ def main(argv=None) -> None:
     pixels = cell_tokens(cell_px)
     table, decode = jnp.asarray(pixels), lambda x: x
     if args.code_dim:
-        mean, basis, scale = linear_code(pixels, args.code_dim)
-        table = jnp.asarray((pixels - mean) @ basis.T * scale)
-        decode = lambda x: x / scale @ basis + mean
+        table, decode = cell_code(pixels, m.vae, args.code_dim)
         m.diffusion.clip_denoised = float(np.abs(table).max())
         head_cfg = harmon.head_config(m)
         head_cfg.token_dim = args.code_dim
