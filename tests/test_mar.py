@@ -329,15 +329,16 @@ def test_late_loss_adds_the_mean_of_images_with_few_tokens_left():
     mask = jnp.asarray([[1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1], [0, 0, 0, 0]], bool)
     per_token = jnp.asarray([[1.0, 1, 1, 1], [5, 5, 5, 5], [3, 3, 3, 3], [7, 7, 7, 7]])
     token = mar.loss_weights(mask, "token")
-    assert mar.late_loss_weights(mask, token, 0.25, 0.0) is token
-    w = mar.late_loss_weights(mask, token, 0.5, 2.0)
+    w, scale = mar.late_loss_weights(mask, token, 0.25, 0.0)
+    assert w is token and scale == 1.0
+    w, scale = mar.late_loss_weights(mask, token, 0.5, 2.0)
     weighted_mean = float((w * per_token).sum() / w.sum())
     token_mean = (4 * 1 + 5 + 2 * 3) / 7
     late_mean = (5 + 2 * 3) / 3                      # images 1 and 2: at most half masked
-    assert abs(weighted_mean * float(w.sum()) - (token_mean + 2.0 * late_mean)) < 1e-5
+    assert abs(weighted_mean * float(scale) - (token_mean + 2.0 * late_mean)) < 1e-5
     # No image with few tokens left in the batch: the token mean alone.
-    w = mar.late_loss_weights(mask[:1], token[:1], 0.25, 2.0)
-    assert abs(float((w * per_token[:1]).sum()) - 1.0) < 1e-6
+    w, scale = mar.late_loss_weights(mask[:1], token[:1], 0.25, 2.0)
+    assert abs(float((w * per_token[:1]).sum() / w.sum() * scale) - 1.0) < 1e-6
 
 
 @pytest.mark.parametrize("seq_len,num_iter", [(16, 4), (16, 64), (256, 64), (1024, 10)])

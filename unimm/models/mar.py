@@ -267,19 +267,21 @@ def loss_weights(mask: jax.Array, weighting: str) -> jax.Array:
     return w
 
 
-def late_loss_weights(mask: jax.Array, weights: jax.Array, max_ratio: float, late_weight: float) -> jax.Array:
-    """``weights`` (per-token, as :func:`loss_weights`) plus a second term: the mean over the
-    masked tokens of the images with at most ``max_ratio`` of their tokens masked (what the last
-    sampling iterations draw), times ``late_weight``. Normalised so that the weighted mean of the
-    per-token losses times ``weights.sum()`` of the result is ``mean + late_weight * late mean``
-    (the first term unchanged); ``late_weight`` 0 returns ``weights``."""
+def late_loss_weights(mask: jax.Array, weights: jax.Array, max_ratio: float,
+                      late_weight: float) -> tuple[jax.Array, jax.Array | float]:
+    """``(head_weights, scale)``: ``weights`` (per-token, as :func:`loss_weights`) plus a second
+    term, the mean over the masked tokens of the images with at most ``max_ratio`` of their
+    tokens masked (what the last sampling iterations draw), times ``late_weight``. The weighted
+    mean of the per-token losses under ``head_weights``, times ``scale``, is
+    ``mean + late_weight * late mean`` (the first term unchanged); ``late_weight`` 0 returns
+    ``(weights, 1.0)``."""
     if late_weight <= 0:
-        return weights
+        return weights, 1.0
     m = mask.astype(jnp.float32)
     count = m.sum(axis=1, keepdims=True)
     late = m * ((count > 0) & (count <= max_ratio * mask.shape[1] + 1e-4))
-    return (weights / jnp.maximum(weights.sum(), 1e-12)
-            + late_weight * late / jnp.maximum(late.sum(), 1.0))
+    head = weights / jnp.maximum(weights.sum(), 1e-12) + late_weight * late / jnp.maximum(late.sum(), 1.0)
+    return head, head.sum()
 
 
 def sample_mask_ratio(rng: jax.Array, min_ratio: float, std: float = MASK_RATIO_STD, shape: tuple = (),

@@ -93,14 +93,12 @@ def masked_diffusion_loss(params: Any, model_cfg: Any, text: jax.Array, text_mas
     z = harmon.decoder_condition(params, model_cfg, text, text_mask, img_tokens, idx, valid,
                                  dropout_rng=k_drop)
     weights = mar.loss_weights(mask, m.loss_weighting)
-    # The head's weighted mean times the weights' total: with late_loss_weight, mean + λ late mean.
-    head_weights = mar.late_loss_weights(mask, weights, m.late_mask_ratio, m.late_loss_weight)
+    # With late_loss_weight λ: mean + λ late mean.
+    head_weights, head_scale = mar.late_loss_weights(mask, weights, m.late_mask_ratio, m.late_loss_weight)
     loss = gaussian_diffusion.diffusion_loss(
         params["head"], harmon.head_config(model_cfg), model_cfg.diffusion,
         harmon.head_target(params, model_cfg, z, img_tokens).reshape(-1, dim), z.reshape(b * seq, -1),
-        head_weights.reshape(-1), k_diff)
-    if m.late_loss_weight > 0:
-        loss = loss * head_weights.sum()
+        head_weights.reshape(-1), k_diff) * head_scale
     metrics = {"t2i_loss": loss, "mask_ratio": jnp.mean(ratio)}
     if harmon.has_readout(model_cfg):
         aux = harmon.readout_loss(params, z, img_tokens, weights)
