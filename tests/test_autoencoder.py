@@ -8,6 +8,7 @@ from unimm.autoencoder import AutoEncoder
 from unimm.data import shapes
 from unimm.inference.model import Model
 from unimm.models import harmon, layers
+from unimm.train.state import initial_tokenizer_params
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,8 @@ def models():
     # non-zero one so the two decoders draw different images.
     final = params[1]["head"]["final_layer"]["linear"]
     final["kernel"] = 0.05 * jax.random.normal(jax.random.key(2), final["kernel"].shape)
-    return [Model(config, tok, p, {}) for p in params]
+    tokenizer = initial_tokenizer_params(config, jax.random.key(3))
+    return [Model(config, tok, p, tokenizer) for p in params]
 
 
 def _images(n=2):

@@ -22,13 +22,13 @@ config and flags
   api config_override_no_eval     apply_override rules=__import__(...) -> not a valid tuple; nothing runs
   api config_stage                train.stage=4 -> expected one of [1, 2, 3]
   api config_remat                model.llm.remat=some -> expected one of ('none', 'full', 'dots')
-  api config_token_dim            model.mar.token_dim=17 -> but model.vae (patch) produces 192-dim tokens
+  api config_token_dim            model.mar.token_dim=17 -> but model.vae (patch) produces 24-dim tokens
   api config_mask_ratio           model.mar.mask_ratio_min=1.0 -> must lie in [0, 1)
   api config_mask_ratio_dist      model.mar.mask_ratio_dist=normal -> expected one of ('truncnorm', 'cosine', 'uniform')
   api config_mask_full_prob       model.mar.mask_full_prob=1.5 -> must lie in [0, 1]
   api config_loss_weighting       model.mar.loss_weighting=image -> expected one of ('token', 'example')
   api config_late_loss            model.mar.late_mask_ratio=0 -> ... late_mask_ratio=0.0 in (0, 1]
-  api config_code_dim             model.vae.code_dim=24 (tokens of 192) -> model.mar.token_dim=192 but ... 24-dim
+  api config_code_dim             model.vae.code_dim=0 (tokens of 24) -> model.mar.token_dim=24 but ... 192-dim
   api config_final_steps          sample.final_sampling_steps=30 (25 steps) -> annealing runs down from 25
   api config_max_windows          sample.max_windows=0 -> expected an integer >= 1
   api config_unknown_variant      configs/harmon.py:huge -> unknown variant 'huge'
@@ -441,7 +441,7 @@ API = {
     "config_remat": (_validate("model.llm.remat=some"), ValueError,
                      r"model.llm.remat='some'; expected one of \('none', 'full', 'dots'\)"),
     "config_token_dim": (_validate("model.mar.token_dim=17"), ValueError,
-                         r"model.mar.token_dim=17 but model.vae \(patch\) produces 192-dim tokens"),
+                         r"model.mar.token_dim=17 but model.vae \(patch\) produces 24-dim tokens"),
     "config_mask_ratio": (_validate("model.mar.mask_ratio_min=1.0"), ValueError,
                           r"model.mar.mask_ratio_min=1.0 must lie in \[0, 1\) and "
                           r"model.mar.mask_ratio_std=0.25 be > 0"),
@@ -459,8 +459,8 @@ API = {
                               r"model.mar.loss_weighting='image': expected one of \('token', 'example'\)"),
     "config_late_loss": (_validate("model.mar.late_mask_ratio=0"), ValueError,
                          r"model.mar.late_mask_ratio=0.0 in \(0, 1\]"),
-    "config_code_dim": (_validate("model.vae.code_dim=24"), ValueError,
-                        r"model.mar.token_dim=192 but model.vae \(patch\) produces 24-dim tokens"),
+    "config_code_dim": (_validate("model.vae.code_dim=0"), ValueError,
+                        r"model.mar.token_dim=24 but model.vae \(patch\) produces 192-dim tokens"),
     "config_unknown_variant": (lambda f: config_utils.load_config("configs/harmon.py:huge"), ValueError,
                                r"configs/harmon.py: unknown variant 'huge'; choose one of"),
     "config_file_missing": (lambda f: config_utils.load_config("configs/nope.py:tiny"), FileNotFoundError,

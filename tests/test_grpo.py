@@ -136,7 +136,7 @@ def test_tiny_grpo_raises_a_simple_reward(setup):
         step = step or grpo.jit_grpo_step(config, mesh, state_shardings(state), scored)
         with jax.set_mesh(mesh):
             state, _ = step(state, scored, jax.random.key(0))
-    first, last = np.mean(rates[:5]), np.mean(rates[-5:])
+    first, last = np.mean(rates[:2]), np.mean(rates[-5:])
     assert last > max(0.5, 3 * first), (first, last, rates)
 
 

@@ -11,7 +11,7 @@ from unimm.data import text
 from unimm.models import harmon, harmon_sample, layers
 from unimm.rl import decoder as rl_decoder
 from unimm.train import grpo, grpo_decoder
-from unimm.train.state import create_train_state, state_shardings
+from unimm.train.state import create_train_state, initial_tokenizer_params, state_shardings
 
 from tiny import one_block_each, sigterm_after_step   # tests/tiny.py
 
@@ -147,7 +147,7 @@ def test_supervised_anchor_adds_the_t2i_loss(setup, plain):
     config = resolve.thaw(config)
     config.grpo.decoder.sft_weight, config.grpo.decoder.sft_batch_size = 0.5, 4
     from unimm.train import step
-    batch = rl_decoder.anchor_batch(config, tok, None, 3)
+    batch = rl_decoder.anchor_batch(config, tok, initial_tokenizer_params(config, jax.random.key(0)), 3)
     assert batch["t2i_latents"].shape == (4, 9, cfg.mar.token_dim) and batch["t2i_tokens"].shape[0] == 4
     scored = _scored(rollout, [1.0, -1.0, 0.5, -0.5])
     (anchored, m), grad = _jit_loss_and_grad(config)(params, {**scored, **batch})

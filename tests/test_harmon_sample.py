@@ -13,8 +13,10 @@ from tiny import one_block_each   # tests/tiny.py
 @pytest.fixture(scope="module")
 def tiny():
     """Perturbed params: the head's zero-initialised final layer makes a fresh x0 head (tiny's)
-    draw all-zero tokens whatever the prompt, which would hide an unfilled or mixed-up slot."""
-    cfg = layers.freeze(one_block_each(config_utils.load_config("configs/harmon.py:tiny")).model)
+    draw all-zero tokens whatever the prompt, which would hide an unfilled or mixed-up slot.
+    Pixel tokens: x0 clipped to [-1, 1], the scale of the float-rounding tolerances below (the
+    patch code's +-6.5 lets 100 steps at CFG 3 of random weights grow rounding to ~2e-4)."""
+    cfg = layers.freeze(one_block_each(config_utils.load_config("configs/harmon.py:tiny,pixel_tokens")).model)
     # The jitted init is other tests' too (the session's compilation cache); the noise is
     # added on the host (a jitted init + noise compiled 3x longer, eager adds one op per shape).
     params = jax.jit(harmon.init, static_argnums=0)(cfg, jax.random.key(0))
@@ -173,7 +175,7 @@ def test_readout_residual_samples_add_the_readout_back(tiny):
     = v), and the head is trained on the residual."""
     plain, params = tiny
     assert not plain.readout_residual
-    model = one_block_each(config_utils.load_config("configs/harmon.py:tiny")).model
+    model = one_block_each(config_utils.load_config("configs/harmon.py:tiny,pixel_tokens")).model
     model.readout_residual = True
     cfg = layers.freeze(model)
     v = jnp.linspace(-0.5, 0.5, cfg.mar.token_dim)

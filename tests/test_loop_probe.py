@@ -8,6 +8,7 @@ from unimm.data import text
 from unimm.eval import loop_probe
 from unimm.inference.model import Model
 from unimm.models import harmon
+from unimm.train.state import initial_tokenizer_params
 
 from tiny import one_block_each   # tests/tiny.py
 
@@ -22,7 +23,7 @@ def test_one_step_draw_fills_only_the_masked_cells():
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    model = Model(config, tok, params, {})
+    model = Model(config, tok, params, initial_tokenizer_params(config, jax.random.key(0)))
     rows = ["a photo of a square"] * 3
     tokens, mask = text.t2i_rows(tok, rows, text.sampling_prompt_len(tok, rows, config), guided=True)
     seq, dim = config.model.mar.grid ** 2, config.model.mar.token_dim

@@ -226,7 +226,7 @@ def test_image_variation_draws_from_the_images_own_embeddings(setup):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    model = Model(config, tok, params, {})
+    model = Model(config, tok, params, initial_tokenizer_params(config, jax.random.key(0)))
     size = config.data.image_size
     a = [shapes.render(shapes.sample_scene(0, i), size) for i in range(2)]
     b = [np.full_like(a[0], 255), a[1]]

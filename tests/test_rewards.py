@@ -80,7 +80,7 @@ def test_unified_bench_scores_each_encoder_and_their_mean():
     config = config_utils.load_config("configs/harmon.py:tiny")
     s = config.data.image_size
     params = _init(layers.freeze(config.model), jax.random.key(0))
-    model = Model(config, None, params, {})
+    model = Model(config, None, params, initial_tokenizer_params(config, jax.random.key(0)))
     encoders = shapes_bench.builtin_encoders(model, config.eval.unified_bench)
     encoders["pixels"] = lambda images: np.asarray(images, np.float32)
     src = np.stack([shapes.render((A, B), s), shapes.render((A,), s)])

@@ -179,11 +179,10 @@ def test_patch_code_keeps_the_shapes_worlds_cells_in_24_channels():
     from unimm.train.state import create_train_state
     from unimm import sharding
 
-    config = get_config("tiny,patch_code")
+    config = get_config("tiny")
     assert config.model.vae.code_dim == config.model.mar.token_dim == 24
     config.data.code_fit_images = 64
-    pixels = get_config("tiny").model.vae
-    pixels.code_dim = 0
+    pixels = get_config("tiny,pixel_tokens").model.vae
     cfg = config.model.vae
     images = pipeline.fit_images(config)
     params = vae.fit_patch_code(cfg, images)
@@ -224,6 +223,12 @@ def test_shape_errors_are_clear():
         vae.tokens_to_images({}, cfg, jnp.zeros((1, 15, 48)), (4, 4))
     with pytest.raises(ValueError, match="not divisible by the tokenizer stride 4"):
         vae.grid(cfg, 30)
+    cfg.code_dim = 16              # a patch code with no fitted params: named, with the fix
+    for call in (lambda: vae.images_to_tokens({}, cfg, jnp.zeros((1, 16, 16, 3))),
+                 lambda: vae.tokens_to_images(None, cfg, jnp.zeros((1, 16, 16)), (4, 4))):
+        with pytest.raises(ValueError, match=r"code_dim=16: the tokenizer params must hold the fitted patch "
+                           r"code .*initial_tokenizer_params"):
+            call()
     cfg.kind = "vq"
     with pytest.raises(ValueError, match="unknown kind 'vq'"):
         vae.token_dim(cfg)

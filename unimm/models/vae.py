@@ -221,6 +221,14 @@ def _code_scale(cfg) -> float:
     return math.sqrt(cfg.code_dim / (3 * cfg.patch_size ** 2))
 
 
+def _check_code(params, cfg) -> None:
+    if not isinstance(params, dict) or "basis" not in params or "mean" not in params:
+        raise ValueError(f"model.vae.code_dim={cfg.code_dim}: the tokenizer params must hold the fitted patch "
+                         f"code ('mean', 'basis'), got {type(params).__name__} "
+                         f"{sorted(params) if isinstance(params, dict) else ''}; make them with "
+                         "unimm.train.state.initial_tokenizer_params(config, rng) (or vae.fit_patch_code)")
+
+
 def fit_patch_code(cfg, images: np.ndarray) -> dict:
     """``{"mean" [P], "basis" [code_dim, P]}``: the mean pixel patch of ``images`` ([N,H,W,3]
     in [-1, 1]) and its ``code_dim`` principal directions (PCA, float64)."""
@@ -273,6 +281,7 @@ def images_to_tokens(params, cfg, images: jax.Array, *, rng: jax.Array | None = 
         x = images.reshape(b, hh // p, p, ww // p, p, 3).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (hh // p) * (ww // p), 3 * p * p)
         if has_patch_code(cfg):
+            _check_code(params, cfg)
             x = (x - params["mean"]) @ params["basis"].T * _code_scale(cfg)
         return x
     return _kl16_tokens(params, freeze(cfg), images, rng)
@@ -304,6 +313,7 @@ def tokens_to_images(params, cfg, tokens: jax.Array, grid_hw: tuple[int, int]) -
     if _kind(cfg) == "patch":
         p = cfg.patch_size
         if has_patch_code(cfg):
+            _check_code(params, cfg)
             tokens = tokens / _code_scale(cfg) @ params["basis"] + params["mean"]
         x = tokens.reshape(b, h, w, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, h * p, w * p, 3)

@@ -70,12 +70,15 @@ def train_grpo(config: Any, workdir: str, *, evaluate: bool = True):
     # UAE's two-model setup: the captioner policy's images may come from another run's decoder.
     decoder_params = (starting_params(config, mesh, g.captioner.decoder_from, "grpo.captioner.decoder_from")
                       if g.captioner.decoder_from else ref)
-    decoder = Model(config, tok, decoder_params, state.tokenizer_params)
+    # The models outlive the state they came from: each step donates the state, its frozen
+    # tokenizer params included, so they hold a copy (a fitted patch code's arrays would be freed).
+    tokenizer = jax.tree.map(jnp.copy, state.tokenizer_params)
+    decoder = Model(config, tok, decoder_params, tokenizer)
     # The decoder policy's captions: the frozen starting point's, or another run's captioner
     # (``grpo.decoder.encoder_from``: UAE's two models, the understanding side fixed).
     encoder_params = (starting_params(config, mesh, g.decoder.encoder_from, "grpo.decoder.encoder_from")
                       if g.decoder.encoder_from else None)
-    encoder = (Model(config, tok, encoder_params, state.tokenizer_params)
+    encoder = (Model(config, tok, encoder_params, tokenizer)
                if g.decoder.encoder_from else decoder)
     judges = shapes_bench.builtin_encoders(decoder, ("mar", "latent"))    # frozen: the reference's
     positions = RolloutPosition(g.inputs_per_step)
