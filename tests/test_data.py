@@ -353,6 +353,36 @@ def test_t2i_prompt_kinds_long_captions_only(tok):
         pipeline.task_source(c.data, "t2i")
 
 
+def test_planning_examples_describe_a_scene_that_fits_the_prompt(tok):
+    """The planning task (sample.plan): a generation prompt -> the long caption of a scene that
+    satisfies it (a long caption plans to itself); text only, the loss on the description."""
+    c = tiny_config(plan_batch_size=8, plan_seq_len=88)
+    _, item = pipeline.task_source(c.data, "plan")
+    items = [item(i) for i in range(60)]
+    assert {x["kind"] for x in items} == set(c.data.t2i_prompt_kinds)
+    for x in items:
+        scene = shapes.parse_long_caption(x["answer"])
+        assert scene == x["scene"]
+        if x["kind"] == "geneval":
+            assert shapes.check_geneval(x["spec"], scene)
+        elif x["kind"] == "long_caption":
+            assert x["answer"] == x["prompt"]
+    batch = next(pipeline.make_train_iterator(c, tok))
+    assert {k: batch[k].shape for k in ("plan_tokens", "plan_targets", "plan_mask")} == {
+        "plan_tokens": (8, 88), "plan_targets": (8, 88), "plan_mask": (8, 88)}
+    assert not (batch["plan_tokens"] == tok.image_id).any()
+    ex = text.plan_example(tok, "a photo of a circle", "a small red circle at the top.", 40)
+    prompt = tok.encode(chat_prompt(text.PLAN_TEMPLATE.format(prompt="a photo of a circle")))
+    pos = np.nonzero(ex["targets"] >= 0)[0]
+    assert list(ex["tokens"][:len(prompt)]) == prompt and pos[0] == len(prompt) - 1
+    assert list(ex["targets"][pos]) == tok.encode("a small red circle at the top.") + [tok.eos_id]
+    with pytest.raises(ValueError, match="raise data.plan_seq_len"):
+        text.plan_example(tok, "a photo of a circle", "a small red circle at the top.", 20)
+    c.data.source = "jsonl"
+    with pytest.raises(ValueError, match="data.plan_batch_size > 0 needs data.source='shapes'"):
+        pipeline.task_source(c.data, "plan")
+
+
 # ----------------------------------------------------------------------------- benchmark splits
 def test_validation_split_has_its_own_items_seed_and_files(tok):
     """`unimm.evaluate --split=validation`: sampling settings are chosen on items of their own

@@ -177,7 +177,7 @@ def test_task_mix_that_trains_nothing_is_one_clear_error():
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     config.train.i2t_weight = config.train.t2i_weight = 0.0
     with pytest.raises(ValueError, match=r"no task trains \(i2t: batch 8 x weight 0, t2i: batch 16 x weight 0, "
-                                         r"recon: batch 0 x weight 1\)"):
+                                         r"recon: batch 0 x weight 1, plan: batch 0 x weight 1\)"):
         resolve.check_batch_sizes(config, mesh)
     config.data.recon_batch_size = 2        # reconstruction alone trains
     resolve.check_batch_sizes(config, mesh)

@@ -123,6 +123,11 @@ def base() -> ml_collections.ConfigDict:
     # Global reconstruction examples per step (RecA: generation conditioned on the image's own
     # understanding embeddings; any image source, no caption needed). 0 = none, as Harmon.
     d.recon_batch_size = 0
+    # Global planning examples per step (text only, shapes world): a generation prompt -> the
+    # long caption of a scene that fits it, the description sample.plan writes before drawing
+    # (BAGEL's thinking mode). 0 = none, as Harmon.
+    d.plan_batch_size = 0
+    d.plan_seq_len = 112                  # planning sequence length (template + prompt + description)
     d.max_i2t_len = 0                     # understanding sequence length incl. image tokens;
                                           # 0 = num_image_tokens + i2t_text_len (follows the grid)
     d.i2t_text_len = 80                   # understanding text budget beside the image tokens
@@ -180,6 +185,7 @@ def base() -> ml_collections.ConfigDict:
     t.i2t_weight = 1.0
     t.t2i_weight = 1.0
     t.recon_weight = 1.0                  # weight of the reconstruction loss's mean (RecA: 1)
+    t.plan_weight = 1.0                   # weight of the planning loss's mean (data.plan_batch_size)
     # EMA of the params, which evaluation and the CLIs use; 0 = none (the params themselves,
     # as Harmon's fine-tune, which keeps no EMA).
     t.ema_decay = 0.0
@@ -217,6 +223,11 @@ def base() -> ml_collections.ConfigDict:
                                           # body compiled each): the head's rows follow the tokens an
                                           # iteration draws, the encoder's and LLM's the tokens drawn
                                           # before it; the image does not change
+    # True: the LLM first writes a detailed description of each prompt's scene (trained by
+    # data.plan_batch_size; sampled at plan_temperature, 0 = greedy) and the image is drawn from
+    # that description (BAGEL's thinking mode). False: drawn from the prompt itself, as Harmon.
+    s.plan = False
+    s.plan_temperature = 1.0
     # Captioning, as transformers' generate (unimm.models.decoding).
     s.max_new_tokens = 64                 # caption length limit
     s.caption_sampling = False            # False: greedy (do_sample=False); True: sample with

@@ -27,9 +27,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unimm.data import images, shapes, text
 
-# understanding, generation, and RecA's reconstruction (generation from the image's own
-# understanding embeddings; any image source, no text needed).
-TASKS = ("i2t", "t2i", "recon")
+# understanding, generation, RecA's reconstruction (generation from the image's own
+# understanding embeddings; any image source, no text needed), and planning (text only: a
+# generation prompt -> the detailed description sample.plan draws from; shapes world).
+TASKS = ("i2t", "t2i", "recon", "plan")
 SHAPES_RANGE = 10 ** 9   # the shapes world is infinite; shuffle lazily over this many indices
 GEN_KINDS = ("long_caption", "short_caption", "geneval")
 I2T_KINDS = ("short_caption", "long_caption", "qa")
@@ -58,6 +59,12 @@ def shapes_i2t_item(seed: int, index: int, image_size: int) -> dict:
 def shapes_t2i_item(seed: int, index: int, image_size: int, kinds: tuple[str, ...] = GEN_KINDS) -> dict:
     """Generation item; the prompt rotates over ``kinds`` (default GEN_KINDS, so GenEval-style
     prompts are trained; ``("long_caption",)`` is UAE's long-caption decoder pretraining)."""
+    item = shapes_prompt_scene(seed, index, kinds)
+    return {**item, "image": shapes.render(item["scene"], image_size)}
+
+
+def shapes_prompt_scene(seed: int, index: int, kinds: tuple[str, ...] = GEN_KINDS) -> dict:
+    """A generation item's prompt and scene, unrendered."""
     kind = kinds[index % len(kinds)]
     spec = None
     if kind == "geneval":
@@ -71,8 +78,14 @@ def shapes_t2i_item(seed: int, index: int, image_size: int, kinds: tuple[str, ..
     else:
         scene = shapes.sample_scene(seed, index)
         prompt = shapes.long_caption(scene) if kind == "long_caption" else shapes.short_caption(scene)
-    return {"image": shapes.render(scene, image_size), "scene": scene, "kind": kind,
-            "prompt": prompt, "spec": spec}
+    return {"scene": scene, "kind": kind, "prompt": prompt, "spec": spec}
+
+
+def shapes_plan_item(seed: int, index: int, kinds: tuple[str, ...] = GEN_KINDS) -> dict:
+    """Planning item: a generation item's prompt and the long caption of its scene (a long
+    caption plans to itself). The task's own shuffle pairs other items than generation's."""
+    item = shapes_prompt_scene(seed, index, kinds)
+    return {**item, "answer": shapes.long_caption(item["scene"])}
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -179,7 +192,7 @@ def batch_size(d, task: str) -> int:
 
 def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int], dict]]:
     """(size, index -> raw item with "image" uint8 [H,W,3] and "question"/"answer" or "prompt";
-    "recon" items hold the image only).
+    "recon" items hold the image only, "plan" items "prompt"/"answer" and no image).
 
     Shapes images are rendered at ``data.image_size``; JSONL / TFDS images come as stored
     (:func:`square_image` makes them the training square)."""
@@ -195,7 +208,12 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
         kinds = tuple(d.t2i_prompt_kinds)
         if not kinds or set(kinds) - set(GEN_KINDS):
             raise ValueError(f"data.t2i_prompt_kinds={kinds}: choose one or more of {GEN_KINDS}")
+        if task == "plan":
+            return SHAPES_RANGE, lambda i: shapes_plan_item(d.seed, offset + int(i), kinds)
         return SHAPES_RANGE, lambda i: shapes_t2i_item(d.seed, offset + int(i), size, kinds)
+    if task == "plan":
+        raise ValueError(f"data.plan_batch_size > 0 needs data.source='shapes' (the scene behind each "
+                         f"prompt), not {d.source!r}")
     if d.source == "jsonl":
         if not d.jsonl_path:
             raise ValueError("data.source='jsonl' needs data.jsonl_path")
@@ -272,6 +290,9 @@ def example_encoder(d, tok, task: str, item_fn: Callable[[int], dict]):
     def encode(pos_and_index):
         pos, index = pos_and_index
         item = item_fn(index)
+        if task == "plan":
+            ex = text.plan_example(tok, item["prompt"], item["answer"], d.plan_seq_len)
+            return {"plan_tokens": ex["tokens"], "plan_targets": ex["targets"], "plan_mask": ex["mask"]}
         image = images.to_model(square_image(d, task, item["image"], pos))
         if task == "i2t":
             question = caption_question(d, item["question"], pos)

@@ -4,6 +4,8 @@
   the ``<image>`` token expanded to one placeholder per image token; loss on the answer only.
 * generation (T2I): ``chat_prompt("Generate an image: {prompt}")`` (Harmon's template), or
   the unconditional prompt for classifier-free-guidance dropout.
+* planning (``sample.plan``): ``chat_prompt("Describe in detail the image: {prompt}")`` +
+  the long caption of a scene that fits the prompt; text only, loss on the description.
 * reconstruction (RecA): the understanding prompt of an instruction, its ``<image>`` slots
   holding the image's own understanding embeddings; the generation path redraws that image.
 
@@ -22,6 +24,8 @@ from unimm.data.tokenizer import CHAT_TEMPLATE, IMAGE, WordTokenizer, chat_promp
 
 GEN_TEMPLATE = "Generate an image: {prompt}"
 UNCOND_PROMPT = "Generate an image."
+# Words of the shapes vocabulary only: a new word would renumber every trained tokenizer.
+PLAN_TEMPLATE = "Describe in detail the image: {prompt}"
 SHORT_CAPTION_Q = "Describe the image briefly."
 LONG_CAPTION_Q = "Describe the image in detail."
 CAPTION_Q = "Describe the image."          # JSONL / TFDS captions used as understanding data
@@ -188,14 +192,28 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
 
 def i2t_example(tok, question: str, answer: str, num_image_tokens: int, max_len: int) -> dict:
     """tokens / targets / mask, int32 [max_len]; targets[t] = tokens[t+1] on answer positions."""
-    prompt = i2t_prompt_ids(tok, question, num_image_tokens)
+    return _answered(tok, i2t_prompt_ids(tok, question, num_image_tokens), answer, max_len,
+                     f"i2t_example (incl. {num_image_tokens} image tokens)")
+
+
+def plan_prompt_ids(tok, prompt: str) -> list[int]:
+    """The planning prompt: the generation prompt inside :data:`PLAN_TEMPLATE`, no image."""
+    return tok.encode(chat_prompt(PLAN_TEMPLATE.format(prompt=prompt)))
+
+
+def plan_example(tok, prompt: str, description: str, max_len: int) -> dict:
+    """A planning example (tokens / targets / mask, int32 [max_len]): loss on the description."""
+    return _answered(tok, plan_prompt_ids(tok, prompt), description, max_len,
+                     "plan_example (raise data.plan_seq_len)")
+
+
+def _answered(tok, prompt: list[int], answer: str, max_len: int, what: str) -> dict:
     answer_ids = tok.encode(answer) + [tok.eos_id]
     ids = prompt + answer_ids
     if len(ids) > max_len:
         # Never truncate silently: a cut answer teaches the model to stop mid-sentence.
-        raise ValueError(f"i2t_example: sequence of {len(ids)} tokens (prompt {len(prompt)} incl. "
-                         f"{num_image_tokens} image tokens + answer {len(answer_ids)}) exceeds "
-                         f"max_len {max_len}")
+        raise ValueError(f"{what}: sequence of {len(ids)} tokens (prompt {len(prompt)} + answer "
+                         f"{len(answer_ids)}) exceeds max_len {max_len}")
     tokens, mask = _pad(ids, max_len, tok.pad_id)
     targets = np.full(max_len, -1, np.int32)
     # Position t predicts token t+1: the last prompt position predicts the first answer token.

@@ -7,7 +7,7 @@ VAL_OFFSET = 2_000_000_000   # data.val_offset of runs whose config.json predate
 SPLITS = {"test": ("eval_offset", 0, ""), "validation": ("val_offset", 1, "validation_")}
 # The image-sampling settings recorded beside the scores.
 SAMPLING_FIELDS = ("num_iter", "cfg", "cfg_schedule", "temperature", "num_sampling_steps",
-                   "final_sampling_steps")
+                   "final_sampling_steps", "plan", "plan_temperature")
 
 
 def select(config, split: str, sets=()) -> tuple[int, str]:

@@ -63,21 +63,38 @@ class Model:
         out = harmon_sample.caption(self.params, self.cfg, tokens, mask, self._image_tokens(images_uint8),
                                     tok.image_id, n_new, pad_id=tok.pad_id,
                                     rng=jax.random.key(0) if rng is None else rng, **settings)
-        answers = []
-        for row in np.asarray(out[:, tokens.shape[1]:]):
-            ids = list(row)
-            ends = [k for k, i in enumerate(ids) if i in settings["eos_id"]]
-            ids = ids[:ends[0]] if ends else ids
-            # The LM's vocabulary may be larger than the tokenizer's; ids past it are never
-            # trained targets and carry no text (an untrained model does emit them).
-            answers.append(tok.decode([i for i in ids if i < tok.vocab_size]))
-        return answers
+        return [self._text(row, settings["eos_id"]) for row in np.asarray(out[:, tokens.shape[1]:])]
 
     def generate(self, prompts: Sequence[str], rng: jax.Array) -> np.ndarray:
-        """uint8 images ``[N, H, W, 3]`` for the prompts (Harmon's CFG sampler)."""
+        """uint8 images ``[N, H, W, 3]`` for the prompts (Harmon's CFG sampler); with
+        ``sample.plan`` drawn from the descriptions :meth:`plan` writes for them."""
         s, tok = self.config.sample, self.tok
+        if s.plan:
+            k_plan, rng = jax.random.split(rng)
+            prompts = self.plan(prompts, k_plan)
         length = text.sampling_prompt_len(tok, list(prompts), self.config)
         return self._draw(*text.t2i_rows(tok, list(prompts), length, guided=s.cfg != 1.0), rng)
+
+    def plan(self, prompts: Sequence[str], rng: jax.Array) -> list[str]:
+        """The generator's LLM describes each prompt's scene in detail (the planning task,
+        ``data.plan_batch_size``): sampled at ``sample.plan_temperature`` (0 = greedy), at most
+        ``sample.max_new_tokens`` tokens, ending at the tokenizer's eos."""
+        s, tok = self.config.sample, self.tok
+        tokens, mask = text.left_pad([text.plan_prompt_ids(tok, p) for p in prompts], tok.pad_id)
+        out = qwen2.generate(self.decoder_params["llm"], self.cfg.llm, tokens, s.max_new_tokens,
+                             temperature=float(s.plan_temperature), rng=rng, attention_mask=mask,
+                             eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        return [self._text(row) for row in np.asarray(out[:, tokens.shape[1]:])]
+
+    def _text(self, ids: Sequence[int], eos: Sequence[int] | None = None) -> str:
+        """Generated ids up to the first eos, as text."""
+        eos = [self.tok.eos_id] if eos is None else eos
+        ids = list(ids)
+        ends = [k for k, i in enumerate(ids) if i in eos]
+        ids = ids[:ends[0]] if ends else ids
+        # The LM's vocabulary may be larger than the tokenizer's; ids past it are never
+        # trained targets and carry no text (an untrained model does emit them).
+        return self.tok.decode([i for i in ids if i < self.tok.vocab_size])
 
     def _draw(self, prompt: Any, mask: Any, rng: jax.Array) -> np.ndarray:
         """uint8 images for prompt rows (ids or embeddings; ``[cond; uncond]`` with CFG)."""

@@ -1,5 +1,5 @@
 """The supervised train step: image->text cross-entropy + text->image diffusion loss
-(+ RecA's reconstruction diffusion loss).
+(+ RecA's reconstruction diffusion loss, + the planning cross-entropy).
 
 ``train_step(state, batch, rng, *, config) -> (state, metrics)`` is pure; bind the config
 with :func:`make_train_step` and jit it with :func:`jit_train_step` (shardings + donation).
@@ -11,6 +11,8 @@ Batch keys (either task may be absent; images float32 in [-1, 1], NHWC):
 (the prompt, already dropped to the unconditional prompt for ~10 %), ``t2i_mask [B2,T2]``.
 ``recon_images [B3,H,W,3]``, ``recon_tokens [B3,T3]`` (the understanding prompt of RecA's
 instruction, one run of ``<image>`` placeholders), ``recon_mask [B3,T3]``.
+``plan_tokens``, ``plan_targets``, ``plan_mask [B4,T4]``: text-only planning sequences
+(a generation prompt -> its scene's description; targets as i2t's).
 ``{i2t,t2i,recon}_latents [B, L, D]`` may replace the images (pre-computed tokens).
 """
 from __future__ import annotations
@@ -47,17 +49,33 @@ def i2t_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array, im
     target lies before this position (``data.i2t_loss_start``: the chat head and the image
     slots), so only the positions after it are projected onto the vocabulary; at 512 px the
     1088 image slots are most of the sequence."""
-    tokens, mask = batch["i2t_tokens"], batch["i2t_mask"].astype(bool)
+    tokens = batch["i2t_tokens"]
     embeds = harmon.understanding_embeds(params, model_cfg, tokens, img_tokens, image_id, grad_scale,
                                          dropout_rng=rng)
+    loss, acc = lm_loss(params, model_cfg, embeds, batch["i2t_mask"], batch["i2t_targets"], start)
+    return loss, {"i2t_loss": loss, "i2t_token_acc": acc}
+
+
+def plan_loss(params: Any, model_cfg: Any, batch: dict) -> tuple[jax.Array, dict]:
+    """Planning (text only): the description's cross-entropy after the planning prompt."""
+    embeds = qwen2.embed(params["llm"], model_cfg.llm, batch["plan_tokens"])
+    loss, acc = lm_loss(params, model_cfg, embeds, batch["plan_mask"], batch["plan_targets"])
+    return loss, {"plan_loss": loss, "plan_token_acc": acc}
+
+
+def lm_loss(params: Any, model_cfg: Any, embeds: jax.Array, mask: jax.Array, targets: jax.Array,
+            start: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy and accuracy over the targets >= 0 (positions from
+    ``start`` on only are projected onto the vocabulary)."""
+    mask = mask.astype(bool)
     hidden, _ = qwen2.forward(params["llm"], model_cfg.llm, embeds, qwen2.positions_from_mask(mask), mask)
     logits = qwen2.lm_logits(params["llm"], model_cfg.llm, hidden[:, start:])
-    targets = batch["i2t_targets"][:, start:]
+    targets = targets[:, start:]
     valid = targets >= 0
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
     n = jnp.maximum(valid.sum(), 1)
     acc = jnp.sum((jnp.argmax(logits, -1) == targets) & valid) / n
-    return jnp.sum(ce * valid) / n, {"i2t_loss": jnp.sum(ce * valid) / n, "i2t_token_acc": acc}
+    return jnp.sum(ce * valid) / n, acc
 
 
 def t2i_loss(params: Any, model_cfg: Any, batch: dict, img_tokens: jax.Array,
@@ -123,6 +141,9 @@ def loss_fn(params: Any, tokenizer_params: Any, batch: dict, rng: jax.Array, *, 
         loss, mets = recon_loss(params, m, batch, toks, config.data.image_token_id, m.understanding_grad_scale,
                                 jax.random.fold_in(rng, 3))
         total, metrics = total + t.recon_weight * loss, {**metrics, **mets}
+    if "plan_tokens" in batch:
+        loss, mets = plan_loss(params, m, batch)
+        total, metrics = total + t.plan_weight * loss, {**metrics, **mets}
     return total, metrics
 
 
