@@ -356,17 +356,30 @@ def test_t2i_prompt_kinds_long_captions_only(tok):
 def test_planning_examples_describe_a_scene_that_fits_the_prompt(tok):
     """The planning task (sample.plan): a generation prompt -> the long caption of a scene that
     satisfies it (a long caption plans to itself); text only, the loss on the description."""
-    c = tiny_config(plan_batch_size=8, plan_seq_len=88)
-    _, item = pipeline.task_source(c.data, "plan")
-    items = [item(i) for i in range(60)]
-    assert {x["kind"] for x in items} == set(c.data.t2i_prompt_kinds)
-    for x in items:
-        scene = shapes.parse_long_caption(x["answer"])
-        assert scene == x["scene"]
-        if x["kind"] == "geneval":
-            assert shapes.check_geneval(x["spec"], scene)
-        elif x["kind"] == "long_caption":
-            assert x["answer"] == x["prompt"]
+    c = tiny_config(plan_batch_size=8, plan_seq_len=88, plan_prompt_kinds=("long_caption", "geneval"))
+    for order in ("cell", "shuffled"):
+        c.data.caption_order = order
+        _, item = pipeline.task_source(c.data, "plan")
+        items = [item(i) for i in range(120)]
+        assert {x["kind"] for x in items} == {"long_caption", "geneval"}
+        for x in items:
+            scene = shapes.parse_long_caption(x["answer"])
+            assert scene == x["scene"]
+            if x["kind"] == "geneval":
+                assert shapes.check_geneval(x["spec"], scene)
+                if order == "cell":
+                    assert x["answer"] == shapes.long_caption(scene)
+                elif x["spec"]["category"] != "counting":   # one object per named shape
+                    said = [p.split(" at ")[0].split()[-1] for p in x["answer"].split(", ")]
+                    assert said == [o["shape"] for o in x["spec"]["objects"]], x
+            else:
+                assert x["answer"] == x["prompt"]
+        # The generation prompts' long captions: cell order, or any order of the same scene.
+        _, t2i = pipeline.task_source(c.data, "t2i")
+        caps = [x for x in map(t2i, range(60)) if x["kind"] == "long_caption"]
+        assert all(shapes.parse_long_caption(x["prompt"]) == x["scene"] for x in caps)
+        in_cell_order = [x["prompt"] == shapes.long_caption(x["scene"]) for x in caps]
+        assert all(in_cell_order) == (order == "cell")
     batch = next(pipeline.make_train_iterator(c, tok))
     assert {k: batch[k].shape for k in ("plan_tokens", "plan_targets", "plan_mask")} == {
         "plan_tokens": (8, 88), "plan_targets": (8, 88), "plan_mask": (8, 88)}

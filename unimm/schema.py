@@ -128,6 +128,11 @@ def base() -> ml_collections.ConfigDict:
     # (BAGEL's thinking mode). 0 = none, as Harmon.
     d.plan_batch_size = 0
     d.plan_seq_len = 112                  # planning sequence length (template + prompt + description)
+    d.plan_prompt_kinds = ("long_caption", "short_caption", "geneval")   # planning prompts, in rotation
+    # Shapes world: "cell" = a long caption names the objects in cell order; "shuffled" = the
+    # generation prompts' long captions in a random order, and planning descriptions of a
+    # GenEval prompt in the order it names the objects (each colour copied beside its shape).
+    d.caption_order = "cell"
     d.max_i2t_len = 0                     # understanding sequence length incl. image tokens;
                                           # 0 = num_image_tokens + i2t_text_len (follows the grid)
     d.i2t_text_len = 80                   # understanding text budget beside the image tokens

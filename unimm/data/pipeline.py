@@ -33,6 +33,7 @@ from unimm.data import images, shapes, text
 TASKS = ("i2t", "t2i", "recon", "plan")
 SHAPES_RANGE = 10 ** 9   # the shapes world is infinite; shuffle lazily over this many indices
 GEN_KINDS = ("long_caption", "short_caption", "geneval")
+CAPTION_ORDERS = ("cell", "shuffled")
 I2T_KINDS = ("short_caption", "long_caption", "qa")
 
 
@@ -56,15 +57,18 @@ def shapes_i2t_item(seed: int, index: int, image_size: int) -> dict:
             "short_caption": shapes.short_caption(scene), "long_caption": shapes.long_caption(scene)}
 
 
-def shapes_t2i_item(seed: int, index: int, image_size: int, kinds: tuple[str, ...] = GEN_KINDS) -> dict:
+def shapes_t2i_item(seed: int, index: int, image_size: int, kinds: tuple[str, ...] = GEN_KINDS,
+                    caption_order: str = "cell") -> dict:
     """Generation item; the prompt rotates over ``kinds`` (default GEN_KINDS, so GenEval-style
     prompts are trained; ``("long_caption",)`` is UAE's long-caption decoder pretraining)."""
-    item = shapes_prompt_scene(seed, index, kinds)
+    item = shapes_prompt_scene(seed, index, kinds, caption_order)
     return {**item, "image": shapes.render(item["scene"], image_size)}
 
 
-def shapes_prompt_scene(seed: int, index: int, kinds: tuple[str, ...] = GEN_KINDS) -> dict:
-    """A generation item's prompt and scene, unrendered."""
+def shapes_prompt_scene(seed: int, index: int, kinds: tuple[str, ...] = GEN_KINDS,
+                        caption_order: str = "cell") -> dict:
+    """A generation item's prompt and scene, unrendered; ``caption_order`` "shuffled": a long
+    caption names the objects in a random order (keyed by the index), not by cell."""
     kind = kinds[index % len(kinds)]
     spec = None
     if kind == "geneval":
@@ -77,15 +81,25 @@ def shapes_prompt_scene(seed: int, index: int, kinds: tuple[str, ...] = GEN_KIND
         scene = shapes.scene_for_spec(spec, scene_seed)
     else:
         scene = shapes.sample_scene(seed, index)
-        prompt = shapes.long_caption(scene) if kind == "long_caption" else shapes.short_caption(scene)
+        order = None
+        if caption_order == "shuffled":
+            order = np.random.default_rng([seed, index, 10]).permutation(len(scene))
+        prompt = shapes.long_caption(scene, order) if kind == "long_caption" else shapes.short_caption(scene)
     return {"scene": scene, "kind": kind, "prompt": prompt, "spec": spec}
 
 
-def shapes_plan_item(seed: int, index: int, kinds: tuple[str, ...] = GEN_KINDS) -> dict:
+def shapes_plan_item(seed: int, index: int, kinds: tuple[str, ...] = GEN_KINDS,
+                     caption_order: str = "cell") -> dict:
     """Planning item: a generation item's prompt and the long caption of its scene (a long
-    caption plans to itself). The task's own shuffle pairs other items than generation's."""
-    item = shapes_prompt_scene(seed, index, kinds)
-    return {**item, "answer": shapes.long_caption(item["scene"])}
+    caption plans to itself). ``caption_order`` "shuffled": a GenEval prompt's objects are
+    described in the order it names them. The task's own shuffle pairs other items than
+    generation's."""
+    item = shapes_prompt_scene(seed, index, kinds, caption_order)
+    if item["kind"] == "long_caption":
+        return {**item, "answer": item["prompt"]}
+    order = shapes.prompt_order(item["scene"], item["spec"]) if (
+        caption_order == "shuffled" and item["spec"] is not None) else None
+    return {**item, "answer": shapes.long_caption(item["scene"], order)}
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -208,9 +222,15 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
         kinds = tuple(d.t2i_prompt_kinds)
         if not kinds or set(kinds) - set(GEN_KINDS):
             raise ValueError(f"data.t2i_prompt_kinds={kinds}: choose one or more of {GEN_KINDS}")
+        order = d.caption_order
+        if order not in CAPTION_ORDERS:
+            raise ValueError(f"data.caption_order={order!r}: expected one of {CAPTION_ORDERS}")
         if task == "plan":
-            return SHAPES_RANGE, lambda i: shapes_plan_item(d.seed, offset + int(i), kinds)
-        return SHAPES_RANGE, lambda i: shapes_t2i_item(d.seed, offset + int(i), size, kinds)
+            plan_kinds = tuple(d.plan_prompt_kinds)
+            if not plan_kinds or set(plan_kinds) - set(GEN_KINDS):
+                raise ValueError(f"data.plan_prompt_kinds={plan_kinds}: choose one or more of {GEN_KINDS}")
+            return SHAPES_RANGE, lambda i: shapes_plan_item(d.seed, offset + int(i), plan_kinds, order)
+        return SHAPES_RANGE, lambda i: shapes_t2i_item(d.seed, offset + int(i), size, kinds, order)
     if task == "plan":
         raise ValueError(f"data.plan_batch_size > 0 needs data.source='shapes' (the scene behind each "
                          f"prompt), not {d.source!r}")

@@ -224,12 +224,21 @@ def short_caption(scene: Scene) -> str:
     return _join(_count_phrase(n, f"{c} {s}") for (c, s), n in groups.items())
 
 
-def long_caption(scene: Scene) -> str:
-    """Every object: 'a large red circle at the top left, a small blue square at the center.'"""
+def long_caption(scene: Scene, order=None) -> str:
+    """Every object: 'a large red circle at the top left, a small blue square at the center.'
+    In cell order, or in ``order`` (a permutation of the scene's objects)."""
     if not scene:
         return "an empty image."
+    objs = scene if order is None else [scene[i] for i in order]
     return ", ".join(f"a {o.size} {o.color} {o.shape} at the {POSITIONS[o.cell]}"
-                     for o in scene) + "."
+                     for o in objs) + "."
+
+
+def prompt_order(scene: Scene, spec: dict) -> list[int]:
+    """The scene's objects in the order its GenEval prompt names them (objects of one shape in
+    cell order): the description that copies each named colour beside its shape."""
+    rank = {w["shape"]: k for k, w in enumerate(spec["objects"])}
+    return sorted(range(len(scene)), key=lambda i: rank.get(scene[i].shape, len(rank)))
 
 
 _LONG_RE = re.compile(r"a (\w+) (\w+) (\w+) at the ([a-z ]+)")
