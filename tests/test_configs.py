@@ -162,10 +162,11 @@ def test_an_older_config_json_gets_the_fields_added_since():
 def test_official_presets_keep_harmons_masks_and_sampling(variant):
     """The shapes recipe's departures from Harmon (results/generation.md) stay off in the
     official presets: MAR's masks, 4 noise draws per token, epsilon prediction, the
-    same diffusion steps in every iteration."""
+    same diffusion steps in every iteration, images drawn from the prompt (no plan)."""
     c = config_utils.load_config(f"configs/harmon.py:{variant}")
     m = c.model.mar
     assert (m.mask_ratio_dist, m.mask_ratio_per_example, m.mask_ratio_min, m.mask_ratio_std,
             m.mask_full_prob, m.loss_weighting) == ("truncnorm", False, 0.7, 0.25, 0.0, "token")
     assert c.model.diffusion.batch_mul == 4 and c.model.diffusion.prediction == "epsilon"
     assert c.sample.final_sampling_steps == 0 and c.optimizer.head_lr_scale == 1.0
+    assert not c.sample.plan and c.data.plan_batch_size == 0     # no planning: drawn from the prompt

@@ -15,7 +15,7 @@ from tiny import one_block_each   # tests/tiny.py
 def test_generate_draws_from_the_models_own_descriptions():
     tok = text.shapes_tokenizer()
     config = resolve.thaw(resolve.resolve(one_block_each(config_utils.load_config("configs/harmon.py:tiny")), tok))
-    config.sample.update(num_sampling_steps="3", num_iter=3, max_new_tokens=12)
+    config.sample.update(num_sampling_steps="3", num_iter=3, max_new_tokens=12, plan=False, plan_temperature=1.0)
     # Perturbed params: a fresh head's zero-initialised output would draw the same image anyway.
     params = harmon.init(config.model, jax.random.key(0))
     leaves, treedef = jax.tree.flatten(params)
