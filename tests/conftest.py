@@ -95,7 +95,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_train_config():
     """``configs/harmon.py:tiny`` as the in-process training runs use it (tests/test_loop.py,
-    the supervised workdir GRPO starts from): batch 8 over 8 fake devices with fsdp, so
+    the supervised workdir GRPO starts from): batches of 8 over 8 fake devices with fsdp, so
     restores land in real shardings, and 6 steps. The runs share one train step, compiled
     once through the session's cache. One block per stack (tests/tiny.py): resumes,
     checkpoints and init_from hold at any depth. Keyword arguments override ``config.train``."""
@@ -104,7 +104,7 @@ def tiny_train_config():
 
     def make(**train):
         config = one_block_each(config_utils.load_config("configs/harmon.py:tiny"))
-        config.data.i2t_batch_size = config.data.t2i_batch_size = 8
+        config.data.i2t_batch_size = config.data.t2i_batch_size = config.data.plan_batch_size = 8
         # (a tensor axis costs ~30 % more compile time here; tests/test_sharding.py covers it)
         config.sharding.mesh = {"data": 4, "fsdp": 2, "tensor": 1}
         config.train.update(dict(steps=6, log_every=2, checkpoint_every=3, eval_every=0))

@@ -400,7 +400,7 @@ def _jsonl_corrupt_image(f):
     with open(path, "w") as fh:
         fh.write(json.dumps({"image": "corrupt.png", "caption": "x"}) + "\n")
     config = _tiny()
-    config.data.update(dict(source="jsonl", jsonl_path=path, i2t_batch_size=1, t2i_batch_size=0))
+    config.data.update(dict(source="jsonl", jsonl_path=path, i2t_batch_size=1, t2i_batch_size=0, plan_batch_size=0))
     next(pipeline.make_train_iterator(config, text.shapes_tokenizer()))
 
 

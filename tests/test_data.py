@@ -22,6 +22,7 @@ def tok():
 def tiny_config(**data):
     c = load_config("configs/harmon.py:tiny")
     c.data.t2i_batch_size = 8          # the shapes below assume 8 + 8 examples per step
+    c.data.plan_batch_size = 0         # understanding and generation only (planning: its own test)
     for k, v in data.items():
         setattr(c.data, k, v)
     return c

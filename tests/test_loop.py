@@ -154,14 +154,20 @@ def test_cli(tmp_path):
     from unimm.data import shapes
     Image.fromarray(shapes.render(shapes.sample_scene(0, 7), 32)).save(tmp_path / "x.png")
     out = tmp_path / "grid.png"
+    printed = []
     for args in (["unimm.sample", "--prompt=a red circle", "--num_per_prompt=2", f"--out={out}"],
                  ["unimm.caption", f"--image={tmp_path / 'x.png'}"]):
         proc = subprocess.run([sys.executable, "-m", *args, f"--workdir={workdir}"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    n = config_utils.load_config("configs/harmon.py:tiny").data.image_size
+        printed.append(proc.stdout)
+    tiny_config = config_utils.load_config("configs/harmon.py:tiny")
+    n = tiny_config.data.image_size
     assert Image.open(out).size == (2 * n, n)     # one prompt, two samples
-    assert "x.png: " in proc.stdout
+    assert "x.png: " in printed[1]
+    # The tiny recipe plans: each image's description is printed and kept with the scores.
+    assert tiny_config.sample.plan and "a red circle\n  plan 0: " in printed[0] and "  plan 1: " in printed[0]
+    assert len(scores["plans"]) == len(scores["prompts"])
 
 
 def _damaged_copy(workdir, tmp_path, name, damage):

@@ -35,6 +35,9 @@ def test_generate_draws_from_the_models_own_descriptions():
     planned = model.generate(prompts, rng)
     k_plan, k_draw = jax.random.split(rng)
     descriptions = model.plan(prompts, k_plan)
+    images, drawn_from = model.generate_with_plans(prompts, rng)
+    np.testing.assert_array_equal(images, planned)
+    assert drawn_from == descriptions
     config.sample.plan = False
     np.testing.assert_array_equal(planned, model.generate(descriptions, k_draw))
     assert not np.array_equal(planned, model.generate(prompts, k_draw))

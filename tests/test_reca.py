@@ -23,6 +23,7 @@ def setup():
     other task, its first batch and fresh params."""
     config = one_block_each(config_utils.load_config("configs/harmon.py:tiny"))
     config.data.i2t_batch_size, config.data.t2i_batch_size, config.data.recon_batch_size = 0, 0, 4
+    config.data.plan_batch_size = 0
     tok = text.shapes_tokenizer()
     config = resolve.resolve(config, tok)
     batch = next(pipeline.make_train_iterator(config, tok, process_index=0, process_count=1))
@@ -175,9 +176,9 @@ def test_sharded_recon_step_equals_one_device(setup):
 def test_task_mix_that_trains_nothing_is_one_clear_error():
     config = config_utils.load_config("configs/harmon.py:tiny")
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    config.train.i2t_weight = config.train.t2i_weight = 0.0
+    config.train.i2t_weight = config.train.t2i_weight = config.train.plan_weight = 0.0
     with pytest.raises(ValueError, match=r"no task trains \(i2t: batch 8 x weight 0, t2i: batch 16 x weight 0, "
-                                         r"recon: batch 0 x weight 1, plan: batch 0 x weight 1\)"):
+                                         r"recon: batch 0 x weight 1, plan: batch 4 x weight 0\)"):
         resolve.check_batch_sizes(config, mesh)
     config.data.recon_batch_size = 2        # reconstruction alone trains
     resolve.check_batch_sizes(config, mesh)

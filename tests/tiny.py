@@ -58,10 +58,10 @@ def one_block_each(config):
 
 def main_command(workdir, *overrides: str, batch: int = 4) -> list[str]:
     """``python -m unimm.main`` on the tiny config, one block per stack, ``batch``
-    understanding and ``batch`` generation examples per step; ``overrides`` are further
+    understanding, generation and planning examples per step; ``overrides`` are further
     ``--config.*`` flags (no field twice)."""
     return [sys.executable, "-m", "unimm.main", "--config=configs/harmon.py:tiny", f"--workdir={workdir}",
-            *ONE_BLOCK_EACH, f"--config.data.i2t_batch_size={batch}", f"--config.data.t2i_batch_size={batch}",
+            *ONE_BLOCK_EACH, *(f"--config.data.{task}_batch_size={batch}" for task in ("i2t", "t2i", "plan")),
             *overrides]
 
 

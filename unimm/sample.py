@@ -34,6 +34,8 @@ flags.DEFINE_integer("num_iter", None, "MAR iterations (default: config.sample.n
 flags.DEFINE_float("temperature", None, "diffusion temperature (default: config.sample.temperature)")
 flags.DEFINE_integer("final_sampling_steps", None, "DiSA: diffusion steps of the last MAR iteration, "
                      "annealed from the first's (default: config.sample.final_sampling_steps; 0 = off)")
+flags.DEFINE_boolean("plan", None, "have the LLM describe each prompt's scene first and draw from "
+                     "that (default: config.sample.plan); the descriptions are printed")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
@@ -91,7 +93,7 @@ def main(argv):
         prompts = None if sources else read_prompts(FLAGS.prompt, FLAGS.prompt_file)
         config = inference.load_config(FLAGS.workdir, FLAGS.config)
         inference.apply_sample_overrides(config, {
-            name: getattr(FLAGS, name) for name in ("cfg", "num_iter", "temperature", "final_sampling_steps")})
+            name: getattr(FLAGS, name) for name in ("cfg", "num_iter", "temperature", "final_sampling_steps", "plan")})
         config, tok = inference.prepare(config)
         if prompts:
             warn_long_prompts(prompts, tok, config)
@@ -111,8 +113,14 @@ def main(argv):
         rows = [np.concatenate([shown[i][None], drawn[i * k:(i + 1) * k]]) for i in range(len(sources))]
         grid, cols, what = np.concatenate(rows), k + 1, "redrawn images"
     else:
-        grid = model.generate([p for p in prompts for _ in range(k)], jax.random.key(FLAGS.seed))
+        grid, drawn_from = model.generate_with_plans([p for p in prompts for _ in range(k)],
+                                                     jax.random.key(FLAGS.seed))
         cols, what = k, "images"
+        if config.sample.plan:   # what each image was drawn from: the model's own description
+            for i, p in enumerate(prompts):
+                print(p)
+                for j, d in enumerate(drawn_from[i * k:(i + 1) * k]):
+                    print(f"  plan {j}: {d}")
     Image.fromarray(image_grid(np.asarray(grid), cols=cols)).save(FLAGS.out)
     print(f"wrote {len(sources or prompts) * k} {what} (checkpoint step {step}) to {FLAGS.out}")
 

@@ -233,7 +233,7 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
         return SHAPES_RANGE, lambda i: shapes_t2i_item(d.seed, offset + int(i), size, kinds, order)
     if task == "plan":
         raise ValueError(f"data.plan_batch_size > 0 needs data.source='shapes' (the scene behind each "
-                         f"prompt), not {d.source!r}")
+                         f"prompt), not {d.source!r}; set data.plan_batch_size=0 and sample.plan=False")
     if d.source == "jsonl":
         if not d.jsonl_path:
             raise ValueError("data.source='jsonl' needs data.jsonl_path")

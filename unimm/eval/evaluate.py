@@ -26,7 +26,7 @@ def write_results(workdir: str, step: int, metrics: dict, samples: dict, writer:
     the sampling settings scored) join the record."""
     os.makedirs(workdir, exist_ok=True)
     record = {"step": int(step), **(settings or {}), **metrics, "captions": samples.get("captions", []),
-              "prompts": samples.get("prompts", [])}
+              "prompts": samples.get("prompts", []), **({"plans": samples["plans"]} if "plans" in samples else {})}
     for name in (f"{prefix}eval.json", f"{prefix}eval_{int(step)}.json"):
         with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)

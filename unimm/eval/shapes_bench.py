@@ -103,8 +103,9 @@ def evaluate(model: Model, num_examples: int = 60, batch_size: int = 12, seed: i
     metrics["unified_bench"] = unified_bench(np.stack([it["image"] for it in items]), recon_imgs, encoders)
 
     gen_items = pipeline.eval_examples(config, tok, num_examples, "geneval")
-    gen_imgs = np.concatenate([model.generate([g["prompt"] for g in chunk], jax.random.fold_in(rng, 1000 + k))
-                               for k, chunk in enumerate(_batched(gen_items, batch_size))])
+    drawn = [model.generate_with_plans([g["prompt"] for g in chunk], jax.random.fold_in(rng, 1000 + k))
+             for k, chunk in enumerate(_batched(gen_items, batch_size))]
+    gen_imgs, drawn_from = np.concatenate([d[0] for d in drawn]), [p for d in drawn for p in d[1]]
     detected = [shapes.detect(im) for im in gen_imgs]
     gen_ok = [shapes.check_geneval(g["spec"], d) for d, g in zip(detected, gen_items)]
     metrics["geneval"] = _by_category(gen_items, gen_ok)
@@ -125,6 +126,8 @@ def evaluate(model: Model, num_examples: int = 60, batch_size: int = 12, seed: i
         "captions": [{"reference": it["long_caption"], "model": c} for it, c in zip(items[:5], long_caps[:5])],
         "prompts": [g["prompt"] for g in gen_items[:16]],
     }
+    if model.config.sample.plan:   # what each GenEval image was drawn from (sample.plan)
+        samples["plans"] = drawn_from[:16]
     return metrics, samples
 
 

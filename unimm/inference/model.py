@@ -68,12 +68,18 @@ class Model:
     def generate(self, prompts: Sequence[str], rng: jax.Array) -> np.ndarray:
         """uint8 images ``[N, H, W, 3]`` for the prompts (Harmon's CFG sampler); with
         ``sample.plan`` drawn from the descriptions :meth:`plan` writes for them."""
+        return self.generate_with_plans(prompts, rng)[0]
+
+    def generate_with_plans(self, prompts: Sequence[str], rng: jax.Array) -> tuple[np.ndarray, list[str]]:
+        """:meth:`generate`'s images and what they were drawn from: the plans with
+        ``sample.plan``, else the prompts themselves."""
         s, tok = self.config.sample, self.tok
+        prompts = list(prompts)
         if s.plan:
             k_plan, rng = jax.random.split(rng)
             prompts = self.plan(prompts, k_plan)
-        length = text.sampling_prompt_len(tok, list(prompts), self.config)
-        return self._draw(*text.t2i_rows(tok, list(prompts), length, guided=s.cfg != 1.0), rng)
+        length = text.sampling_prompt_len(tok, prompts, self.config)
+        return self._draw(*text.t2i_rows(tok, prompts, length, guided=s.cfg != 1.0), rng), prompts
 
     def plan(self, prompts: Sequence[str], rng: jax.Array) -> list[str]:
         """The generator's LLM describes each prompt's scene in detail (the planning task,
