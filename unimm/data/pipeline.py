@@ -204,6 +204,14 @@ def batch_size(d, task: str) -> int:
     return int(d[f"{task}_batch_size"])
 
 
+def prompt_kinds(d, task: str) -> tuple[str, ...]:
+    """``data.{task}_prompt_kinds`` (t2i, plan): the shapes prompt kinds in rotation, checked."""
+    kinds = tuple(d[f"{task}_prompt_kinds"])
+    if not kinds or set(kinds) - set(GEN_KINDS):
+        raise ValueError(f"data.{task}_prompt_kinds={kinds}: choose one or more of {GEN_KINDS}")
+    return kinds
+
+
 def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int], dict]]:
     """(size, index -> raw item with "image" uint8 [H,W,3] and "question"/"answer" or "prompt";
     "recon" items hold the image only, "plan" items "prompt"/"answer" and no image).
@@ -219,17 +227,12 @@ def task_source(d, task: str, split: str = "train") -> tuple[int, Callable[[int]
             return SHAPES_RANGE, lambda i: shapes_i2t_item(d.seed, offset + int(i), size)
         if task == "recon":
             return SHAPES_RANGE, lambda i: {"image": shapes.render(shapes.sample_scene(d.seed, offset + int(i)), size)}
-        kinds = tuple(d.t2i_prompt_kinds)
-        if not kinds or set(kinds) - set(GEN_KINDS):
-            raise ValueError(f"data.t2i_prompt_kinds={kinds}: choose one or more of {GEN_KINDS}")
+        kinds = prompt_kinds(d, task)
         order = d.caption_order
         if order not in CAPTION_ORDERS:
             raise ValueError(f"data.caption_order={order!r}: expected one of {CAPTION_ORDERS}")
         if task == "plan":
-            plan_kinds = tuple(d.plan_prompt_kinds)
-            if not plan_kinds or set(plan_kinds) - set(GEN_KINDS):
-                raise ValueError(f"data.plan_prompt_kinds={plan_kinds}: choose one or more of {GEN_KINDS}")
-            return SHAPES_RANGE, lambda i: shapes_plan_item(d.seed, offset + int(i), plan_kinds, order)
+            return SHAPES_RANGE, lambda i: shapes_plan_item(d.seed, offset + int(i), kinds, order)
         return SHAPES_RANGE, lambda i: shapes_t2i_item(d.seed, offset + int(i), size, kinds, order)
     if task == "plan":
         raise ValueError(f"data.plan_batch_size > 0 needs data.source='shapes' (the scene behind each "
