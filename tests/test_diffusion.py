@@ -87,6 +87,18 @@ def test_head_matches_torch_and_round_trips(head):
     np.testing.assert_allclose(dh.apply(back, HEAD, x, t, c), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_conditioned_head_equals_apply(head):
+    """The sampler's head (condition embedded once, adaLN kernels joined) is the head."""
+    rs = np.random.RandomState(3)
+    x, c = rs.randn(5, D).astype(np.float32), rs.randn(5, C).astype(np.float32)
+    fn = jax.jit(lambda x, t: dh.conditioned(head, HEAD, c)(x, t))
+    t = np.array([0, 1, 17, 500, 999])
+    np.testing.assert_allclose(fn(x, t), dh.apply(head, HEAD, x, t, c), atol=1e-6, rtol=1e-5)
+    one = fn(x, np.int32(17))             # one timestep for every row, embedded once
+    assert one.shape == (5, 2 * D)
+    np.testing.assert_allclose(one, dh.apply(head, HEAD, x, np.full(5, 17), c), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("edit,name", [
     (lambda sd: sd.pop("time_embed.mlp.2.weight"), "time_embed.mlp.2.weight"),
     (lambda sd: sd.update({"res_blocks.5.in_ln.weight": np.zeros(32)}), "res_blocks.5.in_ln.weight"),
@@ -264,7 +276,7 @@ def test_perfect_eps_predictor_recovers_x0():
     x0 = jnp.asarray(np.random.RandomState(6).uniform(-1, 1, (3, D)), jnp.float32)
 
     def eps_fn(x, t):  # exact noise of x_t = sqrt(acp) x0 + sqrt(1 - acp) eps at original t
-        a = jnp.asarray(acp)[t][:, None]
+        a = jnp.reshape(jnp.asarray(acp)[t], (-1, 1))   # t: one timestep for every row
         return jnp.concatenate([(x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a), jnp.zeros_like(x)], -1)
 
     x_T = jax.random.normal(jax.random.key(2), x0.shape)
@@ -280,8 +292,12 @@ def test_perfect_eps_predictor_recovers_x0():
 
 def test_sampler_compiles_once_and_cfg(head, monkeypatch):
     traces = []
-    real_apply = dh.apply
-    monkeypatch.setattr(dh, "apply", lambda *a: traces.append(1) or real_apply(*a))
+    real_apply, real_conditioned = dh.apply, dh.conditioned
+
+    def counted(*a):
+        fn = real_conditioned(*a)
+        return lambda x, t: traces.append(1) or fn(x, t)
+    monkeypatch.setattr(dh, "conditioned", counted)
     rs = np.random.RandomState(7)
     z_c, z_u = jnp.asarray(rs.randn(3, C), jnp.float32), jnp.asarray(rs.randn(3, C), jnp.float32)
 

@@ -8,6 +8,7 @@ indices ``mlp.0`` / ``adaLN_modulation.1``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -53,7 +54,11 @@ class ResBlock(nnx.Module):
                                          kernel_init=zeros, dtype=dtype)
 
     def __call__(self, x, y):
-        shift, scale, gate = jnp.split(self.adaLN_modulation_1(jax.nn.silu(y)), 3, axis=-1)
+        return self.modulated(x, self.adaLN_modulation_1(jax.nn.silu(y)))
+
+    def modulated(self, x, mod):
+        """The block given its adaLN output ``mod = [shift, scale, gate]``."""
+        shift, scale, gate = jnp.split(mod, 3, axis=-1)
         h = self.mlp_2(jax.nn.silu(self.mlp_0(modulate(self.in_ln(x), shift, scale))))
         return x + gate * h
 
@@ -66,7 +71,10 @@ class FinalLayer(nnx.Module):
                                          kernel_init=zeros, dtype=dtype)
 
     def __call__(self, x, y):
-        shift, scale = jnp.split(self.adaLN_modulation_1(jax.nn.silu(y)), 2, axis=-1)
+        return self.modulated(x, self.adaLN_modulation_1(jax.nn.silu(y)))
+
+    def modulated(self, x, mod):
+        shift, scale = jnp.split(mod, 2, axis=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -91,3 +99,29 @@ class DiffusionHead(nnx.Module):
 def apply(params: Any, cfg: Any, x: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
     """``x [N, D]`` noised tokens, ``t [N]`` original-scale timesteps, ``c [N, C]`` -> ``[N, 2D]``."""
     return bind(DiffusionHead, cfg, params)(x, t, c).astype(jnp.float32)
+
+
+def conditioned(params: Any, cfg: Any, c: jax.Array):
+    """The head with its condition ``c [N, C]`` fixed, for a sampler's many steps:
+    ``fn(x [N, D], t [] or [N]) -> [N, 2D]``, :func:`apply` to float rounding. What does not
+    change from step to step is done once, outside the steps' loop: the condition's embedding,
+    and the adaLN kernels of every block and the final layer joined into one matmul (they all
+    read the same ``silu(y)``). A scalar ``t`` (one timestep for every row, as in sampling)
+    is embedded once."""
+    head = bind(DiffusionHead, cfg, params)
+    c_emb = head.cond_embed(c)
+    ada = [params["res_blocks"][i]["adaLN_modulation_1"] for i in range(len(head.res_blocks))]
+    ada.append(params["final_layer"]["adaLN_modulation_1"])
+    dt = jnp.dtype(cfg.dtype)
+    kernel = jnp.concatenate([a["kernel"] for a in ada], axis=1).astype(dt)
+    bias = jnp.concatenate([a["bias"] for a in ada]).astype(dt)
+    cuts = list(itertools.accumulate(a["bias"].shape[0] for a in ada[:-1]))
+
+    def fn(x, t):
+        y = head.time_embed(jnp.reshape(t, (-1,))) + c_emb
+        mods = jnp.split(jnp.dot(jax.nn.silu(y).astype(dt), kernel) + bias, cuts, axis=-1)
+        h = head.input_proj(x)
+        for block, mod in zip(head.res_blocks, mods):
+            h = block.modulated(h, mod)
+        return head.final_layer.modulated(h, mods[-1]).astype(jnp.float32)
+    return fn

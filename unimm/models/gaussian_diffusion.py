@@ -24,7 +24,7 @@ import numpy as np
 
 from unimm.models import diffusion_head
 
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [N, D], original t [N]) -> [N, 2D]
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [N, D], original t [N] or []) -> [N, 2D]
 
 # ----------------------------------------------------------------------------- schedule
 
@@ -269,12 +269,13 @@ def head_model_fn(head_params: Any, head_cfg: Any, z: jax.Array, cfg_scale=1.0,
                   guided: bool = False) -> ModelFn:
     """The network as the sampler sees it. ``guided``: ``z = [cond; uncond]`` and ``x`` is the
     shared half; eps = uncond + scale * (cond - uncond), variance channels of the cond half."""
+    head = diffusion_head.conditioned(head_params, head_cfg, z)
+
     def fn(x, t):
         if not guided:
-            return diffusion_head.apply(head_params, head_cfg, x, t, z)
+            return head(x, t)
         m = x.shape[0]
-        out = diffusion_head.apply(head_params, head_cfg, jnp.concatenate([x, x]),
-                                   jnp.concatenate([t, t]), z)
+        out = head(jnp.concatenate([x, x]), t if jnp.ndim(t) == 0 else jnp.concatenate([t, t]))
         d = x.shape[-1]
         eps_c, eps_u = out[:m, :d], out[m:, :d]
         return jnp.concatenate([eps_u + cfg_scale * (eps_c - eps_u), out[:m, d:]], axis=-1)
@@ -294,7 +295,8 @@ def _step_options(diff_cfg: Any) -> dict:
 def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array, clip: float = 0.0,
                       prediction: str = "epsilon", clip_var: bool = False):
     t = jnp.full((x.shape[0],), i, jnp.int32)
-    p = p_mean_variance(s, model_fn(x, jnp.asarray(s.timestep_map)[t]), x, t, clip, prediction, clip_var)
+    # One timestep for every row: the network embeds it once.
+    p = p_mean_variance(s, model_fn(x, jnp.asarray(s.timestep_map)[i]), x, t, clip, prediction, clip_var)
     return p["mean"], p["log_variance"]
 
 
