@@ -53,9 +53,6 @@ class ResBlock(nnx.Module):
         self.adaLN_modulation_1 = linear(width, 3 * width, ("cond", "mlp"), rngs=rngs,
                                          kernel_init=zeros, dtype=dtype)
 
-    def __call__(self, x, y):
-        return self.modulated(x, self.adaLN_modulation_1(jax.nn.silu(y)))
-
     def modulated(self, x, mod):
         """The block given its adaLN output ``mod = [shift, scale, gate]``."""
         shift, scale, gate = jnp.split(mod, 3, axis=-1)
@@ -69,9 +66,6 @@ class FinalLayer(nnx.Module):
         self.linear = linear(width, out, ("embed", "token"), rngs=rngs, kernel_init=zeros, dtype=dtype)
         self.adaLN_modulation_1 = linear(width, 2 * width, ("cond", "mlp"), rngs=rngs,
                                          kernel_init=zeros, dtype=dtype)
-
-    def __call__(self, x, y):
-        return self.modulated(x, self.adaLN_modulation_1(jax.nn.silu(y)))
 
     def modulated(self, x, mod):
         shift, scale = jnp.split(mod, 2, axis=-1)
@@ -89,11 +83,15 @@ class DiffusionHead(nnx.Module):
         self.final_layer = FinalLayer(w, 2 * cfg.token_dim, rngs=rngs, dtype=dt)
 
     def __call__(self, x, t, c):
+        y = jax.nn.silu(self.time_embed(t) + self.cond_embed(c))
+        return self.modulated(x, [layer.adaLN_modulation_1(y) for layer in (*self.res_blocks, self.final_layer)])
+
+    def modulated(self, x, mods):
+        """The network given the adaLN outputs of every block and the final layer."""
         x = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(c)
-        for block in self.res_blocks:
-            x = block(x, y)
-        return self.final_layer(x, y)
+        for block, mod in zip(self.res_blocks, mods):
+            x = block.modulated(x, mod)
+        return self.final_layer.modulated(x, mods[-1])
 
 
 def apply(params: Any, cfg: Any, x: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
@@ -120,8 +118,5 @@ def conditioned(params: Any, cfg: Any, c: jax.Array):
     def fn(x, t):
         y = head.time_embed(jnp.reshape(t, (-1,))) + c_emb
         mods = jnp.split(jnp.dot(jax.nn.silu(y).astype(dt), kernel) + bias, cuts, axis=-1)
-        h = head.input_proj(x)
-        for block, mod in zip(head.res_blocks, mods):
-            h = block.modulated(h, mod)
-        return head.final_layer.modulated(h, mods[-1]).astype(jnp.float32)
+        return head.modulated(x, mods).astype(jnp.float32)
     return fn
