@@ -97,6 +97,11 @@ def test_conditioned_head_equals_apply(head):
     one = fn(x, np.int32(17))             # one timestep for every row, embedded once
     assert one.shape == (5, 2 * D)
     np.testing.assert_allclose(one, dh.apply(head, HEAD, x, np.full(5, 17), c), atol=1e-6, rtol=1e-5)
+    # Training's form: the condition tiled 3 times, 15 timesteps looked up in a table of 20.
+    tiled = jax.jit(lambda x, t: dh.conditioned(head, HEAD, c, tile=3, time_table=20)(x, t))
+    x3, t3 = np.tile(x, (3, 1)) + 0.5, rs.randint(0, 20, 15)
+    np.testing.assert_allclose(tiled(x3, t3), dh.apply(head, HEAD, x3, t3, np.tile(c, (3, 1))),
+                               atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("edit,name", [
@@ -234,6 +239,43 @@ def test_diffusion_loss_is_a_masked_mean(head):
     grads = jax.jit(jax.grad(lambda p: f(p, target, z, mask, jax.random.key(0))))(head)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     assert float(jnp.abs(grads["input_proj"]["kernel"]).sum()) > 0
+
+
+@pytest.mark.parametrize("counts", [(5, 6, 4), (5, 7, 6), (8, 3, 2)])
+def test_diffusion_loss_on_kept_rows_is_the_whole_loss(head, counts):
+    """``row_sizes``: the head runs on each example's weighted tokens only, in the smallest
+    static size that holds them; loss and gradients are those of every token computed (and
+    of MAR's explicit copies), timesteps looked up in a table (more rows than 40 steps)."""
+    b, n_tok, sizes = 3, 8, (6, 7, 8)
+    diff = ml_collections.ConfigDict(dict(DIFF))
+    diff.num_timesteps = 40
+    rs = np.random.RandomState(11)
+    target = jnp.asarray(rs.randn(b * n_tok, D), jnp.float32)
+    z = jnp.asarray(rs.randn(b * n_tok, C), jnp.float32)
+    w = np.zeros((b, n_tok), np.float32)
+    for i, k in enumerate(counts):
+        w[i, rs.permutation(n_tok)[:k]] = rs.uniform(0.5, 2.0, k)
+    w = jnp.asarray(w.reshape(-1))
+    loss = jax.jit(jax.value_and_grad(
+        lambda p, rows: gd.diffusion_loss(p, HEAD, diff, target, z, w, jax.random.key(2), row_sizes=rows)),
+        static_argnums=1)
+    (kept, g_kept), (every, g_every) = loss(head, sizes), loss(head, ())
+    k_t, k_n = jax.random.split(jax.random.key(2))
+    mul = diff.batch_mul
+    t = jax.random.randint(k_t, (b * n_tok * mul,), 0, 40)
+    noise = jax.random.normal(k_n, (b * n_tok * mul, D))
+    s = gd.make_schedule(40, "", diff.noise_schedule)
+
+    def explicit(p):
+        per = gd.training_loss(lambda x, tt: dh.apply(p, HEAD, x, tt, jnp.tile(z, (mul, 1))),
+                               jnp.tile(target, (mul, 1)), t, noise, s)
+        return jnp.sum(per * jnp.tile(w, mul)) / jnp.sum(w) / mul
+    ref, g_ref = jax.jit(jax.value_and_grad(explicit))(head)
+    np.testing.assert_allclose(kept, ref, rtol=1e-5)
+    np.testing.assert_allclose(every, ref, rtol=1e-5)
+    for a, e, r in zip(jax.tree.leaves(g_kept), jax.tree.leaves(g_every), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(e, r, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ sampling

@@ -235,20 +235,68 @@ def training_loss(eps_fn: ModelFn, x0: jax.Array, t: jax.Array, noise: jax.Array
 
 
 def diffusion_loss(head_params: Any, head_cfg: Any, diff_cfg: Any, target: jax.Array, z: jax.Array,
-                   mask: jax.Array, rng: jax.Array) -> jax.Array:
+                   mask: jax.Array, rng: jax.Array, *, row_sizes: tuple[int, ...] = ()) -> jax.Array:
     """MAR's DiffLoss: every token repeated ``batch_mul`` times with its own t and noise;
     the mean over masked tokens (``mask [N]``: 1 = counts, or per-token weights for a
-    weighted mean)."""
+    weighted mean).
+
+    ``row_sizes`` (static, ascending, the last one the tokens of an example): the rows are
+    examples of that many tokens each, and the head runs only on the tokens of nonzero weight,
+    gathered per example into the smallest size that holds every example's count (one
+    ``lax.switch`` branch per size). The loss and its gradients are the same to float rounding
+    (every row keeps its own t and noise); MAR computes every token and multiplies the
+    unmasked ones by 0.
+    """
     mul = diff_cfg.batch_mul
-    target, z = jnp.tile(target, (mul, 1)), jnp.tile(z, (mul, 1))
-    mask = jnp.tile(mask.astype(jnp.float32), mul)
+    n, dim = target.shape
     s = make_schedule(diff_cfg.num_timesteps, "", diff_cfg.noise_schedule)
     k_t, k_noise = jax.random.split(rng)
-    t = jax.random.randint(k_t, (target.shape[0],), 0, s.num_timesteps)
-    noise = jax.random.normal(k_noise, target.shape, jnp.float32)
-    loss = training_loss(lambda x, tt: diffusion_head.apply(head_params, head_cfg, x, tt, z),
-                         target.astype(jnp.float32), t, noise, s, _prediction(diff_cfg))
-    return jnp.sum(loss * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    t = jax.random.randint(k_t, (mul * n,), 0, s.num_timesteps)
+    noise = jax.random.normal(k_noise, (mul * n, dim), jnp.float32)
+    weights = mask.astype(jnp.float32)
+
+    def loss_over(p, zz, tg, rows):
+        parts = [(tg, 1), (zz, 1), (weights, 1), (t, mul), (noise, mul)]
+        tg, zz, w, tt, eps = (a if rows is None else _take_tokens(a, lead, rows) for a, lead in parts)
+        fn = diffusion_head.conditioned(p, head_cfg, zz, tile=mul, time_table=s.num_timesteps, joined=False)
+        loss = training_loss(fn, jnp.tile(tg, (mul, 1)).astype(jnp.float32), tt, eps, s, _prediction(diff_cfg))
+        w = jnp.tile(w, mul)
+        return jnp.sum(loss * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+    if len(row_sizes) <= 1:
+        return loss_over(head_params, z, target, None)
+    tokens = row_sizes[-1]
+    kept = (weights != 0).reshape(n // tokens, tokens)
+    order = jnp.argsort(~kept, axis=1, stable=True).astype(jnp.int32)   # kept tokens first
+    size = jnp.searchsorted(jnp.asarray(row_sizes), jnp.max(jnp.sum(kept, axis=1)))
+    size = jnp.minimum(size, len(row_sizes) - 1)
+    rows = [order[:, :k] if k < tokens else None for k in row_sizes]
+
+    # The gradient is taken inside the chosen branch: differentiating through lax.switch
+    # would make every branch return the residuals of all of them (zero-filled), which cost
+    # more than the rows saved.
+    @jax.custom_vjp
+    def kept_loss(p, zz, tg):
+        return jax.lax.switch(size, [functools.partial(loss_over, rows=r) for r in rows], p, zz, tg)
+
+    def fwd(p, zz, tg):
+        grad = [jax.value_and_grad(functools.partial(loss_over, rows=r), argnums=(0, 1, 2)) for r in rows]
+        return jax.lax.switch(size, grad, p, zz, tg)
+
+    def bwd(grads, g):
+        return jax.tree.map(lambda x: g * x, grads)
+
+    kept_loss.defvjp(fwd, bwd)
+    return kept_loss(head_params, z, target)
+
+
+def _take_tokens(a: jax.Array, lead: int, rows: jax.Array) -> jax.Array:
+    """``a [lead * B * L, ...]`` -> ``[lead * B * K, ...]``: the tokens ``rows [B, K]`` of every
+    example, in each of the ``lead`` repeats."""
+    b, k = rows.shape
+    a = a.reshape(lead, b, -1, *a.shape[1:])
+    idx = rows.reshape(1, b, k, *([1] * (a.ndim - 3)))
+    return jnp.take_along_axis(a, idx, axis=2).reshape(lead * b * k, *a.shape[3:])
 
 
 # ------------------------------------------------------------------------------ sampling

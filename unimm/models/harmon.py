@@ -60,6 +60,9 @@ def validate(model_cfg: Any) -> None:
     if m.late_loss_weight < 0 or not 0.0 < m.late_mask_ratio <= 1.0:
         raise ValueError(f"model.mar.late_loss_weight={m.late_loss_weight} must be >= 0 and "
                          f"model.mar.late_mask_ratio={m.late_mask_ratio} in (0, 1]")
+    if model_cfg.diffusion.loss_row_buckets < 1:
+        raise ValueError(f"model.diffusion.loss_row_buckets={model_cfg.diffusion.loss_row_buckets} must be >= 1 "
+                         "(1 = the head on every token)")
     if not 0.0 <= m.mask_full_prob <= 1.0:
         raise ValueError(f"model.mar.mask_full_prob={m.mask_full_prob} must lie in [0, 1]")
     if model_cfg.readout_residual and not has_readout(model_cfg):

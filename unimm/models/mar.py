@@ -323,6 +323,16 @@ def max_visible_for_training(seq_len: int, min_ratio: float) -> int:
     return max(1, seq_len - math.ceil(seq_len * min_ratio - 1e-4))
 
 
+def loss_row_sizes(seq_len: int, min_ratio: float, buckets: int) -> tuple[int, ...]:
+    """Static per-example row counts for the diffusion loss (``model.diffusion.loss_row_buckets``):
+    ``buckets`` sizes evenly spaced from the fewest tokens a training mask masks to
+    ``seq_len``; () for one bucket (every token, as MAR)."""
+    if buckets <= 1:
+        return ()
+    fewest = seq_len - max_visible_for_training(seq_len, min_ratio)
+    return tuple(sorted({math.ceil(fewest + (seq_len - fewest) * j / buckets) for j in range(1, buckets + 1)}))
+
+
 def mask_len_schedule(num_iter: int, seq_len: int) -> np.ndarray:
     """``floor(L * cos(pi/2 * (s+1)/num_iter))`` for every step, in float64 as the reference."""
     ratio = np.cos(np.pi / 2.0 * (np.arange(num_iter) + 1) / num_iter)

@@ -116,7 +116,8 @@ def masked_diffusion_loss(params: Any, model_cfg: Any, text: jax.Array, text_mas
     loss = gaussian_diffusion.diffusion_loss(
         params["head"], harmon.head_config(model_cfg), model_cfg.diffusion,
         harmon.head_target(params, model_cfg, z, img_tokens).reshape(-1, dim), z.reshape(b * seq, -1),
-        head_weights.reshape(-1), k_diff) * head_scale
+        head_weights.reshape(-1), k_diff,
+        row_sizes=mar.loss_row_sizes(seq, m.mask_ratio_min, model_cfg.diffusion.loss_row_buckets)) * head_scale
     metrics = {"t2i_loss": loss, "mask_ratio": jnp.mean(ratio)}
     if harmon.has_readout(model_cfg):
         aux = harmon.readout_loss(params, z, img_tokens, weights)
