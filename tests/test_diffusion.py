@@ -97,6 +97,12 @@ def test_conditioned_head_equals_apply(head):
     one = fn(x, np.int32(17))             # one timestep for every row, embedded once
     assert one.shape == (5, 2 * D)
     np.testing.assert_allclose(one, dh.apply(head, HEAD, x, np.full(5, 17), c), atol=1e-6, rtol=1e-5)
+    # A sampler's form: every step's adaLN outputs computed up front, each step looked up.
+    steps = np.array([0, 17, 500, 999])
+    tabled = jax.jit(lambda x, t: dh.conditioned(head, HEAD, c, timesteps=steps)(x, t))
+    for t_step in steps:
+        np.testing.assert_allclose(tabled(x, np.int32(t_step)), dh.apply(head, HEAD, x, np.full(5, t_step), c),
+                                   atol=1e-6, rtol=1e-5)
     # Training's form: the condition tiled 3 times, 15 timesteps looked up in a table of 20.
     tiled = jax.jit(lambda x, t: dh.conditioned(head, HEAD, c, tile=3, time_table=20)(x, t))
     x3, t3 = np.tile(x, (3, 1)) + 0.5, rs.randint(0, 20, 15)
@@ -336,8 +342,8 @@ def test_sampler_compiles_once_and_cfg(head, monkeypatch):
     traces = []
     real_apply, real_conditioned = dh.apply, dh.conditioned
 
-    def counted(*a):
-        fn = real_conditioned(*a)
+    def counted(*a, **kw):
+        fn = real_conditioned(*a, **kw)
         return lambda x, t: traces.append(1) or fn(x, t)
     monkeypatch.setattr(dh, "conditioned", counted)
     rs = np.random.RandomState(7)

@@ -14,11 +14,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from unimm.models.layers import bind, layer_norm, linear, normal, zeros
 
 FREQ_DIM = 256  # sinusoidal timestep features
+ADALN_TABLE_BYTES = 256 << 20  # conditioned(timesteps=...): the most its table of adaLN outputs takes
 
 
 def timestep_embedding(t: jax.Array, dim: int = FREQ_DIM, max_period: float = 10000.0) -> jax.Array:
@@ -100,7 +102,7 @@ def apply(params: Any, cfg: Any, x: jax.Array, t: jax.Array, c: jax.Array) -> ja
 
 
 def conditioned(params: Any, cfg: Any, c: jax.Array, *, tile: int = 1, time_table: int = 0,
-                joined: bool = True):
+                joined: bool = True, timesteps: np.ndarray | None = None):
     """The head with its condition ``c [N, C]`` fixed, for a sampler's many steps and for the
     training loss: ``fn(x [tile * N, D], t [] or [tile * N]) -> [tile * N, 2D]``, :func:`apply`
     of ``jnp.tile(c, (tile, 1))`` to float rounding. What does not change from step to step is
@@ -111,7 +113,12 @@ def conditioned(params: Any, cfg: Any, c: jax.Array, *, tile: int = 1, time_tabl
     ``[0, time_table)``, many rows each): the timesteps are embedded once each and looked up,
     when there are more rows than timesteps. ``joined=False`` keeps the adaLN matmuls apart
     (for thousands of rows, as in training, the joined output no longer fits the caches: the
-    one wide matmul ran at half the speed of the separate ones on a 2-core CPU)."""
+    one wide matmul ran at half the speed of the separate ones on a 2-core CPU).
+
+    ``timesteps`` (a sampler's whole schedule, static): the adaLN outputs of every step are
+    computed up front in one matmul over all steps' rows (at a sampler's few dozen rows a
+    matmul per step runs well below the machine's peak), when they take at most
+    ``ADALN_TABLE_BYTES``; a scalar ``t`` then looks its step up."""
     head = bind(DiffusionHead, cfg, params)
     c_emb = head.cond_embed(c)
     if tile > 1:
@@ -129,7 +136,17 @@ def conditioned(params: Any, cfg: Any, c: jax.Array, *, tile: int = 1, time_tabl
             return jnp.take(head.time_embed(jnp.arange(time_table)), t, axis=0)
         return head.time_embed(t)
 
+    table = None
+    if joined and timesteps is not None and \
+            len(timesteps) * c_emb.shape[0] * kernel.shape[1] * dt.itemsize <= ADALN_TABLE_BYTES:
+        y = jax.nn.silu(head.time_embed(jnp.asarray(timesteps))[:, None, :] + c_emb[None])
+        table = jnp.dot(y.astype(dt), kernel) + bias                       # [S, N, sum of widths]
+
     def fn(x, t):
+        if table is not None and jnp.ndim(t) == 0:
+            step = jnp.argmax(jnp.asarray(timesteps) == t)
+            mods = jnp.split(table[step], cuts, axis=-1)
+            return head.modulated(x, mods).astype(jnp.float32)
         y = jax.nn.silu(embed_time(t) + c_emb)
         if joined:
             mods = jnp.split(jnp.dot(y.astype(dt), kernel) + bias, cuts, axis=-1)

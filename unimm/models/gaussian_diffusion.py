@@ -314,10 +314,12 @@ def step_log_prob(mean: jax.Array, log_var: jax.Array, x_next: jax.Array, temper
 
 
 def head_model_fn(head_params: Any, head_cfg: Any, z: jax.Array, cfg_scale=1.0,
-                  guided: bool = False) -> ModelFn:
+                  guided: bool = False, timesteps: np.ndarray | None = None) -> ModelFn:
     """The network as the sampler sees it. ``guided``: ``z = [cond; uncond]`` and ``x`` is the
-    shared half; eps = uncond + scale * (cond - uncond), variance channels of the cond half."""
-    head = diffusion_head.conditioned(head_params, head_cfg, z)
+    shared half; eps = uncond + scale * (cond - uncond), variance channels of the cond half.
+    ``timesteps``: the schedule's, for the head's table of adaLN outputs
+    (:func:`diffusion_head.conditioned`)."""
+    head = diffusion_head.conditioned(head_params, head_cfg, z, timesteps=timesteps)
 
     def fn(x, t):
         if not guided:
@@ -464,14 +466,16 @@ def sample(head_params: Any, head_cfg: Any, diff_cfg: Any, z: jax.Array, rng: ja
     m = z.shape[0] // 2 if guided else z.shape[0]
     k_init, k_loop = jax.random.split(rng)
     x_T = noise(k_init, (m, head_cfg.token_dim)).astype(jnp.float32)
-    model_fn = head_model_fn(head_params, head_cfg, z, cfg_scale, guided)
     if schedule is not None:
         if return_trajectory:
             raise ValueError("a traced step count (diffusion step annealing) records no trajectory")
+        model_fn = head_model_fn(head_params, head_cfg, z, cfg_scale, guided)
         return sample_loop_n(model_fn, *schedule, x_T, k_loop, temperature, **_step_options(diff_cfg),
                              noise=noise), None
-    x0, log_probs, traj = sample_loop(model_fn, _sampling_schedule(diff_cfg, num_steps), x_T, k_loop,
-                                      temperature, **_step_options(diff_cfg), noise=noise)
+    s = _sampling_schedule(diff_cfg, num_steps)
+    model_fn = head_model_fn(head_params, head_cfg, z, cfg_scale, guided, timesteps=s.timestep_map)
+    x0, log_probs, traj = sample_loop(model_fn, s, x_T, k_loop, temperature, **_step_options(diff_cfg),
+                                      noise=noise)
     return (x0, log_probs, traj) if return_trajectory else (x0, log_probs)
 
 
