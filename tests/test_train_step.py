@@ -205,6 +205,25 @@ def test_sharded_step_matches_single_device(float32_two_steps):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=5e-5, rtol=1e-4)
 
 
+def test_head_on_masked_rows_is_the_step_on_every_token_sharded_too(mesh1):
+    """Harmon's masks (one ratio per batch, >= 0.5 here): the head on each image's masked tokens
+    in the smallest of 4 sizes (on a 2x2x2 mesh) trains as the head on every token does."""
+    def config(buckets):
+        c = tiny_config()
+        c.model.mar.update(mask_ratio_dist="truncnorm", mask_ratio_per_example=False, mask_ratio_min=0.5,
+                           mask_full_prob=0.0)
+        c.model.diffusion.loss_row_buckets = buckets
+        return c
+    _, want, m_want = run_steps(config(1), mesh1, n=3)
+    mesh8 = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    _, got, m_got = run_steps(config(4), mesh8, n=3)
+    tokens = config(4).model.mar.grid ** 2
+    assert any(np.ceil(tokens * m["mask_ratio"] - 1e-4) < tokens for m in m_got)   # a smaller size ran
+    np.testing.assert_allclose([m["t2i_loss"] for m in m_got], [m["t2i_loss"] for m in m_want], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=5e-5, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_stage3_trains_and_samples_at_twice_the_resolution(mesh1):
     config = tiny_config(stage=3)
