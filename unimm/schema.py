@@ -81,7 +81,7 @@ def base() -> ml_collections.ConfigDict:
     c.prediction = "epsilon"              # network target: "epsilon" (MAR / Harmon), "v" or "x0"
     c.batch_mul = 4                       # diffusion_batch_mul: repeats per token in the loss
     # The loss runs the head on the masked tokens only, gathered per example into the smallest
-    # of this many static sizes that holds them (the loss unchanged, ~1/8 fewer rows at MAR's
+    # of this many static sizes that holds them (the loss unchanged, ~10 % fewer rows at MAR's
     # mask ratios); 1 = every token, weighted 0 where unmasked (MAR, Harmon).
     c.loss_row_buckets = 4
     c.clip_denoised = 0.0                 # sampling: clamp predicted x0 to [-c, c] (0 = off, as MAR)
