@@ -123,12 +123,13 @@ def conditioned(params: Any, cfg: Any, c: jax.Array, *, tile: int = 1, time_tabl
     c_emb = head.cond_embed(c)
     if tile > 1:
         c_emb = jnp.tile(c_emb, (tile, 1))
-    ada = [params["res_blocks"][i]["adaLN_modulation_1"] for i in range(len(head.res_blocks))]
-    ada.append(params["final_layer"]["adaLN_modulation_1"])
     dt = jnp.dtype(cfg.dtype)
-    kernel = jnp.concatenate([a["kernel"] for a in ada], axis=1).astype(dt)
-    bias = jnp.concatenate([a["bias"] for a in ada]).astype(dt)
-    cuts = list(itertools.accumulate(a["bias"].shape[0] for a in ada[:-1]))
+    if joined:
+        ada = [params["res_blocks"][i]["adaLN_modulation_1"] for i in range(len(head.res_blocks))]
+        ada.append(params["final_layer"]["adaLN_modulation_1"])
+        kernel = jnp.concatenate([a["kernel"] for a in ada], axis=1).astype(dt)
+        bias = jnp.concatenate([a["bias"] for a in ada]).astype(dt)
+        cuts = list(itertools.accumulate(a["bias"].shape[0] for a in ada[:-1]))
 
     def embed_time(t):
         t = jnp.reshape(t, (-1,))
@@ -142,15 +143,14 @@ def conditioned(params: Any, cfg: Any, c: jax.Array, *, tile: int = 1, time_tabl
         y = jax.nn.silu(head.time_embed(jnp.asarray(timesteps))[:, None, :] + c_emb[None])
         table = jnp.dot(y.astype(dt), kernel) + bias                       # [S, N, sum of widths]
 
-    def fn(x, t):
+    def adaln(t):
         if table is not None and jnp.ndim(t) == 0:
-            step = jnp.argmax(jnp.asarray(timesteps) == t)
-            mods = jnp.split(table[step], cuts, axis=-1)
-            return head.modulated(x, mods).astype(jnp.float32)
+            return jnp.split(table[jnp.argmax(jnp.asarray(timesteps) == t)], cuts, axis=-1)
         y = jax.nn.silu(embed_time(t) + c_emb)
         if joined:
-            mods = jnp.split(jnp.dot(y.astype(dt), kernel) + bias, cuts, axis=-1)
-        else:
-            mods = [layer.adaLN_modulation_1(y) for layer in (*head.res_blocks, head.final_layer)]
-        return head.modulated(x, mods).astype(jnp.float32)
+            return jnp.split(jnp.dot(y.astype(dt), kernel) + bias, cuts, axis=-1)
+        return [layer.adaLN_modulation_1(y) for layer in (*head.res_blocks, head.final_layer)]
+
+    def fn(x, t):
+        return head.modulated(x, adaln(t)).astype(jnp.float32)
     return fn
