@@ -338,6 +338,23 @@ def test_perfect_eps_predictor_recovers_x0():
         np.testing.assert_allclose(traj["mean"], true_mean, atol=2e-3)
 
 
+def test_each_step_draws_its_own_keys_noise():
+    """The steps' noise, drawn before the loop in one program, is what each step would draw
+    from its own key: step j adds std * normal(split(rng, S)[j]), in both loops."""
+    s = gd.make_schedule(1000, "6")
+    eps_fn = lambda x, t: jnp.concatenate([0.5 * x, jnp.zeros_like(x)], -1)      # noqa: E731
+    x_T = jax.random.normal(jax.random.key(0), (3, D))
+    x0, _, traj = gd.sample_loop(eps_fn, s, x_T, jax.random.key(1))
+    keys = jax.random.split(jax.random.key(1), s.num_timesteps)
+    for j in range(s.num_timesteps - 1):                       # the last step (t = 0) adds none
+        std = np.exp(0.5 * np.asarray(traj["log_var"][j]))
+        expected = np.asarray(traj["mean"][j]) + std * np.asarray(jax.random.normal(keys[j], (3, D)))
+        np.testing.assert_allclose(traj["x_next"][j], expected, rtol=1e-5, atol=1e-6)
+    tables = jax.tree.map(jnp.asarray, s)
+    np.testing.assert_array_equal(gd.sample_loop_n(eps_fn, tables, jnp.int32(s.num_timesteps), x_T,
+                                                   jax.random.key(1)), x0)
+
+
 def test_sampler_compiles_once_and_cfg(head, monkeypatch):
     traces = []
     real_apply, real_conditioned = dh.apply, dh.conditioned

@@ -353,12 +353,20 @@ def _step_mean_logvar(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array
 NoiseFn = Callable[[jax.Array, tuple], jax.Array]
 
 
-def _draw_step(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array, key: jax.Array, temperature,
-               clip: float, prediction: str, clip_var: bool, noise: NoiseFn = jax.random.normal):
-    """One ancestral step from ``x`` at step ``i``: ``(x_next, mean, log_var)``."""
+def _draw_step(model_fn: ModelFn, s: Schedule, x: jax.Array, i: jax.Array, eps: jax.Array, temperature,
+               clip: float, prediction: str, clip_var: bool):
+    """One ancestral step from ``x`` at step ``i`` with standard normal ``eps`` (shaped like
+    ``x``): ``(x_next, mean, log_var)``."""
     mean, log_var = _step_mean_logvar(model_fn, s, x, i, clip, prediction, clip_var)
     std = jnp.where(i > 0, jnp.exp(0.5 * log_var) * temperature, 0.0)  # no noise at t = 0
-    return mean + std * noise(key, x.shape).astype(x.dtype), mean, log_var
+    return mean + std * eps.astype(x.dtype), mean, log_var
+
+
+def step_noise(noise: NoiseFn, rng: jax.Array, steps: int, shape: tuple) -> jax.Array:
+    """Every step's noise ``[steps, *shape]`` in one draw before the steps' loop (one RNG
+    program instead of one per step): step ``j`` gets ``noise(split(rng, steps)[j], shape)``,
+    the same numbers as drawing inside the loop."""
+    return jax.vmap(lambda key: noise(key, shape))(jax.random.split(rng, steps))
 
 
 def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, temperature=1.0,
@@ -371,14 +379,14 @@ def sample_loop(model_fn: ModelFn, s: Schedule, x_T: jax.Array, rng: jax.Array, 
     shape)`` draws each step's standard normal noise (default ``jax.random.normal``).
     """
     def step(x, inp):
-        i, key = inp
-        x_next, mean, log_var = _draw_step(model_fn, s, x, i, key, temperature, clip, prediction, clip_var,
-                                           noise)
+        i, eps = inp
+        x_next, mean, log_var = _draw_step(model_fn, s, x, i, eps, temperature, clip, prediction, clip_var)
         lp = jnp.where(i > 0, step_log_prob(mean, log_var, x_next, temperature), 0.0)
         return x_next, (lp, dict(t=i, x=x, x_next=x_next, mean=mean, log_var=log_var))
 
     steps = jnp.arange(s.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-    x0, (log_probs, traj) = jax.lax.scan(step, x_T, (steps, jax.random.split(rng, s.num_timesteps)))
+    eps = step_noise(noise, rng, s.num_timesteps, x_T.shape)
+    x0, (log_probs, traj) = jax.lax.scan(step, x_T, (steps, eps))
     return x0, log_probs, traj
 
 
@@ -390,11 +398,10 @@ def sample_loop_n(model_fn: ModelFn, s: Schedule, n: jax.Array, x_T: jax.Array, 
     loop runs ``n`` steps, so the work is proportional to ``n`` (a ``while`` loop; no log-probs,
     no gradients). With ``n`` equal to the tables' length it draws what :func:`sample_loop`
     draws: the same keys, step for step."""
-    keys = jax.random.split(rng, len(s.betas))
+    eps = step_noise(noise, rng, len(s.betas), x_T.shape)
 
     def step(j, x):
-        return _draw_step(model_fn, s, x, n - 1 - j, keys[j], temperature, clip, prediction, clip_var,
-                          noise)[0]
+        return _draw_step(model_fn, s, x, n - 1 - j, eps[j], temperature, clip, prediction, clip_var)[0]
 
     return jax.lax.fori_loop(0, n, step, x_T)
 
