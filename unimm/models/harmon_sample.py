@@ -37,14 +37,15 @@ def mask_schedule(num_iter: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def window_groups(counts: Sequence[int], visible: Sequence[int], max_groups: int, row_cost: float,
-                  overhead: float = 0.1) -> list[tuple[int, int, int, int]]:
+                  overhead: float = 0.02) -> list[tuple[int, int, int, int]]:
     """Consecutive iterations grouped under one static size each: ``[(start, stop, window,
     keep)]``, at most ``max_groups`` groups. ``window``: the group's largest count of tokens
     to draw (the diffusion head's rows); ``keep``: its largest count of tokens already drawn
     (the MAR encoder's and the LLM's image rows; at least 1). Minimizes ``sum((stop - start) *
     (row_cost * window + keep))``, ``row_cost`` being one head row's work in units of one
     image row's, plus ``overhead`` times the one-group work for every group (each is one more
-    compiled loop body: worth it only where it saves that much); ties go to fewer groups."""
+    compiled loop body, seconds of compilation: worth it only where it saves that much of
+    every call); ties go to fewer groups."""
     n, k_max = len(counts), max(1, min(int(max_groups), len(counts)))
 
     def work(i, j):
